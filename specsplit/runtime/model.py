@@ -1,0 +1,145 @@
+"""Llama-family decoder (Llama 2/3, Qwen2/2.5, Mistral, SmolLM) written for serving.
+
+Knows nothing of gRPC, processes or compilation. Takes a flat ragged batch of tokens, writes
+their keys/values into a paged cache and returns hidden states; the runner decides which
+rows need logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from specsplit.runtime.attention import AttentionMetadata, attention, write_kv
+from specsplit.runtime.config import ModelConfig
+from specsplit.runtime.parallel import (
+    SINGLE,
+    ColumnParallelLinear,
+    ParallelContext,
+    RowParallelLinear,
+    VocabParallelHead,
+)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # float32 statistics as in the reference implementation, whatever the storage dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Inverse frequencies, with Llama 3.1's long-context rescaling when configured."""
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if s.get("rope_type", s.get("type")) == "llama3":
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        is_mid = (wavelen <= old / low) & (wavelen >= old / high)
+        inv = torch.where(is_mid, mid, scaled)
+    return inv.float()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.num_heads = ctx.shard(cfg.num_heads, "num_attention_heads")[1]
+        self.num_kv_heads = ctx.shard(cfg.num_kv_heads, "num_key_value_heads")[1]
+        qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, [qd, kvd, kvd], cfg.qkv_bias, ctx)
+        self.o_proj = RowParallelLinear(qd, cfg.hidden_size, ctx)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor],
+        meta: AttentionMetadata, backend: str,
+    ) -> Tensor:  # x: [T, hidden]; cos/sin: [T, 1, D]
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+             self.num_kv_heads * self.head_dim], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache, v_cache = kv
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = attention(backend, q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
+        return self.o_proj(out.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], False, ctx)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, ctx)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, ctx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, ctx)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor],
+                meta: AttentionMetadata, backend: str) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, meta, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder stack plus embedding and LM head."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = SINGLE) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ctx) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = VocabParallelHead(cfg.hidden_size, cfg.vocab_size, ctx)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(
+        self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
+        meta: AttentionMetadata, backend: str = "sdpa",
+    ) -> Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden] (after the norm)."""
+        x = self.embed_tokens(input_ids)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv, meta, backend)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """hidden: [N, hidden] -> logits [N, vocab] in float32 (sampling wants full precision)."""
+        return self.lm_head(hidden).float()

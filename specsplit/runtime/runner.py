@@ -1,0 +1,205 @@
+"""ModelRunner: a model, its paged KV cache, and one batched forward for ragged inputs.
+
+The runner is the only thing that touches the model. Callers (target verifier, draft
+proposer) hand it, per sequence, the new tokens to append and how many trailing positions
+need logits; it returns those logits in one [N, V] tensor. Everything about sessions,
+sampling and speculation lives above it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from specsplit.runtime.attention import AttentionMetadata, select_backend
+from specsplit.runtime.config import ModelConfig
+from specsplit.runtime.kv_cache import PagedKVCache
+from specsplit.runtime.model import Transformer
+from specsplit.runtime.parallel import SINGLE, ParallelContext
+from specsplit.runtime.weights import iter_safetensors, load_weights
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    """"auto" = float32 on CPU (fast kernels, exact reference), the checkpoint's 16-bit type on GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return _DTYPES.get(str(checkpoint_dtype), torch.bfloat16) if checkpoint_dtype in ("float16", "bfloat16") else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class StepInput:
+    """One sequence's share of a forward pass."""
+
+    seq_id: int
+    token_ids: list[int]  # tokens appended to the sequence's cache this step
+    num_logits: int = 1  # trailing positions whose logits are returned (k+1 when verifying)
+
+
+class ModelRunner:
+    def __init__(
+        self, cfg: ModelConfig, model: Transformer, *, device: torch.device, max_model_len: int,
+        num_kv_blocks: int, block_size: int = 16, backend: str = "auto",
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.device = device
+        self.dtype = model.embed_tokens.weight.dtype
+        self.max_model_len = max_model_len
+        self.backend = select_backend(device, backend)
+        if self.backend == "flash":
+            block_size = max(block_size, 256)  # flash-attn's paged kernel wants 256-token blocks
+        ctx = model.ctx
+        self.cache = PagedKVCache(
+            cfg.num_layers, num_kv_blocks, block_size, cfg.num_kv_heads // ctx.world_size,
+            cfg.head_dim, self.dtype, device,
+        )
+        log.info("runner: %s on %s, dtype %s, attention %s, KV %d blocks x %d tokens",
+                 cfg.model_type, device, self.dtype, self.backend, num_kv_blocks, block_size)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_folder(
+        cls, folder: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+        ctx: ParallelContext = SINGLE, max_model_len: int | None = None,
+        kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
+        block_size: int = 16, backend: str = "auto",
+    ) -> ModelRunner:
+        """Load a Hugging Face folder (config.json + safetensors) and plan the KV pool."""
+        from transformers import AutoConfig
+
+        folder = Path(folder)
+        device = torch.device(device)
+        hf = AutoConfig.from_pretrained(folder)
+        cfg = ModelConfig.from_hf(hf)
+        ckpt_dtype = str(getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", "")).replace("torch.", "")
+        tdtype = resolve_dtype(dtype, device, ckpt_dtype)
+        t0 = time.perf_counter()
+        with torch.device("meta"):
+            model = Transformer(cfg, ctx)
+        model = model.to_empty(device=device).to(tdtype)
+        model.inv_freq.copy_(_inv_freq(cfg, device))
+        load_weights(model, iter_safetensors(folder))
+        model.eval()
+        log.info("loaded %s (%s) in %.1fs", folder, cfg.model_type, time.perf_counter() - t0)
+        return cls.from_model(
+            cfg, model, device=device, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
+            gpu_memory_utilization=gpu_memory_utilization, block_size=block_size, backend=backend,
+        )
+
+    @classmethod
+    def from_model(
+        cls, cfg: ModelConfig, model: Transformer, *, device: torch.device,
+        max_model_len: int | None = None, kv_cache_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9, block_size: int = 16, backend: str = "auto",
+    ) -> ModelRunner:
+        max_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if max_model_len and max_model_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={max_model_len} exceeds the model's context of {cfg.max_position_embeddings}"
+            )
+        dtype = model.embed_tokens.weight.dtype
+        per_block = PagedKVCache.bytes_per_block(
+            cfg.num_layers, block_size, cfg.num_kv_heads // model.ctx.world_size, cfg.head_dim, dtype)
+        if kv_cache_bytes is None:
+            kv_cache_bytes = plan_kv_bytes(device, gpu_memory_utilization, per_block, max_len, block_size)
+        num_blocks = max(kv_cache_bytes // per_block, -(-max_len // block_size))
+        log.info("KV cache: %.2f GiB for %d blocks (%d tokens)", num_blocks * per_block / 2**30,
+                 num_blocks, num_blocks * block_size)
+        return cls(cfg, model, device=device, max_model_len=max_len, num_kv_blocks=int(num_blocks),
+                   block_size=block_size, backend=backend)
+
+    # ---- sequences ---------------------------------------------------------------------
+    def add(self, seq_id: int) -> None:
+        self.cache.add(seq_id)
+
+    def free(self, seq_id: int) -> None:
+        self.cache.free(seq_id)
+
+    def length(self, seq_id: int) -> int:
+        return self.cache.seqs[seq_id].length
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        self.cache.truncate(seq_id, length)
+
+    # ---- forward -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, inputs: list[StepInput]) -> Tensor:
+        """Append each input's tokens and return logits [sum(num_logits), vocab] float32.
+
+        Raises OutOfKVMemory (nothing changed) when the pool cannot hold the new tokens.
+        """
+        cache = self.cache
+        needs = {}
+        for inp in inputs:
+            if not inp.token_ids or not 1 <= inp.num_logits <= len(inp.token_ids):
+                raise ValueError(f"bad step input for sequence {inp.seq_id}")
+            new_len = cache.seqs[inp.seq_id].length + len(inp.token_ids)
+            if new_len > self.max_model_len:
+                raise ValueError(f"sequence {inp.seq_id} would reach {new_len} tokens > max_model_len {self.max_model_len}")
+            needs[inp.seq_id] = new_len
+        if not cache.can_fit(needs):
+            from specsplit.runtime.kv_cache import OutOfKVMemory
+
+            raise OutOfKVMemory(f"KV cache full ({cache.num_free_blocks} blocks free)")
+        for seq_id, n in needs.items():
+            cache.reserve(seq_id, n)
+        query_lens, seq_lens, tables, ids, pos, logit_rows = [], [], [], [], [], []
+        offset = 0
+        for inp in inputs:
+            seq = cache.seqs[inp.seq_id]
+            start, n = seq.length, len(inp.token_ids)
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(seq.blocks)
+            ids.extend(inp.token_ids)
+            pos.extend(range(start, start + n))
+            logit_rows.extend(range(offset + n - inp.num_logits, offset + n))
+            offset += n
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, cache.block_size, self.device)
+        input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        positions = torch.tensor(pos, dtype=torch.int64).to(self.device, non_blocking=True)
+        hidden = self.model(input_ids, positions, cache.layers, meta, self.backend)  # [T, H]
+        rows = torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        logits = self.model.compute_logits(hidden[rows])  # [N, V]
+        for inp in inputs:
+            cache.seqs[inp.seq_id].length += len(inp.token_ids)
+        return logits
+
+
+def _inv_freq(cfg: ModelConfig, device: torch.device) -> Tensor:
+    from specsplit.runtime.model import rope_inv_freq
+
+    return rope_inv_freq(cfg).to(device)
+
+
+def plan_kv_bytes(device: torch.device, utilization: float, per_block: int, max_len: int, block_size: int) -> int:
+    """KV budget: on CUDA the free share of `utilization` after weights; on CPU a fixed 2 GiB."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        budget = int(total * utilization) - used - 512 * 2**20  # headroom for activations
+        if budget < per_block * -(-max_len // block_size):
+            raise ValueError(
+                f"gpu_memory_utilization={utilization} leaves {budget / 2**30:.2f} GiB for the KV cache, "
+                f"too little for one sequence of {max_len} tokens"
+            )
+        log.info("GPU memory: %.1f GiB total, %.1f GiB used by weights, %.1f GiB for KV",
+                 total / 2**30, used / 2**30, budget / 2**30)
+        return budget
+    return 2 * 2**30
