@@ -87,12 +87,12 @@ class AttentionMetadata:
         token_abs_pos = starts[token_seq] + token_pos_in_seq  # [T]
         token_block = bt[token_seq, token_abs_pos // block_size]
         slot_mapping = token_block * block_size + token_abs_pos % block_size
-        l = torch.arange(lmax)
-        ctx_valid = l[None, :] < s[:, None]  # [B, Lmax]
-        kv_block = bt.gather(1, torch.clamp(l // block_size, max=max_blocks - 1).expand(b, -1))
-        kv_slots = torch.where(ctx_valid, kv_block * block_size + l % block_size, 0)
+        ctx_pos = torch.arange(lmax)
+        ctx_valid = ctx_pos[None, :] < s[:, None]  # [B, Lmax]
+        kv_block = bt.gather(1, torch.clamp(ctx_pos // block_size, max=max_blocks - 1).expand(b, -1))
+        kv_slots = torch.where(ctx_valid, kv_block * block_size + ctx_pos % block_size, 0)
         qpos = starts[:, None] + j[None, :]  # [B, Qmax]
-        mask = (l[None, None, :] <= qpos[:, :, None]) & ctx_valid[:, None, :]
+        mask = (ctx_pos[None, None, :] <= qpos[:, :, None]) & ctx_valid[:, None, :]
         mask = mask & query_valid[:, :, None]
         # padded query rows attend to position 0 so softmax never sees an all-masked row
         mask[:, :, 0] |= ~query_valid

@@ -54,10 +54,7 @@ class ModelConfig:
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         eos = getattr(hf, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        if model_type == "qwen2":
-            qkv_bias = True
-        else:
-            qkv_bias = bool(getattr(hf, "attention_bias", False))
+        qkv_bias = True if model_type == "qwen2" else bool(getattr(hf, "attention_bias", False))
         return cls(
             model_type=model_type,
             vocab_size=int(hf.vocab_size),

@@ -126,6 +126,8 @@ class SamplingBatch:
 
     def repeat_interleave(self, repeats: int) -> SamplingBatch:
         """Each row `repeats` times in a row: the k + 1 verify positions of one sequence."""
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
         return SamplingBatch(
             temperature=self.temperature.repeat_interleave(repeats),
             top_k=self.top_k.repeat_interleave(repeats),
@@ -134,12 +136,12 @@ class SamplingBatch:
             repetition_penalty=self.repetition_penalty.repeat_interleave(repeats),
             is_greedy=self.is_greedy.repeat_interleave(repeats),
             generators=[g for g in self.generators for _ in range(repeats)],
-            all_greedy=self.all_greedy or self.num_rows == 0 or repeats == 0,
-            any_greedy=self.any_greedy and repeats > 0,
-            any_top_k=self.any_top_k and repeats > 0,
-            any_top_p=self.any_top_p and repeats > 0,
-            any_min_p=self.any_min_p and repeats > 0,
-            any_penalty=self.any_penalty and repeats > 0,
+            all_greedy=self.all_greedy,
+            any_greedy=self.any_greedy,
+            any_top_k=self.any_top_k,
+            any_top_p=self.any_top_p,
+            any_min_p=self.any_min_p,
+            any_penalty=self.any_penalty,
         )
 
     def select(self, rows: Tensor) -> SamplingBatch:

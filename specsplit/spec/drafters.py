@@ -1,0 +1,219 @@
+"""Drafters: propose blocks of tokens for many sessions at once, behind one interface.
+
+A request says "your sequence is now your own tokens[:prefix_len], followed by
+`new_tokens`; propose k tokens". Addressing by absolute length makes rollback after a
+rejection, catching up after rounds without drafting, and the pipelined guess of the next
+block (prefix = all drafts accepted, no new tokens, k + 1 tokens: the first one is the
+guess of the target's bonus token) the same operation: truncate, append, draft.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from specsplit.runtime.runner import ModelRunner, StepInput
+from specsplit.sampling.logits import (
+    SamplingBatch,
+    make_generator,
+    process_logits,
+    sample_sparse,
+    seen_mask,
+    topk_truncate,
+)
+from specsplit.sampling.params import SamplingParams
+from specsplit.spec.target import SessionError, UnknownSession
+
+
+@dataclass
+class DraftRequest:
+    seq_id: int
+    prefix_len: int  # keep this many of the session's tokens (prompt + earlier drafts)
+    new_tokens: list[int]  # then append these committed tokens (often just the target's last one)
+    k: int  # tokens to propose
+
+
+@dataclass
+class Proposal:
+    token_ids: list[int]  # the block, len == k
+    q_ids: Tensor | None = None  # [k, K] sparse support the block was sampled from (None: greedy)
+    q_probs: Tensor | None = None  # [k, K]
+    draft_ns: int = 0
+
+
+@dataclass
+class DraftSession:
+    seq_id: int
+    params: SamplingParams
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)  # prompt + committed + last proposals
+
+
+class Drafter(ABC):
+    """Common session bookkeeping; subclasses only say how a batch of blocks is made."""
+
+    method: str = ""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.sessions: dict[int, DraftSession] = {}
+
+    def open(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        if seq_id in self.sessions:
+            raise SessionError(f"draft session {seq_id} is already open")
+        if not prompt_ids:
+            raise SessionError("prompt is empty")
+        self._check(prompt_ids, "prompt")
+        self.sessions[seq_id] = DraftSession(seq_id, params, make_generator(params, self.device), list(prompt_ids))
+        self._on_open(seq_id)
+
+    def close(self, seq_id: int) -> None:
+        if self.sessions.pop(seq_id, None) is not None:
+            self._on_close(seq_id)
+
+    def propose(self, reqs: list[DraftRequest]) -> list[Proposal]:
+        t0 = time.perf_counter_ns()
+        for r in reqs:
+            s = self.sessions.get(r.seq_id)
+            if s is None:
+                raise UnknownSession(f"no open draft session {r.seq_id}")
+            if not 0 < r.prefix_len <= len(s.tokens):
+                raise SessionError(f"draft session {r.seq_id}: prefix_len {r.prefix_len} outside 1..{len(s.tokens)}")
+            if r.k < 0:
+                raise SessionError(f"k must be >= 0, got {r.k}")
+            self._check(r.new_tokens, "committed tokens")
+        for r in reqs:
+            s = self.sessions[r.seq_id]
+            del s.tokens[r.prefix_len :]
+            s.tokens.extend(r.new_tokens)
+            # tokens past prefix_len may have changed; the last token must be fed again
+            self._rollback(r.seq_id, min(r.prefix_len, len(s.tokens) - 1))
+        active = [r for r in reqs if r.k > 0]
+        made = dict(zip([r.seq_id for r in active], self._draft(active), strict=True)) if active else {}
+        out = []
+        dt = time.perf_counter_ns() - t0
+        for r in reqs:
+            p = made.get(r.seq_id, Proposal([]))
+            self.sessions[r.seq_id].tokens.extend(p.token_ids)
+            p.draft_ns = dt
+            out.append(p)
+        return out
+
+    def _check(self, ids: list[int], what: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise SessionError(f"{what} has token id(s) outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+
+    def _on_open(self, seq_id: int) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def _on_close(self, seq_id: int) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def _rollback(self, seq_id: int, valid: int) -> None:  # noqa: B027 - optional hook
+        """Only the first `valid` tokens of any cached state still hold; drop the rest."""
+
+    @abstractmethod
+    def _draft(self, reqs: list[DraftRequest]) -> list[Proposal]:
+        """Make one block per request from `self.sessions[r.seq_id].tokens` (already updated)."""
+
+
+class NgramDrafter(Drafter):
+    """Prompt lookup: continue the most recent earlier occurrence of the history's tail.
+
+    Proposals are deterministic, so the sparse q is one-hot (K = 1, probability 1): the
+    target's rejection sampling stays exact for sampled requests too.
+    """
+
+    method = "ngram"
+
+    def __init__(self, vocab_size: int, device: torch.device, min_n: int = 1, max_n: int = 4) -> None:
+        super().__init__(vocab_size, device)
+        self.min_n, self.max_n = min_n, max_n
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        n_tokens = len(tokens)
+        for n in range(min(self.max_n, n_tokens - 1), self.min_n - 1, -1):
+            tail = tokens[n_tokens - n :]
+            # search backwards from the latest earlier start
+            for start in range(n_tokens - n - 1, -1, -1):
+                if tokens[start : start + n] == tail:
+                    return tokens[start + n : start + n + k]
+        return []
+
+    def _draft(self, reqs: list[DraftRequest]) -> list[Proposal]:
+        out = []
+        for r in reqs:
+            s = self.sessions[r.seq_id]
+            ids = self.lookup(s.tokens, r.k)
+            if s.params.greedy or not ids:
+                out.append(Proposal(ids))
+            else:
+                t = torch.tensor(ids, dtype=torch.int64)[:, None]
+                out.append(Proposal(ids, t, torch.ones(len(ids), 1)))
+        return out
+
+
+class DraftModelDrafter(Drafter):
+    """A small causal LM with its own paged cache, drafting a whole batch per forward."""
+
+    method = "draft_model"
+
+    def __init__(self, runner: ModelRunner, top_k: int = 32) -> None:
+        super().__init__(runner.cfg.vocab_size, runner.device)
+        self.runner = runner
+        self.top_k = top_k
+
+    def _on_open(self, seq_id: int) -> None:
+        self.runner.add(seq_id)
+
+    def _on_close(self, seq_id: int) -> None:
+        self.runner.free(seq_id)
+
+    def _rollback(self, seq_id: int, valid: int) -> None:
+        if self.runner.length(seq_id) > valid:
+            self.runner.truncate(seq_id, valid)
+
+    def _draft(self, reqs: list[DraftRequest]) -> list[Proposal]:
+        sessions = [self.sessions[r.seq_id] for r in reqs]
+        batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
+        blocks: list[list[int]] = [[] for _ in reqs]
+        q_ids: list[list[Tensor]] = [[] for _ in reqs]
+        q_probs: list[list[Tensor]] = [[] for _ in reqs]
+        # first forward feeds everything not yet cached; later ones one token each
+        inputs = [StepInput(r.seq_id, s.tokens[self.runner.length(r.seq_id) :]) for r, s in zip(reqs, sessions, strict=True)]
+        live = list(range(len(reqs)))
+        for _ in range(max(r.k for r in reqs)):
+            logits = self.runner.forward([inputs[i] for i in live])  # [len(live), V]
+            sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < len(reqs) else batch
+            seen = None
+            if sub.any_penalty:
+                seen = seen_mask([torch.tensor(sessions[i].tokens + blocks[i]) for i in live], self.vocab_size, self.device)
+            probs = process_logits(logits, sub, seen)  # [n, V]
+            if sub.all_greedy:
+                toks = probs.argmax(-1).tolist()
+            else:
+                ids, p = topk_truncate(probs, self.top_k)  # [n, K]
+                toks = sample_sparse(ids, p, sub).tolist()
+            for j, i in enumerate(live):
+                blocks[i].append(toks[j])
+                if not sub.all_greedy and not sessions[i].params.greedy:
+                    q_ids[i].append(ids[j])
+                    q_probs[i].append(p[j])
+            live = [i for i in live if len(blocks[i]) < reqs[i].k]
+            if not live:
+                break
+            for i in live:
+                inputs[i] = StepInput(reqs[i].seq_id, [blocks[i][-1]])
+        out = []
+        for i, s in enumerate(sessions):
+            if s.params.greedy:
+                out.append(Proposal(blocks[i]))
+            else:
+                out.append(Proposal(blocks[i], torch.stack(q_ids[i]), torch.stack(q_probs[i])))
+        return out

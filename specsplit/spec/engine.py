@@ -1,0 +1,229 @@
+"""In-process speculative decoding with continuous batching.
+
+Each `step()` is one round for every running sequence: the drafter proposes a block per
+sequence (one batched call), the target verifies all blocks and prefills all newly admitted
+prompts in one batched forward, and every sequence commits its accepted tokens plus one.
+A finished sequence frees its slot at once for the next waiting one. Without a drafter the
+same loop is plain decoding (k = 0), which is the baseline every benchmark compares to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from specsplit.outputs import CompletionOutput, Logprob, RequestOutput, SpecMetrics
+from specsplit.runtime.kv_cache import OutOfKVMemory
+from specsplit.sampling.params import SamplingParams
+from specsplit.spec.adaptive import AdaptiveK, CostModel
+from specsplit.spec.drafters import Drafter, DraftRequest
+from specsplit.spec.sequence import IncrementalDetokenizer, Sequence
+from specsplit.spec.target import TargetVerifier, VerifyItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    seq: Sequence
+    request_id: str
+    adaptive: AdaptiveK
+    drafter_valid: int = 0  # committed tokens the drafter session already holds
+    opened: bool = False
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    seqs: list[Sequence] = field(default_factory=list)
+
+
+class SpecEngine:
+    """Drives a TargetVerifier and an optional Drafter over many requests."""
+
+    def __init__(
+        self, target: TargetVerifier, drafter: Drafter | None, tokenizer: Any, *,
+        num_speculative_tokens: int = 5, adaptive: bool = True, max_num_seqs: int = 64,
+    ) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.tokenizer = tokenizer
+        self.k_max = num_speculative_tokens if drafter is not None else 0
+        self.adaptive = adaptive
+        self.max_num_seqs = max_num_seqs
+        self.costs = CostModel()
+        self.eos_ids = _eos_ids(target.runner.cfg.eos_token_ids, tokenizer)
+        self.max_model_len = target.runner.max_model_len
+        if drafter is not None and hasattr(drafter, "runner"):
+            self.max_model_len = min(self.max_model_len, drafter.runner.max_model_len)
+        self.waiting: deque[_Running] = deque()
+        self.running: list[_Running] = []
+        self.requests: dict[str, _Request] = {}
+        self._next_seq = 0
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        self.target.check_ids(prompt_ids, "prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}")
+        req = _Request(request_id, prompt, list(prompt_ids))
+        for i in range(params.n):
+            p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
+            seq = Sequence(
+                self._next_seq, list(prompt_ids), p, self.eos_ids, self.max_model_len,
+                IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer is not None else None,
+                index=i,
+            )
+            self._next_seq += 1
+            req.seqs.append(seq)
+            self.waiting.append(_Running(seq, request_id, AdaptiveK(self.k_max, self.adaptive)))
+        self.requests[request_id] = req
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        for r in [*self.running, *self.waiting]:
+            if r.request_id == request_id:
+                r.seq.finish_reason = r.seq.finish_reason or "abort"
+        self._reap()
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one round -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one round; return the requests that finished in it."""
+        self._admit()
+        if not self.running:
+            return self._reap()
+        ks = {r.seq.seq_id: self._choose_k(r) for r in self.running}
+        drafts: dict[int, Any] = {}
+        if self.drafter is not None:
+            reqs = []
+            for r in self.running:
+                if not r.opened:
+                    self.drafter.open(r.seq.seq_id, r.seq.all_ids, r.seq.params)
+                    r.drafter_valid = len(r.seq.all_ids)
+                ids = r.seq.all_ids
+                if ks[r.seq.seq_id] > 0 or not r.opened:
+                    reqs.append(DraftRequest(r.seq.seq_id, r.drafter_valid, ids[r.drafter_valid:], ks[r.seq.seq_id]))
+            if reqs:
+                t0 = time.perf_counter()
+                props = self.drafter.propose(reqs)
+                steps = max(q.k for q in reqs)
+                if steps:
+                    self.costs.observe_draft((time.perf_counter() - t0) / steps)
+                for q, p in zip(reqs, props, strict=True):
+                    drafts[q.seq_id] = p
+                    run = next(r for r in self.running if r.seq.seq_id == q.seq_id)
+                    run.drafter_valid = len(run.seq.all_ids)
+        items = []
+        for r in self.running:
+            if not r.opened:
+                self.target.open(r.seq.seq_id, r.seq.all_ids, r.seq.params)
+                r.opened = True
+            p = drafts.get(r.seq.seq_id)
+            items.append(VerifyItem(r.seq.seq_id, p.token_ids if p else [], p.q_ids if p else None,
+                                    p.q_probs if p else None))
+        t0 = time.perf_counter()
+        try:
+            results = self.target.step(items)
+        except OutOfKVMemory:
+            self._preempt_one()
+            return self._reap()
+        self.costs.observe_verify(max(len(i.draft_ids) for i in items), time.perf_counter() - t0)
+        for r, it, res in zip(self.running, items, results, strict=True):
+            k = len(it.draft_ids)
+            r.drafter_valid += res.num_accepted if k else 0
+            if k:
+                r.adaptive.observe(k, res.num_accepted)
+            lps = _to_logprobs(res.logprobs) if res.logprobs is not None else None
+            kept, _ = r.seq.commit(res.emitted, lps)
+            m = r.seq.metrics
+            m.num_drafted_tokens += k
+            m.num_accepted_tokens += min(res.num_accepted, len(kept))
+            m.num_rounds += 1
+            m.num_emitted_tokens += len(kept)
+        return self._reap()
+
+    def _choose_k(self, r: _Running) -> int:
+        seq = r.seq
+        room = min(seq.max_new_tokens() - 1, self.max_model_len - len(seq.all_ids) - 1)
+        return r.adaptive.choose(self.costs, room) if self.drafter is not None else 0
+
+    def _admit(self) -> None:
+        cache = self.target.runner.cache
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            r = self.waiting[0]
+            need = len(r.seq.all_ids) + self.k_max + 1
+            growth = sum(-(-(len(x.seq.all_ids) + self.k_max + 1) // cache.block_size) - len(
+                cache.seqs[x.seq.seq_id].blocks) if x.seq.seq_id in cache.seqs else 0 for x in self.running)
+            if -(-need // cache.block_size) + max(growth, 0) > cache.num_free_blocks and self.running:
+                break
+            self.waiting.popleft()
+            self.running.append(r)
+
+    def _preempt_one(self) -> None:
+        """Out of KV memory: free the newest sequence; it is re-prefilled from its tokens later."""
+        if len(self.running) <= 1:
+            raise OutOfKVMemory("one sequence alone does not fit the KV cache; raise the KV budget")
+        victim = self.running.pop()
+        self._close(victim)
+        victim.opened = False
+        self.waiting.appendleft(victim)
+        log.info("preempted sequence %d (KV cache full)", victim.seq.seq_id)
+
+    def _close(self, r: _Running) -> None:
+        self.target.close(r.seq.seq_id)
+        if self.drafter is not None:
+            self.drafter.close(r.seq.seq_id)
+
+    def _reap(self) -> list[RequestOutput]:
+        for r in [x for x in self.running if x.seq.finished]:
+            self._close(r)
+            self.running.remove(r)
+        self.waiting = deque(r for r in self.waiting if not r.seq.finished)
+        done = []
+        for rid, req in list(self.requests.items()):
+            if all(s.finished for s in req.seqs):
+                done.append(self._output(req))
+                del self.requests[rid]
+        return done
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs, total = [], SpecMetrics()
+        for s in req.seqs:
+            total.add(s.metrics)
+            outs.append(CompletionOutput(
+                s.index, s.text, list(s.output_ids),
+                s.cumulative_logprob if s.logprobs is not None else None, s.logprobs,
+                s.finish_reason, s.stop_reason, s.metrics,
+            ))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, True, total)
+
+
+def _eos_ids(config_eos: tuple[int, ...], tokenizer: Any) -> tuple[int, ...]:
+    ids = set(config_eos)
+    tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if tok_eos is not None:
+        ids.add(int(tok_eos))
+    return tuple(sorted(ids))
+
+
+def _to_logprobs(raw: list[dict[int, float]]) -> list[dict[int, Any]]:
+    out = []
+    for d in raw:
+        ranked = sorted(d.items(), key=lambda kv: -kv[1])
+        out.append({t: Logprob(lp, rank + 1) for rank, (t, lp) in enumerate(ranked)})
+    return out
