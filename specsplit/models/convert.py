@@ -81,12 +81,14 @@ def convert_gguf(
             model = _load_model(gguf_path)
             _say(progress, f"loaded in {time.monotonic() - start:.0f}s; saving to {dest}")
             model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+            max_positions = int(getattr(model.config, "max_position_embeddings", 0))
             del model
             gc.collect()
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 gguf_path.parent, gguf_file=gguf_path.name
             )
             tokenizer.save_pretrained(tmp)
+            _make_tokenizer_portable(tmp, max_positions)
         seconds = time.monotonic() - start
         Marker(
             name=name,
@@ -98,6 +100,7 @@ def convert_gguf(
             convert_seconds=round(seconds, 1),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         ).write(tmp)
+        _make_readable(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
@@ -127,7 +130,6 @@ def _load_model(gguf_path: Path) -> torch.nn.Module:
         model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = ""  # GGUF's general.name is not a usable model id
     bad = {p.dtype for p in model.parameters()} - {torch.float32}
     if bad:
         raise RuntimeError(f"{gguf_path.name} loaded with non-float32 parameters {bad}")
@@ -145,6 +147,32 @@ def _transformers_progress(enabled: bool) -> Iterator[None]:
         yield
     finally:
         (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
+def _make_tokenizer_portable(folder: Path, max_positions: int) -> None:
+    """Make tokenizer_config.json load under every transformers in our range (>=4.56,<6).
+
+    transformers 5 saves a generic tokenizer as `"tokenizer_class": "TokenizersBackend"`, a
+    class 4.x lacks; 5.x aliases PreTrainedTokenizerFast to it, so that name works in both.
+    A GGUF gives the tokenizer no length limit, so model_max_length would be 1e30.
+    """
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):  # state of the load that made it, not config
+        config.pop(key, None)
+    if max_positions > 0:
+        config["model_max_length"] = max_positions
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _make_readable(folder: Path) -> None:
+    """Give every file the umask's usual mode: save_pretrained writes shards as 0600 temp files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _say(progress: bool, message: str) -> None:

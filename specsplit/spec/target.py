@@ -147,7 +147,7 @@ class TargetVerifier:
         probs = probs.view(b, kmax + 1, -1)
         argmax = probs.argmax(-1)  # [B, kmax+1]
         q_ids = q_probs = None
-        if not batch.all_greedy and kmax > 0:
+        if not batch.all_greedy:  # sampled rows need q even when no row drafted (k = 0: [B, 0, 1])
             kq = max((it.q_ids.shape[-1] for it in items if it.q_ids is not None), default=1)
             q_ids = torch.zeros(b, kmax, kq, dtype=torch.int64, device=device)
             q_probs = torch.zeros(b, kmax, kq, dtype=torch.float32, device=device)

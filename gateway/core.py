@@ -1,0 +1,226 @@
+"""GatewayCore: what both public APIs (gRPC and OpenAI HTTP) call.
+
+Tokenizes (and applies chat templates), admits requests through a bounded queue, runs one
+`CompletionLoop` per completion against the replica pools, and turns the loops' deltas
+into one stream per request. Protocol-specific code lives in grpc_api.py and http_api.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.config import GatewayConfig
+from gateway.speculation import CompletionLoop, Delta, LoopOptions, LoopStats
+from gateway.tiers import ReplicaPool
+from specsplit.proto.v1 import draft_pb2_grpc, target_pb2_grpc
+from specsplit.sampling.params import SamplingParams
+from specsplit.serving.errors import Overloaded
+from specsplit.serving.metrics import ROUND_BUCKETS
+from specsplit.spec.adaptive import CostModel
+from specsplit.spec.sequence import IncrementalDetokenizer, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prompt:
+    text: str | None
+    token_ids: list[int]
+
+
+@dataclass
+class Finished:
+    """Last event of one completion: its stats and token counts."""
+
+    index: int
+    stats: LoopStats
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("specsplit_requests_total", "Requests by outcome", ["outcome"], registry=r)
+        self.tokens = Counter("specsplit_tokens_total", "Tokens by kind", ["kind"], registry=r)
+        self.drafted = Counter("specsplit_drafted_tokens_total", "Tokens proposed by the draft tier", registry=r)
+        self.accepted = Counter("specsplit_accepted_tokens_total", "Drafted tokens accepted", registry=r)
+        self.rounds = Counter("specsplit_rounds_total", "Verify rounds", registry=r)
+        self.pipelined = Counter("specsplit_pipelined_rounds_total", "Rounds served by a pipelined block", registry=r)
+        self.acceptance = Gauge("specsplit_acceptance_rate", "Accepted / drafted tokens (since start)", registry=r)
+        self.mean_len = Gauge("specsplit_mean_accepted_length", "Tokens per round (since start)", registry=r)
+        self.round_seconds = Histogram("specsplit_round_part_seconds", "Per-round time by part", ["part"],
+                                       registry=r, buckets=ROUND_BUCKETS)
+        self.queue_depth = Gauge("specsplit_queue_depth", "Requests waiting for admission", registry=r)
+        self.sessions = Gauge("specsplit_active_sessions", "Completions running", registry=r)
+        self.replica_sessions = Gauge("specsplit_replica_sessions", "Live sessions per replica",
+                                      ["tier", "replica"], registry=r)
+        self.failovers = Counter("specsplit_failovers_total", "Sessions moved to another replica", registry=r)
+
+    def record(self, stats: LoopStats) -> None:
+        m = stats.metrics
+        self.drafted.inc(m.num_drafted_tokens)
+        self.accepted.inc(m.num_accepted_tokens)
+        self.rounds.inc(m.num_rounds)
+        self.pipelined.inc(stats.pipelined_rounds)
+        self.failovers.inc(stats.failovers)
+        if m.num_rounds:
+            for part, ns in (("draft", stats.draft_ns), ("verify", stats.verify_ns), ("overhead", stats.overhead_ns)):
+                self.round_seconds.labels(part).observe(ns / 1e9 / m.num_rounds)
+        drafted = self.drafted._value.get()
+        self.acceptance.set(self.accepted._value.get() / drafted if drafted else 0.0)
+        rounds = self.rounds._value.get()
+        self.mean_len.set(self.tokens.labels("completion")._value.get() / rounds if rounds else 0.0)
+
+
+class GatewayCore:
+    def __init__(self, cfg: GatewayConfig, tokenizer: Any, max_model_len: int, eos_ids: tuple[int, ...]) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.eos_ids = eos_ids
+        self.model_name = cfg.served_model_name or cfg.model
+        self.vocab_size = len(tokenizer)
+        sc = cfg.speculative
+        self.targets = ReplicaPool("target", target_pb2_grpc.TargetServiceStub)
+        self.drafts = ReplicaPool("draft", draft_pb2_grpc.DraftServiceStub) if sc is not None else None
+        self.opts = LoopOptions(
+            num_speculative_tokens=sc.num_speculative_tokens if sc else 0, adaptive=sc.adaptive if sc else False,
+            pipeline=cfg.pipeline, round_timeout_s=cfg.round_timeout_s, session_timeout_s=cfg.request_timeout_s,
+        )
+        self.costs = CostModel()
+        self.metrics = GatewayMetrics()
+        self._slots = asyncio.Semaphore(cfg.max_concurrent_requests)
+        self._waiting = 0
+        self._running = 0
+        self._ids = itertools.count()
+        self.metrics.queue_depth.set_function(lambda: self._waiting)
+        self.metrics.sessions.set_function(lambda: self._running)
+
+    @property
+    def speculative_label(self) -> str:
+        sc = self.cfg.speculative
+        if sc is None:
+            return "none"
+        return f"draft_model:{sc.model}" if sc.method == "draft_model" else "ngram"
+
+    # ---- input -----------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name and name not in (self.model_name, self.cfg.model):
+            raise LookupError(f"model {name!r} is not served here; available: {self.model_name!r}")
+
+    def encode_text(self, text: str) -> Prompt:
+        if not isinstance(text, str) or not text:
+            raise ValueError("the prompt is empty")
+        return self._check(Prompt(text, self.tokenizer.encode(text)))
+
+    def encode_ids(self, ids: list[int]) -> Prompt:
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if any((not isinstance(t, int)) or isinstance(t, bool) for t in ids):
+            raise ValueError("prompt token ids must be integers")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id(s) outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        return self._check(Prompt(None, list(ids)))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> Prompt:
+        if not messages:
+            raise ValueError("messages is empty")
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") \
+                    or not isinstance(m.get("content"), str):
+                raise ValueError("each message needs a role (system, user, assistant) and a string content")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use completions with a plain prompt")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._check(Prompt(text, self.tokenizer.encode(text, add_special_tokens=False)))
+
+    def _check(self, p: Prompt) -> Prompt:
+        limit = self.cfg.max_prompt_tokens or self.max_model_len - 1
+        if len(p.token_ids) > limit or len(p.token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(p.token_ids)} tokens; the limit is {min(limit, self.max_model_len - 1)}")
+        return p
+
+    def check_params(self, params: SamplingParams) -> SamplingParams:
+        if params.max_tokens is not None and params.max_tokens > self.cfg.max_tokens_limit:
+            raise ValueError(f"max_tokens={params.max_tokens} exceeds this gateway's limit of {self.cfg.max_tokens_limit}")
+        return params
+
+    # ---- generation --------------------------------------------------------------------------
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta | Finished]:
+        """Admit, run n completions concurrently, and stream their deltas as they come."""
+        params = self.check_params(params)
+        if self._slots.locked() and self._waiting >= self.cfg.max_queued_requests:
+            self.metrics.requests.labels("rejected").inc()
+            raise Overloaded(f"gateway is at capacity ({self.cfg.max_concurrent_requests} running, "
+                             f"{self._waiting} queued); retry later")
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        self._running += 1
+        self.metrics.tokens.labels("prompt").inc(len(prompt.token_ids))
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.ensure_future(self._one(prompt, params, i, queue)) for i in range(params.n)]
+        outcome = "error"
+        try:
+            done = 0
+            while done < len(tasks):
+                ev = await queue.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                if isinstance(ev, Finished):
+                    done += 1
+                yield ev
+            outcome = "ok"
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._running -= 1
+            self._slots.release()
+            self.metrics.requests.labels(outcome).inc()
+
+    async def _one(self, prompt: Prompt, params: SamplingParams, index: int, out: asyncio.Queue) -> None:
+        p = params if params.seed is None or index == 0 else dataclasses.replace(params, seed=params.seed + index)
+        seq = Sequence(next(self._ids), list(prompt.token_ids), p, self.eos_ids, self.max_model_len,
+                       IncrementalDetokenizer(self.tokenizer, prompt.token_ids), index=index)
+        loop = CompletionLoop(seq, self.targets, self.drafts, self.costs, self.opts)
+        try:
+            async for delta in loop.run():
+                self.metrics.tokens.labels("completion").inc(len(delta.token_ids))
+                out.put_nowait(delta)
+            self.metrics.record(loop.stats)
+            out.put_nowait(Finished(index, loop.stats, len(prompt.token_ids), len(seq.output_ids),
+                                    seq.finish_reason, seq.stop_reason))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the request's stream
+            out.put_nowait(exc)
+        finally:
+            await loop.close()
+
+    async def close(self) -> None:
+        await self.targets.close()
+        if self.drafts is not None:
+            await self.drafts.close()
+
+
+def now_s() -> int:
+    return int(time.time())

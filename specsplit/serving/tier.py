@@ -1,0 +1,61 @@
+"""Lifecycle shared by the draft and target services: serve, warm up, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from specsplit.serving.batcher import StepBatcher
+from specsplit.serving.grpc_server import GrpcServer, start_grpc_server, wait_for_signal
+from specsplit.serving.metrics import TierMetrics, serve_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TierHandle:
+    """A running tier: what tests and the `up` command need to reach and stop it."""
+
+    grpc: GrpcServer
+    batcher: StepBatcher
+    metrics: TierMetrics
+    metrics_port: int = 0
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    async def shutdown(self, grace_s: float) -> None:
+        await self.grpc.shutdown(grace_s)
+        await self.batcher.stop()
+
+
+async def start_tier(
+    *, name: str, add_servicer: Callable[[grpc.aio.Server], None], service_name: str,
+    batcher: StepBatcher, metrics: TierMetrics, host: str, port: int, metrics_port: int,
+    warmup: Callable[[], Awaitable[None]] | None = None,
+) -> TierHandle:
+    batcher.start()
+    srv = await start_grpc_server(add_servicer, [service_name], host=host, port=port)
+    mport = 0
+    if metrics_port:
+        server, _ = serve_metrics(metrics.registry, host, metrics_port)
+        mport = server.server_port
+        log.info("%s metrics on http://%s:%d/metrics", name, host, mport)
+    if warmup is not None:
+        await warmup()
+    await srv.set_serving(True)
+    log.info("%s ready on port %d", name, srv.port)
+    return TierHandle(srv, batcher, metrics, mport)
+
+
+async def serve_forever(handle: TierHandle, grace_s: float) -> None:
+    """Run until SIGTERM/SIGINT, then report NOT_SERVING and drain within `grace_s`."""
+    await wait_for_signal(handle.stop_event)
+    log.info("shutting down: NOT_SERVING, draining for up to %.0fs", grace_s)
+    await handle.shutdown(grace_s)

@@ -1,0 +1,565 @@
+"""The Helm chart in helm/specsplit, rendered with Helm's own engine (helm-python-sdk).
+
+Every value set is linted, rendered offline and each manifest validated against the Kubernetes
+OpenAPI schemas shipped by kubernetes-validate (strict: unknown fields fail) for the oldest
+Kubernetes the chart supports (native gRPC probes: 1.27) and a recent one. Then the content that
+matters is checked: GPU counts, probes, RBAC, discovery wiring, and schema rejections.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip(
+    "helm_python", reason="helm-python-sdk is not installed (pip install -e '.[dev]')"
+)
+kubernetes_validate = pytest.importorskip(
+    "kubernetes_validate", reason="kubernetes-validate is not installed (pip install -e '.[dev]')"
+)
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "specsplit"
+RELEASE = "rel"
+NAMESPACE = "llm"
+KUBE_VERSIONS = ("1.27", "1.33")
+GPU = "nvidia.com/gpu"
+
+# Realistic value sets; each must lint, render and validate.
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "ngram-no-draft-gpu": {
+        "speculativeConfig": {"method": "ngram", "prompt_lookup_max": 5, "prompt_lookup_min": 2},
+        "draft": {"replicas": 2, "tolerations": []},
+    },
+    "tp4-statefulset": {
+        "target": {
+            "kind": "StatefulSet",
+            "replicas": 2,
+            "tensorParallelSize": 4,
+            "maxModelLen": 32768,
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        },
+        "model": {"name": "/models/llama-3.1-70b-instruct", "existingClaim": "llm-weights"},
+    },
+    "autoscaling-ingress-monitoring": {
+        "gateway": {
+            "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12},
+            "ingress": {
+                "enabled": True,
+                "className": "nginx",
+                "hosts": [
+                    {"host": "llm.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}
+                ],
+                "tls": [{"secretName": "llm-tls", "hosts": ["llm.example.com"]}],
+            },
+            "podDisruptionBudget": {"enabled": True, "minAvailable": "50%"},
+        },
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    },
+    "network-policy-dns": {
+        "networkPolicy": {
+            "enabled": True,
+            "metricsFrom": [
+                {
+                    "namespaceSelector": {
+                        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                    }
+                }
+            ],
+        },
+        "gateway": {"discovery": {"mode": "dns"}},
+        "model": {
+            "persistence": {"enabled": False},
+            "volume": {"nfs": {"server": "nfs.lan", "path": "/m"}},
+        },
+        "imagePullSecrets": [{"name": "regcred"}],
+    },
+    "static-no-download": {
+        "gateway": {
+            "discovery": {
+                "mode": "static",
+                "draftAddresses": ["draft-a.example:50053"],
+                "targetAddresses": ["target-a.example:50052", "target-b.example:50052"],
+            }
+        },
+        "draft": {"enabled": False},
+        "target": {"enabled": False},
+        "model": {"download": {"enabled": False}, "persistence": {"enabled": False}},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[Any]:
+    """The chart loaded once; skips only if the native Helm library cannot run here."""
+    try:
+        loaded = helm.Chart.load(str(CHART))
+    except helm.HelmLibraryError as exc:  # no wheel / native library for this platform
+        pytest.skip(f"helm-python-sdk cannot load its native Helm library: {exc}")
+    with loaded:
+        yield loaded
+
+
+def render(chart: Any, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rendered manifests (NOTES.txt left out) as dicts."""
+    out = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def notes(chart: Any, values: dict[str, Any] | None = None) -> str:
+    out = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    return next(text for path, text in out.items() if path.endswith("NOTES.txt"))
+
+
+def find(
+    docs: list[dict[str, Any]], kind: str, component: str | None = None
+) -> list[dict[str, Any]]:
+    """Manifests of one kind, optionally of one component."""
+    return [
+        d
+        for d in docs
+        if d["kind"] == kind
+        and (
+            component is None or d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        )
+    ]
+
+
+def one(docs: list[dict[str, Any]], kind: str, component: str | None = None) -> dict[str, Any]:
+    found = find(docs, kind, component)
+    assert len(found) == 1, f"expected one {kind} {component or ''}, got {len(found)}"
+    return found[0]
+
+
+def workloads(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+
+
+def container(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]["containers"][0]
+
+
+def port_of(c: dict[str, Any], name: str) -> int:
+    return next(p["containerPort"] for p in c["ports"] if p["name"] == name)
+
+
+def env_of(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+
+# --- lint and Kubernetes schema validation -------------------------------------------------
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_chart_lints_clean(value_set: str) -> None:
+    report = helm.lint(str(CHART), VALUE_SETS[value_set], strict=True, kube_version="v1.33.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_every_manifest_validates_against_kubernetes_schemas(chart: Any, value_set: str) -> None:
+    docs = render(chart, VALUE_SETS[value_set])
+    assert docs
+    for doc in docs:
+        assert doc["metadata"]["namespace"] == NAMESPACE or doc["kind"] == "Namespace"
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            check_service_monitor(doc, docs)  # a CRD: no schema in kubernetes-validate
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                path = ".".join(str(p) for p in exc.path)
+                pytest.fail(
+                    f"{doc['kind']}/{doc['metadata']['name']} @ {version}: {path}: {exc.message}"
+                )
+
+
+def check_service_monitor(monitor: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+    """A ServiceMonitor selects exactly one Service and scrapes a port that Service has."""
+    assert monitor["kind"] == "ServiceMonitor"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    services = [
+        s for s in find(docs, "Service") if selector.items() <= s["metadata"]["labels"].items()
+    ]
+    assert len(services) == 1
+    names = {p["name"] for p in services[0]["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in names and endpoint["path"] == "/metrics"
+
+
+# --- GPUs, probes, storage ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_target_requests_as_many_gpus_as_tensor_parallel_size(chart: Any, tp: int) -> None:
+    docs = render(chart, {"target": {"tensorParallelSize": tp}})
+    c = container(one(docs, "Deployment", "target"))
+    assert c["resources"]["limits"][GPU] == tp
+    assert c["resources"]["requests"][GPU] == tp
+    assert f"--tensor-parallel-size={tp}" in c["args"]
+
+
+def test_user_gpu_resources_cannot_disagree_with_tensor_parallel_size(chart: Any) -> None:
+    values = {
+        "target": {"tensorParallelSize": 4, "resources": {"limits": {GPU: 1, "memory": "1Gi"}}}
+    }
+    c = container(one(render(chart, values), "Deployment", "target"))
+    assert c["resources"]["limits"] == {GPU: 4, "memory": "1Gi"}
+
+
+def test_target_statefulset_uses_headless_service(chart: Any) -> None:
+    docs = render(chart, VALUE_SETS["tp4-statefulset"])
+    assert not find(docs, "Deployment", "target")
+    sts = one(docs, "StatefulSet", "target")
+    svc = one(docs, "Service", "target")
+    assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    assert sts["spec"]["replicas"] == 2
+    assert container(sts)["resources"]["limits"][GPU] == 4
+
+
+def test_target_gets_memory_backed_dev_shm_for_nccl(chart: Any) -> None:
+    pod = one(render(chart), "Deployment", "target")["spec"]["template"]["spec"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["shm"] == "/dev/shm"
+
+
+def test_draft_model_draft_requests_one_gpu(chart: Any) -> None:
+    c = container(one(render(chart), "Deployment", "draft"))
+    assert c["resources"]["limits"][GPU] == 1
+
+
+def test_ngram_draft_requests_no_gpu(chart: Any) -> None:
+    docs = render(chart, VALUE_SETS["ngram-no-draft-gpu"])
+    c = container(one(docs, "Deployment", "draft"))
+    assert GPU not in c["resources"].get("limits", {})
+    assert GPU not in c["resources"].get("requests", {})
+    config = json.loads(env_of(c)["SPECSPLIT_SPECULATIVE_CONFIG"])
+    assert config == {
+        "method": "ngram",
+        "num_speculative_tokens": 5,
+        "prompt_lookup_max": 5,
+        "prompt_lookup_min": 2,
+    }
+
+
+def test_speculative_config_is_the_cli_json_on_every_tier(chart: Any) -> None:
+    docs = render(chart)
+    configs = {
+        json.dumps(json.loads(env_of(container(w))["SPECSPLIT_SPECULATIVE_CONFIG"]))
+        for w in workloads(docs)
+    }
+    assert len(configs) == 1
+    assert json.loads(configs.pop()) == {
+        "method": "draft_model",
+        "model": "qwen2.5-coder-0.5b",
+        "num_speculative_tokens": 5,
+        "draft_tensor_parallel_size": 1,
+    }
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_probes_are_native_grpc_on_the_health_port(chart: Any, value_set: str) -> None:
+    for w in workloads(render(chart, VALUE_SETS[value_set])):
+        c = container(w)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            handlers = {"grpc", "httpGet", "tcpSocket", "exec"} & c[probe].keys()
+            assert handlers == {"grpc"}, (w["metadata"]["name"], probe)
+            assert c[probe]["grpc"]["port"] == port_of(c, "grpc")
+            assert c[probe]["grpc"].get("service", "") == ""  # overall health of grpc.health.v1
+
+
+@pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
+def test_termination_grace_outlasts_the_drain(chart: Any, value_set: str) -> None:
+    for w in workloads(render(chart, VALUE_SETS[value_set])):
+        c = container(w)
+        drain = next(
+            int(a.split("=")[1]) for a in c["args"] if a.startswith("--shutdown-grace-seconds=")
+        )
+        assert w["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain
+
+
+def test_pods_run_non_root_with_read_only_root_filesystem(chart: Any) -> None:
+    for w in workloads(render(chart)):
+        pod = w["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for c in pod["containers"] + pod.get("initContainers", []):
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
+
+
+def test_model_volume_is_a_shared_claim_filled_by_init_containers(chart: Any) -> None:
+    docs = render(chart)
+    claim = one(docs, "PersistentVolumeClaim")
+    for w in workloads(docs):
+        pod = w["spec"]["template"]["spec"]
+        models = next(v for v in pod["volumes"] if v["name"] == "models")
+        assert models["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        pulls = [c["args"] for c in pod["initContainers"]]
+        assert ["models", "pull", "qwen2.5-coder-1.5b"] in pulls
+        assert env_of(container(w))["SPECSPLIT_CACHE"] == "/models"
+        mount = next(m for m in container(w)["volumeMounts"] if m["name"] == "models")
+        assert mount["readOnly"] is True
+    draft_pulls = [
+        c["args"][2]
+        for c in one(docs, "Deployment", "draft")["spec"]["template"]["spec"]["initContainers"]
+    ]
+    assert draft_pulls == ["qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"]
+
+
+def test_existing_claim_and_model_path_need_no_claim_and_no_pull(chart: Any) -> None:
+    docs = render(chart, VALUE_SETS["tp4-statefulset"])
+    assert not find(docs, "PersistentVolumeClaim")
+    sts = one(docs, "StatefulSet", "target")
+    pod = sts["spec"]["template"]["spec"]
+    assert "initContainers" not in pod  # an absolute path is never pulled
+    models = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert models["persistentVolumeClaim"]["claimName"] == "llm-weights"
+    assert container(sts)["args"][:2] == ["target", "/models/llama-3.1-70b-instruct"]
+
+
+# --- discovery, RBAC, network -----------------------------------------------------------------
+
+
+def test_rbac_allows_only_reading_endpointslices(chart: Any) -> None:
+    docs = render(chart)
+    assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
+    role = one(docs, "Role")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    binding = one(docs, "RoleBinding")
+    account = one(docs, "ServiceAccount")
+    gateway = one(docs, "Deployment", "gateway")["spec"]["template"]["spec"]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+    assert gateway["serviceAccountName"] == account["metadata"]["name"]
+    assert gateway["automountServiceAccountToken"] is True
+    for component in ("draft", "target"):
+        pod = one(docs, "Deployment", component)["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+
+
+def test_gateway_watches_the_headless_services_of_both_tiers(chart: Any) -> None:
+    docs = render(chart)
+    args = container(one(docs, "Deployment", "gateway"))["args"]
+    assert "--discovery=kubernetes" in args and f"--namespace={NAMESPACE}" in args
+    for component, flag in (("draft", "--draft"), ("target", "--target")):
+        svc = one(docs, "Service", component)
+        assert svc["spec"]["clusterIP"] == "None"
+        assert svc["spec"]["publishNotReadyAddresses"] is False
+        grpc = next(
+            p for p in svc["spec"]["ports"] if p["name"] == "grpc"
+        )  # the port discovery uses
+        assert f"{flag}-service={svc['metadata']['name']}" in args
+        assert f"{flag}-port={grpc['port']}" in args
+        tier = container(one(docs, "Deployment", component))
+        assert grpc["targetPort"] == "grpc" and port_of(tier, "grpc") == grpc["port"]
+
+
+def test_dns_discovery_needs_no_rbac_and_no_token(chart: Any) -> None:
+    docs = render(chart, {"gateway": {"discovery": {"mode": "dns"}}})
+    assert not find(docs, "Role") and not find(docs, "RoleBinding")
+    gateway = one(docs, "Deployment", "gateway")["spec"]["template"]["spec"]
+    assert gateway["automountServiceAccountToken"] is False
+    assert "--discovery=dns" in gateway["containers"][0]["args"]
+
+
+def test_static_discovery_passes_the_address_lists(chart: Any) -> None:
+    docs = render(chart, VALUE_SETS["static-no-download"])
+    assert not workloads(
+        [d for d in docs if d["metadata"]["labels"]["app.kubernetes.io/component"] != "gateway"]
+    )
+    args = container(one(docs, "Deployment", "gateway"))["args"]
+    assert "--draft-addresses=draft-a.example:50053" in args
+    assert "--target-addresses=target-a.example:50052,target-b.example:50052" in args
+
+
+def test_network_policy_admits_only_the_gateway_to_grpc(chart: Any) -> None:
+    docs = render(chart, VALUE_SETS["network-policy-dns"])
+    gateway_labels = one(docs, "Deployment", "gateway")["spec"]["template"]["metadata"]["labels"]
+    for component in ("draft", "target"):
+        policy = one(docs, "NetworkPolicy", component)
+        pods = one(docs, "Deployment", component)["spec"]["template"]["metadata"]["labels"]
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods.items()
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        grpc_rules = [
+            r for r in policy["spec"]["ingress"] if any(p["port"] == "grpc" for p in r["ports"])
+        ]
+        assert len(grpc_rules) == 1
+        (peer,) = grpc_rules[0]["from"]
+        assert peer["podSelector"]["matchLabels"].items() <= gateway_labels.items()
+        assert "namespaceSelector" not in peer
+
+
+# --- gateway scaling and exposure -------------------------------------------------------------
+
+
+def test_gateway_hpa_scales_on_cpu_and_owns_the_replica_count(chart: Any) -> None:
+    docs = render(chart, VALUE_SETS["autoscaling-ingress-monitoring"])
+    hpa = one(docs, "HorizontalPodAutoscaler", "gateway")
+    deployment = one(docs, "Deployment", "gateway")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert "replicas" not in deployment["spec"]
+    assert one(docs, "PodDisruptionBudget", "gateway")["spec"]["minAvailable"] == "50%"
+    ingress = one(docs, "Ingress", "gateway")
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {
+        "name": one(docs, "Service", "gateway")["metadata"]["name"],
+        "port": {"name": "http"},
+    }
+    assert len(find(docs, "ServiceMonitor")) == 3
+
+
+def test_default_install_has_no_optional_extras(chart: Any) -> None:
+    kinds = {d["kind"] for d in render(chart)}
+    assert kinds.isdisjoint(
+        {"HorizontalPodAutoscaler", "Ingress", "NetworkPolicy", "ServiceMonitor"}
+    )
+
+
+def test_notes_say_how_to_reach_the_gateway(chart: Any) -> None:
+    text = notes(chart)
+    assert f"port-forward svc/{RELEASE}-specsplit-gateway 8000:8000" in text
+    assert "/v1/completions" in text
+    assert "https://llm.example.com" in notes(chart, VALUE_SETS["autoscaling-ingress-monitoring"])
+
+
+# --- rejection of wrong values ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"target": {"tensorParallelSize": "4"}},
+            "at '/target/tensorParallelSize': got string, want integer",
+        ),
+        ({"target": {"tensorParallelSize": 0}}, "/target/tensorParallelSize"),
+        (
+            {"target": {"tensorParalelSize": 4}},
+            "additional properties 'tensorParalelSize' not allowed",
+        ),
+        ({"draft": {"replicas": 1.5}}, "/draft/replicas"),
+        ({"draft": {"enabled": "yes"}}, "at '/draft/enabled': got string, want boolean"),
+        (
+            {"gateway": {"discovery": {"mode": "consul"}}},
+            "/gateway/discovery/mode': value must be one of",
+        ),
+        ({"speculativeConfig": {"method": "medusa"}}, "/speculativeConfig/method"),
+        (
+            {"speculativeConfig": {"num_speculative_tokens": "five"}},
+            "/speculativeConfig/num_speculative_tokens",
+        ),
+        ({"gateway": {"autoscaling": {"maxReplicas": "10"}}}, "/gateway/autoscaling/maxReplicas"),
+        ({"gateway": {"readinessProbe": {"httpGet": {"path": "/"}}}}, "/gateway/readinessProbe"),
+        ({"model": {"mountPath": "models"}}, "/model/mountPath"),
+        ({"model": {"name": ""}}, "at '/model/name': minLength"),
+        ({"target": {"gpuMemoryUtilization": 1.5}}, "/target/gpuMemoryUtilization"),
+        (
+            {"gateway": {"discovery": {"targetAddresses": ["no-port"]}}},
+            "/gateway/discovery/targetAddresses/0",
+        ),
+    ],
+)
+def test_schema_rejects_wrong_values_with_a_clear_message(
+    chart: Any, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm.HelmValuesError) as excinfo:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert message in str(excinfo.value)
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"target": {"terminationGracePeriodSeconds": 20, "shutdownGraceSeconds": 30}},
+            "target.terminationGracePeriodSeconds (20) must exceed target.shutdownGraceSeconds (30)",
+        ),
+        (
+            {"gateway": {"discovery": {"mode": "static"}}},
+            "gateway.discovery.mode=static needs gateway.discovery.targetAddresses",
+        ),
+        (
+            {"draft": {"enabled": False}},
+            "speculativeConfig.method=draft_model needs draft.enabled=true",
+        ),
+        (
+            {"speculativeConfig": {"model": None}},
+            "speculativeConfig.model is required for method draft_model",
+        ),
+    ],
+)
+def test_inconsistent_values_fail_the_render_with_a_clear_message(
+    chart: Any, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises((helm.HelmRenderError, helm.HelmValuesError)) as excinfo:
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    assert message in str(excinfo.value)
+
+
+def test_values_yaml_documents_every_key() -> None:
+    """Every key in values.yaml has a `# --` comment above it, unless it is part of the default
+    value of a documented key (e.g. `resources.requests.cpu`) or of a list item."""
+    nodes: list[tuple[int, bool, int | None]] = []  # (indent, documented, parent) per key line
+    stack: list[int] = []
+    undocumented = []
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for n, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or ":" not in stripped:
+            continue
+        indent = len(line) - len(line.lstrip())
+        while stack and nodes[stack[-1]][0] >= indent:
+            stack.pop()
+        comments = []
+        for prev in reversed(lines[:n]):
+            if not prev.strip().startswith("#"):
+                break
+            comments.append(prev.strip())
+        documented = stripped.startswith("-") or any(c.startswith("# --") for c in comments)
+        nodes.append((indent, documented, stack[-1] if stack else None))
+        stack.append(len(nodes) - 1)
+        if not documented:
+            undocumented.append((len(nodes) - 1, f"{n + 1}: {stripped}"))
+    has_documented_child = {parent for _, documented, parent in nodes if documented}
+
+    def in_default_value(i: int) -> bool:
+        parent = nodes[i][2]
+        while parent is not None:
+            if nodes[parent][1] and parent not in has_documented_child:
+                return True
+            parent = nodes[parent][2]
+        return False
+
+    missing = [text for i, text in undocumented if not in_default_value(i)]
+    assert not missing, "keys without a `# --` comment:\n" + "\n".join(missing)

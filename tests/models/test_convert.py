@@ -1,0 +1,85 @@
+"""GGUF -> Hugging Face folder, on a tiny Llama GGUF written by the test itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from specsplit.models import list_cached, resolve, resolve_model
+from specsplit.models.convert import MARKER, convert_gguf, read_marker
+
+TinyGguf = tuple[Path, dict[str, np.ndarray]]
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_gguf: TinyGguf, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dest = tmp_path_factory.mktemp("converted") / "tiny"
+    return convert_gguf(tiny_gguf[0], dest, name="tiny", source="test", progress=False)
+
+
+def test_folder_has_weights_config_tokenizer_and_marker(converted: Path) -> None:
+    names = {p.name for p in converted.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
+    assert {"tokenizer_config.json", MARKER} <= names
+    assert read_marker(converted)["name"] == "tiny"
+    assert not list(converted.parent.glob(".tiny.tmp-*"))
+
+
+def test_weights_are_float32_and_match_the_gguf(converted: Path, tiny_gguf: TinyGguf) -> None:
+    tensors = load_file(str(converted / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {np.dtype(np.float32)}
+    gguf = tiny_gguf[1]
+    np.testing.assert_array_equal(tensors["model.embed_tokens.weight"], gguf["token_embd.weight"])
+    np.testing.assert_array_equal(
+        tensors["model.layers.1.mlp.down_proj.weight"], gguf["blk.1.ffn_down.weight"]
+    )
+    assert "lm_head.weight" not in tensors  # no output.weight in the GGUF: tied embeddings
+
+
+def test_config_has_no_quantization_left(converted: Path) -> None:
+    config = json.loads((converted / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["model_type"] == "llama" and config["tie_word_embeddings"] is True
+    assert config["num_hidden_layers"] == 2 and config["num_key_value_heads"] == 1
+
+
+def test_tokenizer_loads_with_chat_template(converted: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(converted)
+    assert tok.convert_ids_to_tokens(tok("hi there").input_ids) == ["hi", "Ġthere"]
+    assert tok.eos_token == "<|im_end|>"
+    assert tok.model_max_length == 128  # from the GGUF context length, not 1e30
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n"
+    config = json.loads((converted / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"  # loadable by 4.x too
+
+
+def test_local_gguf_converted_once_into_cache(
+    tiny_gguf: TinyGguf, tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "tiny.gguf"
+    shutil.copy(tiny_gguf[0], path)
+    folder = resolve_model(str(path), progress=False)
+    assert folder.parent == cache / "models" and folder.name.startswith("gguf-tiny-")
+    assert [m.path for m in list_cached()] == [folder]
+
+    def no_convert(*args: object, **kwargs: object) -> Path:
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(resolve, "convert_gguf", no_convert)
+    assert resolve_model(str(path), progress=False) == folder
+
+
+def test_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(Exception):  # noqa: B017 - whatever the GGUF reader raises
+        convert_gguf(bad, tmp_path / "out", name="bad", source="test", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf"]
