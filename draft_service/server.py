@@ -125,8 +125,9 @@ async def start_draft(cfg: DraftServiceConfig, drafter: Drafter | None = None) -
 
 
 def _load(cfg: DraftServiceConfig) -> Drafter:
-    from specsplit.factory import load_drafter, load_tokenizer, model_folder
     from transformers import AutoConfig
+
+    from specsplit.factory import load_drafter, load_tokenizer, model_folder
 
     folder = model_folder(cfg.model)
     tok = load_tokenizer(folder)

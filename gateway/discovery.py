@@ -297,7 +297,7 @@ class KubernetesDiscovery(_Publisher):
         self._slices: dict[str, list[str]] = {}  # touched only by the watch thread
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._watch: Any = None
+        self._response: Any = None  # the open watch stream, for stop()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._synced: asyncio.Event | None = None
 
@@ -325,9 +325,9 @@ class KubernetesDiscovery(_Publisher):
         if thread is None:
             return
         self._stopping.set()
-        watch = self._watch
-        if watch is not None:
-            watch.stop()  # also shuts the streaming socket down in recent clients
+        response = self._response
+        if response is not None:
+            interrupt_response(response)
         await asyncio.to_thread(thread.join, 5.0)
 
     # The rest runs in the watch thread.
@@ -362,8 +362,9 @@ class KubernetesDiscovery(_Publisher):
                 attempt = self._pause(attempt, None) if quick else 0
             except ApiException as exc:
                 resource_version = None
-                if exc.status == 410:  # Gone: our resourceVersion is too old; list afresh now
+                if exc.status == 410 and attempt == 0:  # Gone: our resourceVersion is too old
                     log.info("EndpointSlice watch for %s expired; listing again", self.service)
+                    attempt = 1  # list afresh now, but back off if that expires at once too
                     continue
                 attempt = self._pause(attempt, exc)
             except Exception as exc:  # network errors, bad responses: back off and list again
@@ -405,10 +406,19 @@ class KubernetesDiscovery(_Publisher):
         from kubernetes import client, watch
 
         api = client.DiscoveryV1Api(self._api_client)
-        self._watch = w = watch.Watch()
+
+        def call(*args: Any, **kwargs: Any):  # noqa: ANN202 - no return type on purpose
+            # Keeps the streaming response so that stop() can interrupt a blocked read. With no
+            # return type to find, Watch hands over plain dicts (no model deserialization).
+            self._response = response = api.list_namespaced_endpoint_slice(*args, **kwargs)
+            if self._stopping.is_set():
+                interrupt_response(response)
+            return response
+
+        w = watch.Watch()
         try:
             for event in w.stream(
-                api.list_namespaced_endpoint_slice,
+                call,
                 self.namespace,
                 label_selector=service_label_selector(self.service),
                 resource_version=resource_version,
@@ -418,7 +428,7 @@ class KubernetesDiscovery(_Publisher):
             ):
                 if self._stopping.is_set():
                     break
-                raw = event.get("raw_object") or {}
+                raw = event.get("raw_object") or event.get("object") or {}
                 version = (raw.get("metadata") or {}).get("resourceVersion")
                 if event.get("type") != "BOOKMARK":
                     apply_slice_event(self._slices, event["type"], raw, self.port, self.port_name)
@@ -426,8 +436,20 @@ class KubernetesDiscovery(_Publisher):
                 resource_version = str(version or resource_version)
         finally:
             w.stop()
-            self._watch = None
+            self._response = None
         return resource_version
+
+
+def interrupt_response(response: Any) -> None:
+    """Unblock a thread reading a streaming urllib3 response (best effort, never raises)."""
+    with contextlib.suppress(Exception):
+        shutdown = getattr(response, "shutdown", None)  # urllib3 >= 2.3
+        if callable(shutdown):
+            shutdown()
+            return
+        sock = getattr(getattr(response, "connection", None), "sock", None)
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def default_api_client() -> Any:

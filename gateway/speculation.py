@@ -18,13 +18,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from gateway.tiers import NoReplica, ReplicaPool, TierFailure, TierSession
 from specsplit.outputs import SpecMetrics
 from specsplit.proto.v1 import common_pb2, draft_pb2, target_pb2
 from specsplit.serving.convert import logprobs_from_pb, params_to_pb
 from specsplit.serving.errors import Unavailable
 from specsplit.spec.adaptive import AdaptiveK, CostModel
 from specsplit.spec.sequence import Sequence
-from gateway.tiers import NoReplica, ReplicaPool, TierFailure, TierSession
 
 log = logging.getLogger(__name__)
 

@@ -146,5 +146,6 @@ def _verify(entry: CatalogEntry, path: Path, sha256: str) -> None:
     arch = gguf_architecture(path)
     if arch != entry.architecture:
         raise RuntimeError(
-            f"{entry.name}: GGUF architecture is {arch!r}, the catalogue expects {entry.architecture!r}"
+            f"{entry.name}: GGUF architecture is {arch!r}, "
+            f"the catalogue expects {entry.architecture!r}"
         )

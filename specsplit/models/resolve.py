@@ -137,7 +137,7 @@ def _convert_local_gguf(path: Path, *, progress: bool, force: bool) -> Path:
 def _from_hub(spec: str, path: Path) -> Path:
     """Download `spec` from the Hugging Face hub, or explain every way it failed to resolve."""
     if path.exists():
-        reason = f"{path} exists but is neither a folder with config.json + *.safetensors nor a .gguf file"
+        reason = f"{path} exists but holds no config.json + *.safetensors and is no .gguf file"
     elif not _HUB_ID.match(spec):
         reason = "it is not a hub id either"
     else:

@@ -53,6 +53,21 @@ class DraftSession:
     tokens: list[int] = field(default_factory=list)  # prompt + committed + last proposals
 
 
+# Mixed into a request's seed for the draft's RNG. The target seeds its RNG with the request's
+# seed too; were both streams the same, the target's acceptance uniforms would be correlated
+# with the draft's choices and seeded sampling would no longer follow the target distribution.
+# A fixed constant (not hash()) so the draft service and the in-process engine agree.
+DRAFT_SEED_SALT = 0x5EED_D4AF_7C3B_91E5
+
+
+def draft_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """The draft's own RNG for a seeded request: reproducible, independent of the target's."""
+    if params.seed is None:
+        return make_generator(params, device)
+    seed = (params.seed ^ DRAFT_SEED_SALT) & (2**63 - 1)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 class Drafter(ABC):
     """Common session bookkeeping; subclasses only say how a batch of blocks is made."""
 
@@ -69,7 +84,7 @@ class Drafter(ABC):
         if not prompt_ids:
             raise SessionError("prompt is empty")
         self._check(prompt_ids, "prompt")
-        self.sessions[seq_id] = DraftSession(seq_id, params, make_generator(params, self.device), list(prompt_ids))
+        self.sessions[seq_id] = DraftSession(seq_id, params, draft_generator(params, self.device), list(prompt_ids))
         self._on_open(seq_id)
 
     def close(self, seq_id: int) -> None:

@@ -100,7 +100,7 @@ def test_path_like_spec_does_not_try_the_hub(
 
 def test_folder_without_weights_is_explained(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="exists but is neither"):
+    with pytest.raises(ValueError, match="exists but holds no config.json"):
         resolve_model(str(tmp_path / "empty"))
 
 

@@ -8,7 +8,8 @@ import numpy as np
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 HIDDEN = 16  # hidden size: 2 heads of 8
@@ -18,7 +19,7 @@ LAYERS = 2  # transformer blocks
 
 def _byte_level_alphabet() -> list[str]:
     """The 256 printable characters GPT-2 style byte-level BPE uses for the bytes 0..255."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
     chars, extra = [], 0
     for b in range(256):
         if b in keep:
@@ -29,12 +30,15 @@ def _byte_level_alphabet() -> list[str]:
     return chars
 
 
-def write_tiny_llama_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+def write_tiny_llama_gguf(
+    path: Path, seed: int = 0, add_bos: bool = False
+) -> dict[str, np.ndarray]:
     """Write the GGUF at `path`; return its float32 tensors by GGUF name."""
     import gguf
 
     rng = np.random.default_rng(seed)
-    tokens = SPECIAL_TOKENS + _byte_level_alphabet() + ["hi", "th", "Ġth", "er", "Ġther", "Ġthere"]
+    merged = ["hi", "th", "Ġth", "er", "Ġther", "Ġthere"]  # one token per merge below
+    tokens = SPECIAL_TOKENS + _byte_level_alphabet() + merged
     merges = ["h i", "t h", "Ġ th", "e r", "Ġth er", "Ġther e"]
     vocab = len(tokens)
 
@@ -59,7 +63,7 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(2)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(add_bos)
     writer.add_chat_template(CHAT_TEMPLATE)
 
     def rand(*shape: int) -> np.ndarray:

@@ -596,7 +596,7 @@ def test_kubernetes_watch_reports_added_not_ready_and_removed_replicas() -> None
         assert queue.empty() and disc.addresses() == ["10.1.0.2:50052"]
         assert api.count("list") == 1
         watch = next(q for k, q in api.requests if k == "watch")
-        assert watch["allowWatchBookmarks"] == "true" and int(watch["timeoutSeconds"]) > 0
+        assert watch["allowWatchBookmarks"].lower() == "true" and int(watch["timeoutSeconds"]) > 0
 
     with_api(body, setup=two_target_slices)
 

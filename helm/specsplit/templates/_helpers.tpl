@@ -240,6 +240,11 @@ annotations:
 {{- end }}
 {{- end }}
 
+{{/* "N replica(s)", or "HPA-managed replicas" when the count is left out. */}}
+{{- define "specsplit.replicasText" -}}
+{{- if kindIs "invalid" . }}HPA-managed replicas{{ else }}{{ int . }} replica(s){{ end }}
+{{- end }}
+
 {{/* PodDisruptionBudget spec fields from a component's podDisruptionBudget values. */}}
 {{- define "specsplit.pdbSpec" -}}
 {{- if not (kindIs "invalid" .minAvailable) }}

@@ -1,0 +1,260 @@
+"""The `specsplit` command: one server per subcommand, flags as in `vllm serve`.
+
+Every flag can also be set by an environment variable SPECSPLIT_<FLAG> (upper snake case,
+e.g. SPECSPLIT_GRPC_PORT, SPECSPLIT_SPECULATIVE_CONFIG; MODEL by SPECSPLIT_MODEL), which is
+how the Helm chart and docker-compose configure the containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from specsplit.config import SpeculativeConfig
+
+log = logging.getLogger("specsplit")
+
+
+def _env(name: str, default: Any = None, cast: Callable[[str], Any] = str) -> Any:
+    raw = os.environ.get("SPECSPLIT_" + name.upper().replace("-", "_"))
+    if raw is None:
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        raise SystemExit(f"environment variable SPECSPLIT_{name.upper().replace('-', '_')}={raw!r} is not valid") from None
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(s)
+
+
+def _add(p: argparse.ArgumentParser, flag: str, *, type: Callable[[str], Any] = str, default: Any = None,
+         help: str, **kw: Any) -> None:
+    name = flag.lstrip("-")
+    p.add_argument(flag, type=type, default=_env(name, default, type), help=f"{help} [env SPECSPLIT_{name.upper().replace('-', '_')}]", **kw)
+
+
+def _model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
+    env = _env("model")
+    p.add_argument("model", nargs="?" if (env or not required) else None, default=env,
+                   help="target model: HF folder, GGUF file, hub id or catalogue name "
+                        "(smollm2-135m, qwen2.5-coder-1.5b, qwen2.5-coder-0.5b) [env SPECSPLIT_MODEL]")
+
+
+def _engine_flags(p: argparse.ArgumentParser, *, spec: bool) -> None:
+    if spec:
+        _add(p, "--speculative-config", help="JSON with vLLM's keys: method, model, num_speculative_tokens, "
+             "prompt_lookup_max, prompt_lookup_min, draft_tensor_parallel_size")
+    _add(p, "--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    _add(p, "--max-model-len", type=int, help="context limit (default: the model's)")
+    _add(p, "--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
+    _add(p, "--kv-cache-memory-bytes", type=int, help="explicit KV cache budget in bytes")
+    _add(p, "--max-batch", type=int, default=64, help="sessions per batched step")
+
+
+def _server_flags(p: argparse.ArgumentParser, grpc_port: int, metrics: bool = True) -> None:
+    _add(p, "--host", default="0.0.0.0", help="interface to bind")
+    _add(p, "--grpc-port", type=int, default=grpc_port, help="gRPC port")
+    if metrics:
+        _add(p, "--metrics-port", type=int, default=9100, help="Prometheus /metrics port (0 = off)")
+    _add(p, "--shutdown-grace-seconds", type=float, default=30.0, help="SIGTERM drain time")
+    _add(p, "--log-level", default="info", help="debug, info, warning")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="specsplit", description="Speculative decoding as gRPC microservices.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("target", help="run the target (verify) service")
+    _model_arg(p)
+    _engine_flags(p, spec=False)
+    _add(p, "--tensor-parallel-size", type=int, default=1, help="GPUs to shard the target over")
+    _server_flags(p, 50052)
+
+    p = sub.add_parser("draft", help="run the draft service")
+    _model_arg(p)
+    _engine_flags(p, spec=True)
+    _server_flags(p, 50053)
+
+    p = sub.add_parser("gateway", help="run the gateway (OpenAI HTTP + public gRPC)")
+    _model_arg(p)
+    _add(p, "--speculative-config", help="same JSON as the draft service; omit for plain decoding")
+    _add(p, "--served-model-name", help="name clients use as `model` (default: MODEL)")
+    _add(p, "--port", type=int, default=8000, help="HTTP port (OpenAI API, /metrics)")
+    _server_flags(p, 50051, metrics=False)
+    _add(p, "--discovery", default="static", help="static | dns | kubernetes")
+    _add(p, "--draft-addresses", default="", help="static: comma-separated host:port of draft replicas")
+    _add(p, "--target-addresses", default="", help="static: comma-separated host:port of target replicas")
+    _add(p, "--draft-service", help="dns/kubernetes: draft Service name")
+    _add(p, "--target-service", help="dns/kubernetes: target Service name")
+    _add(p, "--namespace", help="kubernetes: namespace")
+    _add(p, "--draft-port", type=int, default=50053, help="dns: draft replicas' gRPC port")
+    _add(p, "--target-port", type=int, default=50052, help="dns: target replicas' gRPC port")
+    _add(p, "--max-concurrent-requests", type=int, default=256, help="completions running at once")
+    _add(p, "--max-queued-requests", type=int, default=1024, help="waiting requests before 429")
+    _add(p, "--no-pipeline", type=_bool, default=False, help="disable drafting block i+1 during verify", nargs="?",
+         const=True)
+    _add(p, "--max-model-len", type=int, help="context limit (default: the model's)")
+
+    p = sub.add_parser("up", help="start target, draft and gateway as local processes (quick start)")
+    _model_arg(p)
+    _add(p, "--speculative-config", help="JSON as for `draft`; default: n-gram lookup")
+    _add(p, "--host", default="127.0.0.1", help="interface for all three")
+    _add(p, "--port", type=int, default=8000, help="gateway HTTP port")
+    _add(p, "--grpc-port", type=int, default=50051, help="gateway gRPC port")
+    _add(p, "--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    _add(p, "--max-model-len", type=int, help="context limit")
+    _add(p, "--log-level", default="warning", help="log level of the three processes")
+    p.add_argument("--prompt", help="after start, stream this prompt's answer and its stats, then stop")
+    p.add_argument("--max-tokens", type=int, default=128, help="for --prompt")
+
+    p = sub.add_parser("generate", help="send a prompt to a running gateway and stream the answer")
+    p.add_argument("prompt", help="the prompt (use --chat to send it as a user message)")
+    _add(p, "--address", default="127.0.0.1:50051", help="gateway gRPC address")
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+
+    try:
+        from specsplit.models.cli import add_models_subparser
+    except ImportError:  # pragma: no cover - models subpackage always ships
+        add_models_subparser = None
+    if add_models_subparser is not None:
+        add_models_subparser(sub)
+    return ap
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _addresses(s: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in s.split(",") if a.strip())
+
+
+def run_target(a: argparse.Namespace) -> int:
+    from target_service.config import TargetServiceConfig
+    from target_service.server import start_target
+
+    cfg = TargetServiceConfig(
+        a.model, a.host, a.grpc_port, a.metrics_port, a.dtype, a.tensor_parallel_size, a.max_model_len,
+        a.gpu_memory_utilization, a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds)
+    return _serve(lambda: start_target(cfg), cfg.shutdown_grace_seconds)
+
+
+def run_draft(a: argparse.Namespace) -> int:
+    from draft_service.config import DraftServiceConfig
+    from draft_service.server import start_draft
+
+    sc = SpeculativeConfig.from_any(a.speculative_config)
+    if sc is None:
+        raise SystemExit("specsplit draft needs --speculative-config (method draft_model or ngram)")
+    cfg = DraftServiceConfig(
+        a.model, sc, a.host, a.grpc_port, a.metrics_port, a.dtype, a.max_model_len, a.gpu_memory_utilization,
+        a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds)
+    return _serve(lambda: start_draft(cfg), cfg.shutdown_grace_seconds)
+
+
+def run_gateway(a: argparse.Namespace) -> int:
+    from gateway.config import GatewayConfig
+    from gateway.server import serve_gateway_forever, start_gateway
+
+    cfg = GatewayConfig(
+        model=a.model, speculative=SpeculativeConfig.from_any(a.speculative_config),
+        served_model_name=a.served_model_name, host=a.host, port=a.port, grpc_port=a.grpc_port,
+        discovery=a.discovery, draft_addresses=_addresses(a.draft_addresses),
+        target_addresses=_addresses(a.target_addresses), draft_service=a.draft_service,
+        target_service=a.target_service, namespace=a.namespace, draft_port=a.draft_port,
+        target_port=a.target_port, max_concurrent_requests=a.max_concurrent_requests,
+        max_queued_requests=a.max_queued_requests, pipeline=not a.no_pipeline,
+        shutdown_grace_seconds=a.shutdown_grace_seconds,
+    )
+
+    async def main() -> None:
+        h = await start_gateway(cfg, max_model_len=a.max_model_len)
+        await serve_gateway_forever(h, cfg.shutdown_grace_seconds)
+
+    asyncio.run(main())
+    return 0
+
+
+def _serve(start: Callable[[], Any], grace: float) -> int:
+    from specsplit.serving.tier import serve_forever
+
+    async def main() -> None:
+        handle = await start()
+        await serve_forever(handle, grace)
+
+    asyncio.run(main())
+    return 0
+
+
+def run_generate(a: argparse.Namespace) -> int:
+    from specsplit.client import Client
+    from specsplit.sampling.params import SamplingParams
+
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)
+    with Client(a.address, timeout=a.timeout) as client:
+        stream = client.stream_chat([{"role": "user", "content": a.prompt}], params) if a.chat \
+            else client.stream(a.prompt, params)
+        final = None
+        for ev in stream:
+            if ev.text:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+            if ev.finished:
+                final = ev
+        sys.stdout.write("\n")
+        if final is not None:
+            print(final.summary(), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if a.command in ("target", "draft", "gateway", "up") and not a.model:
+        ap.error(f"{a.command}: MODEL is required (or set SPECSPLIT_MODEL)")
+    if a.command in ("target", "draft", "gateway"):
+        _setup_logging(a.log_level)
+    try:
+        if a.command == "target":
+            return run_target(a)
+        if a.command == "draft":
+            return run_draft(a)
+        if a.command == "gateway":
+            return run_gateway(a)
+        if a.command == "up":
+            from specsplit.launcher import run_up
+
+            return run_up(a)
+        if a.command == "generate":
+            return run_generate(a)
+        if a.command == "models":
+            from specsplit.models.cli import run_models
+
+            return run_models(a)
+    except ValueError as e:
+        print(f"specsplit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    ap.error(f"unknown command {a.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
