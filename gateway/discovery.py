@@ -407,7 +407,7 @@ class KubernetesDiscovery(_Publisher):
 
         api = client.DiscoveryV1Api(self._api_client)
 
-        def call(*args: Any, **kwargs: Any):  # noqa: ANN202 - no return type on purpose
+        def call(*args: Any, **kwargs: Any):  # no return annotation, on purpose (see below)
             # Keeps the streaming response so that stop() can interrupt a blocked read. With no
             # return type to find, Watch hands over plain dicts (no model deserialization).
             self._response = response = api.list_namespaced_endpoint_slice(*args, **kwargs)

@@ -79,7 +79,10 @@ class CompletionLoop:
         self.drafts = drafts
         self.costs = costs
         self.opts = opts
-        self.adaptive = AdaptiveK(opts.num_speculative_tokens if drafts is not None else 0, opts.adaptive)
+        # a seeded request keeps k fixed: k chosen from measured timings would change how many
+        # random numbers each round draws, and with them the sampled tokens
+        self.adaptive = AdaptiveK(opts.num_speculative_tokens if drafts is not None else 0,
+                                  opts.adaptive and seq.params.seed is None)
         self.stats = LoopStats()
         self.target: TierSession | None = None
         self.draft: TierSession | None = None

@@ -261,19 +261,31 @@ def test_ngram_draft_requests_no_gpu(chart: Any) -> None:
     }
 
 
-def test_speculative_config_is_the_cli_json_on_every_tier(chart: Any) -> None:
+def test_speculative_config_is_the_cli_json_for_draft_and_gateway(chart: Any) -> None:
     docs = render(chart)
-    configs = {
-        json.dumps(json.loads(env_of(container(w))["SPECSPLIT_SPECULATIVE_CONFIG"]))
-        for w in workloads(docs)
-    }
-    assert len(configs) == 1
-    assert json.loads(configs.pop()) == {
-        "method": "draft_model",
-        "model": "qwen2.5-coder-0.5b",
-        "num_speculative_tokens": 5,
-        "draft_tensor_parallel_size": 1,
-    }
+    for component in ("draft", "gateway"):
+        config = env_of(container(one(docs, "Deployment", component)))[
+            "SPECSPLIT_SPECULATIVE_CONFIG"
+        ]
+        assert json.loads(config) == {
+            "method": "draft_model",
+            "model": "qwen2.5-coder-0.5b",
+            "num_speculative_tokens": 5,
+            "draft_tensor_parallel_size": 1,
+        }
+    # `specsplit target` has no --speculative-config flag.
+    assert "SPECSPLIT_SPECULATIVE_CONFIG" not in env_of(
+        container(one(docs, "Deployment", "target"))
+    )
+
+
+def test_without_a_draft_tier_the_gateway_decodes_plainly(chart: Any) -> None:
+    docs = render(chart, {"draft": {"enabled": False}})
+    assert not find(docs, "Deployment", "draft") and not find(docs, "Service", "draft")
+    gateway = container(one(docs, "Deployment", "gateway"))
+    assert "SPECSPLIT_SPECULATIVE_CONFIG" not in env_of(gateway)
+    assert not [a for a in gateway["args"] if a.startswith("--draft-")]
+    assert "no draft tier: plain decoding" in notes(chart, {"draft": {"enabled": False}})
 
 
 @pytest.mark.parametrize("value_set", sorted(VALUE_SETS))
@@ -513,10 +525,6 @@ def test_schema_rejects_wrong_values_with_a_clear_message(
         (
             {"gateway": {"discovery": {"mode": "static"}}},
             "gateway.discovery.mode=static needs gateway.discovery.targetAddresses",
-        ),
-        (
-            {"draft": {"enabled": False}},
-            "speculativeConfig.method=draft_model needs draft.enabled=true",
         ),
         (
             {"speculativeConfig": {"model": None}},

@@ -36,7 +36,9 @@ def test_greedy_equals_plain_decoding(cluster: Cluster, reference: Reference, me
             assert stats.pipelined_rounds == 0
         drafted, accepted, pipelined = (drafted + stats.drafted_tokens, accepted + stats.accepted_tokens,
                                         pipelined + stats.pipelined_rounds)
-    assert accepted > 0, f"{method} never had a drafted token accepted: not speculating"
+    assert drafted > 0, f"{method} drafted nothing: not speculating"
+    if method == "draft_model":  # n-gram lookup rarely matches a random model's non-repeating output
+        assert accepted > 0, "no drafted token was ever accepted"
     if pipeline and method == "draft_model":
         assert pipelined > 0, "no block was drafted ahead during verification"
 

@@ -114,10 +114,20 @@ grpc:
 {{- define "specsplit.commonEnv" -}}
 - name: SPECSPLIT_CACHE
   value: {{ .Values.model.mountPath | quote }}
-- name: SPECSPLIT_SPECULATIVE_CONFIG
-  value: {{ include "specsplit.speculativeConfig" . | quote }}
 - name: HOME
   value: /tmp
+{{- end }}
+
+{{- define "specsplit.speculativeConfigEnv" -}}
+- name: SPECSPLIT_SPECULATIVE_CONFIG
+  value: {{ include "specsplit.speculativeConfig" . | quote }}
+{{- end }}
+
+{{/* "true" when the gateway has draft replicas to speculate with; else it decodes plainly. */}}
+{{- define "specsplit.gatewayHasDrafts" -}}
+{{- $d := .Values.gateway.discovery }}
+{{- if eq $d.mode "static" }}{{ if $d.draftAddresses }}true{{ end }}
+{{- else if .Values.draft.enabled }}true{{ end }}
 {{- end }}
 
 {{/* Volumes: the model store, a writable /tmp and, with "shm", a memory-backed /dev/shm. */}}
@@ -268,12 +278,8 @@ maxUnavailable: {{ include "specsplit.intOrString" .maxUnavailable }}
 {{- end }}
 {{- end }}
 {{- $mode := .Values.gateway.discovery.mode }}
-{{- if and .Values.gateway.enabled (eq $mode "static") }}
-{{- if not .Values.gateway.discovery.targetAddresses }}
+{{- if and .Values.gateway.enabled (eq $mode "static") (not .Values.gateway.discovery.targetAddresses) }}
 {{- fail "gateway.discovery.mode=static needs gateway.discovery.targetAddresses (host:port list); use mode kubernetes or dns to find the chart's own replicas" }}
-{{- end }}
-{{- else if and .Values.gateway.enabled (eq .Values.speculativeConfig.method "draft_model") (not .Values.draft.enabled) }}
-{{- fail "speculativeConfig.method=draft_model needs draft.enabled=true (or use method ngram, or static discovery pointing at draft replicas elsewhere)" }}
 {{- end }}
 {{- if and .Values.gateway.enabled (not .Values.target.enabled) (ne $mode "static") }}
 {{- fail "target.enabled=false leaves the gateway without a target tier; enable it or use gateway.discovery.mode=static" }}

@@ -1,0 +1,93 @@
+"""Adaptive block length: E(k) and the k that maximises tokens per second."""
+
+import pytest
+
+from specsplit.spec.adaptive import AdaptiveK, CostModel, Ema, expected_tokens
+
+
+def _costs(draft_step: float, verify: dict[int, float]) -> CostModel:
+    costs = CostModel()
+    costs.observe_draft(draft_step)
+    for k, t in verify.items():
+        costs.observe_verify(k, t)
+    return costs
+
+
+def _adaptive(alpha: float, k_max: int = 5) -> AdaptiveK:
+    return AdaptiveK(k_max, alpha=Ema(alpha, 0.3))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8, 0.95])
+@pytest.mark.parametrize("k", [0, 1, 5, 8])
+def test_expected_tokens_is_geometric_sum(alpha, k):
+    # a round emits the accepted prefix (token i accepted with prob alpha^i) plus one token
+    assert expected_tokens(alpha, k) == pytest.approx(sum(alpha**i for i in range(k + 1)))
+
+
+def test_expected_tokens_known_values():
+    assert expected_tokens(0.8, 5) == pytest.approx((1 - 0.8**6) / 0.2)  # 3.69, DESIGN.md
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.0, 5) == 1.0
+
+
+def test_choose_zero_when_acceptance_low_and_draft_costly():
+    costs = _costs(draft_step=0.010, verify={0: 0.010, 5: 0.012})
+    assert _adaptive(0.1).choose(costs, limit=100) == 0
+
+
+def test_choose_full_k_when_acceptance_high_and_draft_cheap():
+    costs = _costs(draft_step=0.0005, verify={0: 0.010, 5: 0.011})
+    assert _adaptive(0.95).choose(costs, limit=100) == 5
+
+
+def test_choose_middle_k_when_gains_flatten():
+    # alpha 0.6: E(k) saturates at 2.5, so long blocks only add draft time
+    costs = _costs(draft_step=0.003, verify={0: 0.010, 5: 0.010})
+    k = _adaptive(0.6).choose(costs, limit=100)
+    assert 0 < k < 5
+    rates = [expected_tokens(0.6, j) / (0.010 + j * 0.003) for j in range(6)]
+    assert rates[k] >= max(rates) / 1.03
+
+
+def test_choose_full_k_until_costs_are_measured():
+    assert _adaptive(0.1).choose(CostModel(), limit=100) == 5
+    costs = CostModel()
+    costs.observe_verify(0, 0.01)  # verify measured, draft not yet
+    assert _adaptive(0.1).choose(costs, limit=100) == 5
+
+
+def test_choose_respects_limit_and_disabled():
+    costs = _costs(draft_step=0.0005, verify={0: 0.010, 5: 0.011})
+    assert _adaptive(0.95).choose(costs, limit=2) == 2
+    assert _adaptive(0.95).choose(costs, limit=0) == 0
+    assert AdaptiveK(5, enabled=False, alpha=Ema(0.0)).choose(costs, limit=100) == 5
+    assert AdaptiveK(5, enabled=False).choose(costs, limit=3) == 3
+
+
+def test_zero_k_probes_with_one_every_16th_round():
+    costs = _costs(draft_step=0.010, verify={0: 0.010, 5: 0.012})
+    ad = _adaptive(0.05)
+    picks = [ad.choose(costs, limit=100) for _ in range(32)]
+    assert picks.count(1) == 2 and picks[15] == picks[31] == 1
+    assert set(picks) == {0, 1}
+
+
+def test_observe_tracks_acceptance():
+    ad = _adaptive(0.7)
+    for _ in range(30):
+        ad.observe(5, 0)
+    assert ad.alpha.value < 0.01
+    for _ in range(30):
+        ad.observe(5, 5)
+    assert ad.alpha.value > 0.99
+    before = ad.alpha.value
+    ad.observe(0, 0)  # nothing drafted: no evidence
+    assert ad.alpha.value == before
+
+
+def test_verify_time_uses_nearest_measured_k():
+    costs = _costs(draft_step=0.001, verify={1: 0.010, 8: 0.020})
+    assert costs.verify_time(2) == pytest.approx(0.010)
+    assert costs.verify_time(7) == pytest.approx(0.020)
+    assert costs.round_time(3) == pytest.approx(0.010 + 3 * 0.001)
+    assert CostModel().round_time(0) is None
