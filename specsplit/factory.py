@@ -53,17 +53,22 @@ def load_runner(
     spec: str | Path, *, dtype: str = "auto", device: torch.device | None = None,
     max_model_len: int | None = None, kv_cache_bytes: int | None = None,
     gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
+    on_worker_death: Any = None,
 ) -> tuple[ModelRunner, Any]:
     """Load a model and its tokenizer; returns (runner, tokenizer)."""
-    if tensor_parallel_size != 1:
-        raise ValueError(
-            "tensor_parallel_size > 1 is not available yet in this build; use tensor_parallel_size=1"
-        )
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
     folder = model_folder(spec)
-    runner = ModelRunner.from_folder(
-        folder, dtype=dtype, device=device or default_device(), max_model_len=max_model_len,
-        kv_cache_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
-    )
+    kw = dict(dtype=dtype, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
+              gpu_memory_utilization=gpu_memory_utilization)
+    device = device or default_device()
+    if tensor_parallel_size > 1:
+        from specsplit.runtime.tensor_parallel import TensorParallelRunner
+
+        runner: Any = TensorParallelRunner(folder, tensor_parallel_size, device_type=device.type,
+                                           on_worker_death=on_worker_death, **kw)
+    else:
+        runner = ModelRunner.from_folder(folder, device=device, **kw)
     return runner, load_tokenizer(folder)
 
 

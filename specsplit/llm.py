@@ -56,6 +56,19 @@ class LLM:
         )
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (a no-op on one device)."""
+        self.target.runner.shutdown()
+        drafter_runner = getattr(self.engine.drafter, "runner", None)
+        if drafter_runner is not None:
+            drafter_runner.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 

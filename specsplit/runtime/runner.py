@@ -18,7 +18,7 @@ from torch import Tensor
 
 from specsplit.runtime.attention import AttentionMetadata, select_backend
 from specsplit.runtime.config import ModelConfig
-from specsplit.runtime.kv_cache import PagedKVCache
+from specsplit.runtime.kv_cache import OutOfKVMemory, PagedKVCache
 from specsplit.runtime.model import Transformer
 from specsplit.runtime.parallel import SINGLE, ParallelContext
 from specsplit.runtime.weights import iter_safetensors, load_weights
@@ -137,7 +137,32 @@ class ModelRunner:
     def truncate(self, seq_id: int, length: int) -> None:
         self.cache.truncate(seq_id, length)
 
+    def shutdown(self) -> None:
+        """Nothing to stop for one device (TensorParallelRunner stops its workers here)."""
+
     # ---- forward -----------------------------------------------------------------------
+    def check(self, inputs: list[StepInput]) -> dict[int, int]:
+        """Validate a step and check KV room; returns seq_id -> new length. Changes nothing.
+
+        Raises ValueError for bad inputs and OutOfKVMemory when the pool cannot hold them.
+        """
+        cache = self.cache
+        needs: dict[int, int] = {}
+        for inp in inputs:
+            if inp.seq_id not in cache.seqs:
+                raise ValueError(f"sequence {inp.seq_id} has no cache")
+            if not inp.token_ids or not 1 <= inp.num_logits <= len(inp.token_ids):
+                raise ValueError(f"bad step input for sequence {inp.seq_id}")
+            new_len = cache.seqs[inp.seq_id].length + len(inp.token_ids)
+            if new_len > self.max_model_len:
+                raise ValueError(f"sequence {inp.seq_id} would reach {new_len} tokens > max_model_len {self.max_model_len}")
+            needs[inp.seq_id] = new_len
+        if len(needs) != len(inputs):
+            raise ValueError("a sequence appears twice in one step")
+        if not cache.can_fit(needs):
+            raise OutOfKVMemory(f"KV cache full ({cache.num_free_blocks} of {cache.num_blocks} blocks free)")
+        return needs
+
     @torch.inference_mode()
     def forward(self, inputs: list[StepInput]) -> Tensor:
         """Append each input's tokens and return logits [sum(num_logits), vocab] float32.
@@ -145,18 +170,7 @@ class ModelRunner:
         Raises OutOfKVMemory (nothing changed) when the pool cannot hold the new tokens.
         """
         cache = self.cache
-        needs = {}
-        for inp in inputs:
-            if not inp.token_ids or not 1 <= inp.num_logits <= len(inp.token_ids):
-                raise ValueError(f"bad step input for sequence {inp.seq_id}")
-            new_len = cache.seqs[inp.seq_id].length + len(inp.token_ids)
-            if new_len > self.max_model_len:
-                raise ValueError(f"sequence {inp.seq_id} would reach {new_len} tokens > max_model_len {self.max_model_len}")
-            needs[inp.seq_id] = new_len
-        if not cache.can_fit(needs):
-            from specsplit.runtime.kv_cache import OutOfKVMemory
-
-            raise OutOfKVMemory(f"KV cache full ({cache.num_free_blocks} blocks free)")
+        needs = self.check(inputs)
         for seq_id, n in needs.items():
             cache.reserve(seq_id, n)
         query_lens, seq_lens, tables, ids, pos, logit_rows = [], [], [], [], [], []
