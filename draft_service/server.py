@@ -121,6 +121,8 @@ async def start_draft(cfg: DraftServiceConfig, drafter: Drafter | None = None) -
         metrics_port=cfg.metrics_port, warmup=warmup,
     )
     servicer.handle = handle
+    if runner is not None:
+        handle.on_stop.append(runner.shutdown)
     return handle
 
 

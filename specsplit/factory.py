@@ -73,6 +73,7 @@ def load_runner(
 
 
 def load_target(spec: str | Path, **kw: Any) -> tuple[TargetVerifier, Any]:
+    """A TargetVerifier over a (possibly tensor-parallel) runner, and the tokenizer."""
     runner, tok = load_runner(spec, **kw)
     return TargetVerifier(runner), tok
 

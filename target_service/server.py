@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -91,13 +93,24 @@ def _step(verifier: TargetVerifier, metrics: TierMetrics):  # noqa: ANN202 - clo
 
 async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None = None) -> TierHandle:
     """Load the model (unless given), start serving, warm up, report SERVING."""
+    holder: dict[str, TierHandle] = {}
+    loop = asyncio.get_running_loop()
+
+    def on_worker_death(rank: int, code: int) -> None:
+        """A TP worker died: report NOT_SERVING, then exit non-zero so Kubernetes restarts the pod."""
+        log.critical("tensor-parallel worker %d exited with code %d: NOT_SERVING, exiting", rank, code)
+        if "h" in holder:
+            asyncio.run_coroutine_threadsafe(holder["h"].grpc.set_serving(False), loop)
+        time.sleep(1.0)
+        os._exit(3)
+
     if verifier is None:
         from specsplit.factory import load_target
 
         verifier, _ = await asyncio.to_thread(
             load_target, cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
             kv_cache_bytes=cfg.kv_cache_memory_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
-            tensor_parallel_size=cfg.tensor_parallel_size,
+            tensor_parallel_size=cfg.tensor_parallel_size, on_worker_death=on_worker_death,
         )
     metrics = TierMetrics("target")
     batcher: StepBatcher[VerifyItem, VerifyResult] = StepBatcher(_step(verifier, metrics), max_batch=cfg.max_batch, name="target")
@@ -119,6 +132,8 @@ async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None
         metrics_port=cfg.metrics_port, warmup=warmup,
     )
     servicer.handle = handle
+    holder["h"] = handle
+    handle.on_stop.append(verifier.runner.shutdown)
     return handle
 
 

@@ -25,6 +25,7 @@ class TierHandle:
     metrics: TierMetrics
     metrics_port: int = 0
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    on_stop: list[Callable[[], None]] = field(default_factory=list)  # e.g. stop TP workers
 
     @property
     def port(self) -> int:
@@ -33,6 +34,8 @@ class TierHandle:
     async def shutdown(self, grace_s: float) -> None:
         await self.grpc.shutdown(grace_s)
         await self.batcher.stop()
+        for fn in self.on_stop:
+            fn()
 
 
 async def start_tier(
