@@ -14,6 +14,7 @@ import grpc
 
 from draft_service.config import DraftServiceConfig
 from specsplit.proto.v1 import draft_pb2, draft_pb2_grpc
+from specsplit.sampling.params import SamplingParams
 from specsplit.serving.batcher import StepBatcher
 from specsplit.serving.convert import params_from_pb, sparse_to_pb
 from specsplit.serving.errors import grpc_errors, status_for
@@ -48,16 +49,16 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
-        if first.WhichOneof("kind") != "open":
-            raise SessionError("the first message of a draft session must be 'open'")
-        params = params_from_pb(first.open.params)
-        ids = list(first.open.token_ids)
-        if len(ids) >= self.max_model_len:
-            raise SessionError(f"prompt of {len(ids)} tokens does not fit the draft's max_model_len {self.max_model_len}")
         seq_id = next(self._ids)
-        await self.batcher.call(self.drafter.open, seq_id, ids, params)
-        self.metrics.sessions_opened.inc()
         try:
+            if first.WhichOneof("kind") != "open":
+                raise SessionError("the first message of a draft session must be 'open'")
+            params = params_from_pb(first.open.params)
+            ids = list(first.open.token_ids)
+            if len(ids) >= self.max_model_len:
+                raise SessionError(f"prompt of {len(ids)} tokens does not fit the draft's max_model_len {self.max_model_len}")
+            # inside the try: a client that cancels while the open (prefill) runs must still free it
+            await self.batcher.call(self._open, seq_id, ids, params)
             async for msg in request_iterator:
                 if msg.WhichOneof("kind") != "propose":
                     raise SessionError("after 'open', a draft session only takes 'propose' messages")
@@ -78,15 +79,24 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         finally:
             asyncio.ensure_future(self._close(seq_id))
 
+    def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams) -> None:
+        self.drafter.open(seq_id, token_ids, params)
+        self.metrics.sessions_opened.inc()
+
     async def _close(self, seq_id: int) -> None:
-        await self.batcher.call(self.drafter.close, seq_id)
-        self.metrics.sessions_closed.inc()
+        await self.batcher.call(self._close_now, seq_id)
+
+    def _close_now(self, seq_id: int) -> None:
+        if seq_id in self.drafter.sessions:  # not when the open failed or never ran
+            self.drafter.close(seq_id)
+            self.metrics.sessions_closed.inc()
 
 
 def _step(drafter: Drafter, metrics: TierMetrics):  # noqa: ANN202 - closure factory
     def run(items: list[DraftRequest]) -> list[Proposal]:
         with metrics.step_seconds.time():
             out = drafter.propose(items)
+        metrics.steps.inc()
         metrics.batch_size.observe(len(items))
         return out
     return run
@@ -106,8 +116,6 @@ async def start_draft(cfg: DraftServiceConfig, drafter: Drafter | None = None) -
 
     async def warmup() -> None:
         def run() -> None:
-            from specsplit.sampling.params import SamplingParams
-
             drafter.open(-1, [1] * 8, SamplingParams(temperature=0.0))
             try:
                 drafter.propose([DraftRequest(-1, 8, [], 3)])

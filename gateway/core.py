@@ -214,7 +214,9 @@ class GatewayCore:
         except BaseException as exc:  # noqa: BLE001 - forwarded to the request's stream
             out.put_nowait(exc)
         finally:
-            await loop.close()
+            # shielded: `generate` cancels this task as soon as it has read `Finished`, which
+            # would otherwise interrupt the close and leave a tier session (and its KV) open
+            await asyncio.shield(loop.close())
 
     async def close(self) -> None:
         await self.targets.close()

@@ -11,8 +11,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, cast
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -193,7 +193,7 @@ class OpenAIApi:
     async def _stream(self, request: web.Request, events: AsyncIterator[Delta | Finished], rid: str, created: int,
                       obj: str, chat: bool) -> web.StreamResponse:
         # pull the first event before committing to 200, so admission errors stay proper 4xx
-        it = events.__aiter__()
+        it = cast(AsyncGenerator[Delta | Finished, None], events.__aiter__())
         try:
             first = await it.__anext__()
         except StopAsyncIteration:
@@ -233,8 +233,12 @@ class OpenAIApi:
             final = {"id": rid, "object": obj, "created": created, "model": self.core.model_name, "choices": [],
                      "usage": _usage(finals), "speculation": _spec(finals)}
             await send(final)
+        except ConnectionResetError:  # the client hung up: stop generating (finally) and free its slot
+            return resp
         except (ValueError, Overloaded, Unavailable) as e:
             await send({"error": {"message": str(e), "type": "server_error", "param": None, "code": 500}})
+        finally:
+            await it.aclose()  # cancels the completions and closes their tier sessions at once
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

@@ -60,6 +60,8 @@ def _engine_flags(p: argparse.ArgumentParser, *, spec: bool) -> None:
     _add(p, "--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
     _add(p, "--kv-cache-memory-bytes", type=int, help="explicit KV cache budget in bytes")
     _add(p, "--max-batch", type=int, default=64, help="sessions per batched step")
+    _add(p, "--enforce-eager", type=_bool, default=False, nargs="?", const=True,
+         help="no CUDA graphs (eager PyTorch on GPU)")
 
 
 def _server_flags(p: argparse.ArgumentParser, grpc_port: int, metrics: bool = True) -> None:
@@ -151,7 +153,7 @@ def run_target(a: argparse.Namespace) -> int:
 
     cfg = TargetServiceConfig(
         a.model, a.host, a.grpc_port, a.metrics_port, a.dtype, a.tensor_parallel_size, a.max_model_len,
-        a.gpu_memory_utilization, a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds)
+        a.gpu_memory_utilization, a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds, a.enforce_eager)
     return _serve(lambda: start_target(cfg), cfg.shutdown_grace_seconds)
 
 

@@ -53,14 +53,14 @@ def load_runner(
     spec: str | Path, *, dtype: str = "auto", device: torch.device | None = None,
     max_model_len: int | None = None, kv_cache_bytes: int | None = None,
     gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1,
-    on_worker_death: Any = None,
+    on_worker_death: Any = None, enforce_eager: bool = False,
 ) -> tuple[ModelRunner, Any]:
     """Load a model and its tokenizer; returns (runner, tokenizer)."""
     if tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
     folder = model_folder(spec)
     kw = dict(dtype=dtype, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
-              gpu_memory_utilization=gpu_memory_utilization)
+              gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager)
     device = device or default_device()
     if tensor_parallel_size > 1:
         from specsplit.runtime.tensor_parallel import TensorParallelRunner
@@ -81,7 +81,7 @@ def load_target(spec: str | Path, **kw: Any) -> tuple[TargetVerifier, Any]:
 def load_drafter(
     cfg: SpeculativeConfig, target_tokenizer: Any, target_vocab_size: int, *, dtype: str = "auto",
     device: torch.device | None = None, max_model_len: int | None = None,
-    kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
+    kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
 ) -> Drafter:
     """The drafter named by a speculative config, checked against the target's vocabulary."""
     device = device or default_device()
@@ -91,6 +91,7 @@ def load_drafter(
     runner, tok = load_runner(
         cfg.model, dtype=dtype, device=device, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
         gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=cfg.draft_tensor_parallel_size,
+        enforce_eager=enforce_eager,
     )
     check_same_vocabulary(target_tokenizer, tok, cfg.model)
     if runner.cfg.vocab_size > target_vocab_size:

@@ -39,11 +39,12 @@ class LLM:
         device: str | None = None,
     ) -> None:
         self.speculative_config = SpeculativeConfig.from_any(speculative_config)
-        self.enforce_eager = enforce_eager  # CUDA graphs are not captured on CPU either way
+        self.enforce_eager = enforce_eager  # CUDA graphs are only captured on GPU
         torch.manual_seed(seed)
         dev = torch.device(device) if device else default_device()
         common = dict(dtype=dtype, device=dev, max_model_len=max_model_len,
-                      kv_cache_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization)
+                      kv_cache_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
+                      enforce_eager=enforce_eager)
         self.target, self.tokenizer = load_target(model, tensor_parallel_size=tensor_parallel_size, **common)
         drafter = None
         sc = self.speculative_config

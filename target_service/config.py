@@ -18,6 +18,7 @@ class TargetServiceConfig:
     kv_cache_memory_bytes: int | None = None  # explicit KV budget (CPU default 2 GiB)
     max_batch: int = 64  # sessions verified in one forward at most
     shutdown_grace_seconds: float = 30.0  # SIGTERM: time for in-flight rounds to finish
+    enforce_eager: bool = False  # skip CUDA graph capture (debugging, or to save memory)
 
     def __post_init__(self) -> None:
         if not 0 <= self.grpc_port < 65536 or not 0 <= self.metrics_port < 65536:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from specsplit.proto.v1 import target_pb2, target_pb2_grpc
+from specsplit.sampling.params import SamplingParams
 from specsplit.serving.batcher import StepBatcher
 from specsplit.serving.convert import logprobs_to_pb, params_from_pb, sparse_from_pb
 from specsplit.serving.errors import grpc_errors, status_for
@@ -48,13 +49,13 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
-        if first.WhichOneof("kind") != "open":
-            raise SessionError("the first message of a target session must be 'open'")
-        params = params_from_pb(first.open.params)
         seq_id = next(self._ids)
-        await self.batcher.call(self.verifier.open, seq_id, list(first.open.token_ids), params)
-        self.metrics.sessions_opened.inc()
         try:
+            if first.WhichOneof("kind") != "open":
+                raise SessionError("the first message of a target session must be 'open'")
+            params = params_from_pb(first.open.params)
+            # inside the try: a client that cancels while the open runs must still free it
+            await self.batcher.call(self._open, seq_id, list(first.open.token_ids), params)
             async for msg in request_iterator:
                 if msg.WhichOneof("kind") != "verify":
                     raise SessionError("after 'open', a target session only takes 'verify' messages")
@@ -65,7 +66,6 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 q_ids, q_probs = sparse_from_pb(list(v.q), k, self.verifier.vocab_size)
                 item = VerifyItem(seq_id, list(v.draft_ids), q_ids, q_probs)
                 res, queue_ns = await self.batcher.submit(item)
-                self.metrics.steps.inc()
                 yield target_pb2.TargetServerMessage(result=target_pb2.VerifyResult(
                     round_id=v.round_id, num_accepted=res.num_accepted, next_token=res.emitted[-1],
                     logprobs=logprobs_to_pb(res.logprobs, res.emitted), verify_ns=res.verify_ns, queue_ns=queue_ns,
@@ -77,15 +77,24 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             # runs on close and on client cancel; scheduled so cancellation cannot skip it
             asyncio.ensure_future(self._close(seq_id))
 
+    def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams) -> None:
+        self.verifier.open(seq_id, token_ids, params)
+        self.metrics.sessions_opened.inc()
+
     async def _close(self, seq_id: int) -> None:
-        await self.batcher.call(self.verifier.close, seq_id)
-        self.metrics.sessions_closed.inc()
+        await self.batcher.call(self._close_now, seq_id)
+
+    def _close_now(self, seq_id: int) -> None:
+        if seq_id in self.verifier.sessions:  # not when the open failed or never ran
+            self.verifier.close(seq_id)
+            self.metrics.sessions_closed.inc()
 
 
 def _step(verifier: TargetVerifier, metrics: TierMetrics):  # noqa: ANN202 - closure factory
     def run(items: list[VerifyItem]) -> list[VerifyResult]:
         with metrics.step_seconds.time():
             out = verifier.step(items)
+        metrics.steps.inc()
         metrics.batch_size.observe(len(items))
         return out
     return run
@@ -111,6 +120,7 @@ async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None
             load_target, cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
             kv_cache_bytes=cfg.kv_cache_memory_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size, on_worker_death=on_worker_death,
+            enforce_eager=cfg.enforce_eager,
         )
     metrics = TierMetrics("target")
     batcher: StepBatcher[VerifyItem, VerifyResult] = StepBatcher(_step(verifier, metrics), max_batch=cfg.max_batch, name="target")
@@ -137,7 +147,5 @@ async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None
     return handle
 
 
-def _greedy():  # noqa: ANN202
-    from specsplit.sampling.params import SamplingParams
-
+def _greedy() -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=1)

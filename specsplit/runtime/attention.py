@@ -61,8 +61,12 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device,
+        pad_context_to: int | None = None,
     ) -> AttentionMetadata:
-        """Derive every index tensor once on the host, then move them in one go."""
+        """Derive every index tensor once on the host, then move them in one go.
+
+        `pad_context_to` fixes the padded context length (static shapes for CUDA graphs).
+        """
         b = len(query_lens)
         q = torch.tensor(query_lens, dtype=torch.int64)
         s = torch.tensor(seq_lens, dtype=torch.int64)
@@ -70,7 +74,7 @@ class AttentionMetadata:
         bt = torch.zeros(b, max_blocks, dtype=torch.int64)
         for i, t in enumerate(block_tables):
             bt[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
-        qmax, lmax = int(q.max()), int(s.max())
+        qmax, lmax = int(q.max()), max(int(s.max()), pad_context_to or 0)
         # positions of new tokens: seq_len - query_len + j
         starts = s - q  # [B]
         cu = torch.zeros(b + 1, dtype=torch.int64)

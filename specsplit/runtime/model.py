@@ -140,6 +140,12 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, kv, meta, backend)
         return self.norm(x)
 
+    def prepack_cpu(self) -> None:
+        """Switch every linear layer to oneDNN packed weights (fp32 on CPU)."""
+        for m in self.modules():
+            if hasattr(m, "prepack") and m is not self:
+                m.prepack()
+
     def compute_logits(self, hidden: Tensor) -> Tensor:
         """hidden: [N, hidden] -> logits [N, vocab] in float32 (sampling wants full precision)."""
         return self.lm_head(hidden).float()

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from specsplit.runtime.cpu_kernels import pack, packed_linear
+
 
 @dataclass(frozen=True)
 class ParallelContext:
@@ -47,7 +49,27 @@ class ParallelContext:
 SINGLE = ParallelContext()
 
 
-class ColumnParallelLinear(nn.Module):
+class _Linear(nn.Module):
+    """Shared forward: oneDNN packed weights on CPU once `prepack()` ran, else F.linear."""
+
+    weight: nn.Parameter
+    packed: tuple[Tensor, Tensor | None] | None = None
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed)
+        return nn.functional.linear(x, self.weight, getattr(self, "bias", None))
+
+    def prepack(self) -> None:
+        """Pack for oneDNN and drop the dense copy (call after weights are loaded)."""
+        bias = getattr(self, "bias", None)
+        self.packed = pack(self.weight, bias)
+        self.weight.data = self.weight.data.new_empty(0)
+        if bias is not None:
+            bias.data = bias.data.new_empty(0)
+
+
+class ColumnParallelLinear(_Linear):
     """y = x W^T + b with W's output rows split across ranks; no communication.
 
     `output_sizes` lists the logical matrices fused into this one (q, k, v or gate, up);
@@ -64,7 +86,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:  # x: [T, in] -> [T, out_local]
-        return nn.functional.linear(x, self.weight, self.bias)
+        return self._matmul(x)
 
     def load_shards(self, full: list[Tensor], bias: bool = False) -> None:
         """Copy this rank's slice of each logical full weight (or bias), in `output_sizes` order."""
@@ -78,7 +100,7 @@ class ColumnParallelLinear(nn.Module):
         target.data.copy_(torch.cat(parts, dim=0))
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Linear):
     """y = all_reduce(x_local W_local^T): input features split across ranks."""
 
     def __init__(self, in_features: int, out_features: int, ctx: ParallelContext) -> None:
@@ -88,13 +110,13 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, local_in), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:  # x: [T, in_local] -> [T, out]
-        return self.ctx.all_reduce(nn.functional.linear(x, self.weight))
+        return self.ctx.all_reduce(self._matmul(x))
 
     def load_full(self, w: Tensor) -> None:
         self.weight.data.copy_(w[:, self.in_start : self.in_start + self.weight.shape[1]])
 
 
-class VocabParallelHead(nn.Module):
+class VocabParallelHead(_Linear):
     """LM head with the vocabulary split across ranks; logits are gathered on every rank."""
 
     def __init__(self, hidden: int, vocab_size: int, ctx: ParallelContext) -> None:
@@ -107,7 +129,7 @@ class VocabParallelHead(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.local, hidden), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:  # x: [N, hidden] -> [N, vocab]
-        logits = self.ctx.all_gather_last_dim(nn.functional.linear(x, self.weight))
+        logits = self.ctx.all_gather_last_dim(self._matmul(x))
         return logits[..., : self.vocab_size]
 
     def load_full(self, w: Tensor) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from specsplit.runtime.attention import AttentionMetadata, select_backend
 from specsplit.runtime.config import ModelConfig
+from specsplit.runtime.cpu_kernels import packing_enabled
 from specsplit.runtime.kv_cache import OutOfKVMemory, PagedKVCache
 from specsplit.runtime.model import Transformer
 from specsplit.runtime.parallel import SINGLE, ParallelContext
@@ -54,7 +55,7 @@ class StepInput:
 class ModelRunner:
     def __init__(
         self, cfg: ModelConfig, model: Transformer, *, device: torch.device, max_model_len: int,
-        num_kv_blocks: int, block_size: int = 16, backend: str = "auto",
+        num_kv_blocks: int, block_size: int = 16, backend: str = "auto", enforce_eager: bool = False,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -65,12 +66,21 @@ class ModelRunner:
         if self.backend == "flash":
             block_size = max(block_size, 256)  # flash-attn's paged kernel wants 256-token blocks
         ctx = model.ctx
+        self.packed = packing_enabled(device, self.dtype)
+        if self.packed:
+            model.prepack_cpu()
         self.cache = PagedKVCache(
             cfg.num_layers, num_kv_blocks, block_size, cfg.num_kv_heads // ctx.world_size,
             cfg.head_dim, self.dtype, device,
         )
-        log.info("runner: %s on %s, dtype %s, attention %s, KV %d blocks x %d tokens",
-                 cfg.model_type, device, self.dtype, self.backend, num_kv_blocks, block_size)
+        self.graphs = None
+        if device.type == "cuda" and not enforce_eager:
+            from specsplit.runtime.cuda_graphs import CudaGraphs
+
+            self.graphs = CudaGraphs(model, self.cache.layers, self.backend, device)
+        log.info("runner: %s on %s, dtype %s, attention %s, linear %s, KV %d blocks x %d tokens",
+                 cfg.model_type, device, self.dtype, self.backend, "oneDNN packed" if self.packed else "torch",
+                 num_kv_blocks, block_size)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -78,7 +88,7 @@ class ModelRunner:
         cls, folder: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
         ctx: ParallelContext = SINGLE, max_model_len: int | None = None,
         kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
-        block_size: int = 16, backend: str = "auto",
+        block_size: int = 16, backend: str = "auto", enforce_eager: bool = False,
     ) -> ModelRunner:
         """Load a Hugging Face folder (config.json + safetensors) and plan the KV pool."""
         from transformers import AutoConfig
@@ -100,6 +110,7 @@ class ModelRunner:
         return cls.from_model(
             cfg, model, device=device, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
             gpu_memory_utilization=gpu_memory_utilization, block_size=block_size, backend=backend,
+            enforce_eager=enforce_eager,
         )
 
     @classmethod
@@ -107,6 +118,7 @@ class ModelRunner:
         cls, cfg: ModelConfig, model: Transformer, *, device: torch.device,
         max_model_len: int | None = None, kv_cache_bytes: int | None = None,
         gpu_memory_utilization: float = 0.9, block_size: int = 16, backend: str = "auto",
+        enforce_eager: bool = False,
     ) -> ModelRunner:
         max_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if max_model_len and max_model_len > cfg.max_position_embeddings:
@@ -122,7 +134,7 @@ class ModelRunner:
         log.info("KV cache: %.2f GiB for %d blocks (%d tokens)", num_blocks * per_block / 2**30,
                  num_blocks, num_blocks * block_size)
         return cls(cfg, model, device=device, max_model_len=max_len, num_kv_blocks=int(num_blocks),
-                   block_size=block_size, backend=backend)
+                   block_size=block_size, backend=backend, enforce_eager=enforce_eager)
 
     # ---- sequences ---------------------------------------------------------------------
     def add(self, seq_id: int) -> None:
@@ -185,12 +197,19 @@ class ModelRunner:
             pos.extend(range(start, start + n))
             logit_rows.extend(range(offset + n - inp.num_logits, offset + n))
             offset += n
-        meta = AttentionMetadata.build(query_lens, seq_lens, tables, cache.block_size, self.device)
+        graphs = self.graphs
+        use_graph = graphs is not None and graphs.eligible(query_lens, [i.num_logits for i in inputs])
+        pad = graphs.bucket(max(seq_lens)) if use_graph else None  # type: ignore[union-attr]
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, cache.block_size, self.device, pad)
         input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
         positions = torch.tensor(pos, dtype=torch.int64).to(self.device, non_blocking=True)
-        hidden = self.model(input_ids, positions, cache.layers, meta, self.backend)  # [T, H]
-        rows = torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        logits = self.model.compute_logits(hidden[rows])  # [N, V]
+        logits = graphs.run(input_ids, positions, meta) if use_graph else None  # type: ignore[union-attr]
+        if logits is not None:
+            logits = logits.clone()  # the graph's output buffer is reused by the next replay
+        else:
+            hidden = self.model(input_ids, positions, cache.layers, meta, self.backend)  # [T, H]
+            rows = torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            logits = self.model.compute_logits(hidden[rows])  # [N, V]
         for inp in inputs:
             cache.seqs[inp.seq_id].length += len(inp.token_ids)
         return logits

@@ -56,11 +56,26 @@ def _init(rank: int, world: int, port: int, device_type: str) -> tuple[ParallelC
     return ParallelContext(rank, world, None), control
 
 
-def _worker(rank: int, world: int, port: int, device_type: str, folder: str, kwargs: dict[str, Any]) -> None:
+def _load(folder: str | None, random_shape: dict | None, device: torch.device, ctx: ParallelContext,
+          kwargs: dict[str, Any]) -> ModelRunner:
+    if random_shape is None:
+        return ModelRunner.from_folder(folder, device=device, ctx=ctx, **kwargs)  # type: ignore[arg-type]
+    # benchmarks: real shapes, random weights, no checkpoint on disk
+    from specsplit.testing import random_model
+
+    kw = dict(kwargs)
+    dtype = kw.pop("dtype", torch.bfloat16)
+    cfg, model = random_model(random_shape, device, dtype if isinstance(dtype, torch.dtype) else torch.bfloat16,
+                              seed=ctx.rank, ctx=ctx)
+    return ModelRunner.from_model(cfg, model, device=device, **kw)
+
+
+def _worker(rank: int, world: int, port: int, device_type: str, folder: str | None, random_shape: dict | None,
+            kwargs: dict[str, Any]) -> None:
     """Ranks 1..N-1: load the shard, then mirror rank 0's operations until told to stop."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     ctx, control = _init(rank, world, port, device_type)
-    runner = ModelRunner.from_folder(folder, device=_device_for(rank, device_type), ctx=ctx, **kwargs)
+    runner = _load(folder, random_shape, _device_for(rank, device_type), ctx, kwargs)
     dist.barrier(group=control)
     while True:
         box: list[Any] = [None]
@@ -78,8 +93,9 @@ def _worker(rank: int, world: int, port: int, device_type: str, folder: str, kwa
 class TensorParallelRunner:
     """Rank 0 of a tensor-parallel group, with the ModelRunner interface."""
 
-    def __init__(self, folder: str | Path, world_size: int, *, device_type: str | None = None,
-                 on_worker_death: Callable[[int, int], None] | None = None, **kwargs: Any) -> None:
+    def __init__(self, folder: str | Path | None, world_size: int, *, device_type: str | None = None,
+                 on_worker_death: Callable[[int, int], None] | None = None, random_shape: dict | None = None,
+                 **kwargs: Any) -> None:
         if world_size < 2:
             raise ValueError("TensorParallelRunner needs world_size >= 2 (use ModelRunner for one device)")
         device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +103,8 @@ class TensorParallelRunner:
             raise ValueError(f"tensor_parallel_size={world_size} but only {torch.cuda.device_count()} GPUs are visible")
         port = _free_port()
         ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, device_type, str(folder), kwargs),
+        self.procs = [ctx.Process(target=_worker, args=(r, world_size, port, device_type, None if folder is None else str(folder),
+                                                          random_shape, kwargs),
                                   daemon=True, name=f"specsplit-tp{r}") for r in range(1, world_size)]
         for p in self.procs:
             p.start()
@@ -98,7 +115,8 @@ class TensorParallelRunner:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         pctx, self._control = _init(0, world_size, port, device_type)
         t0 = time.perf_counter()
-        self.local = ModelRunner.from_folder(folder, device=_device_for(0, device_type), ctx=pctx, **kwargs)
+        self.local = _load(None if folder is None else str(folder), random_shape, _device_for(0, device_type), pctx,
+                           kwargs)
         dist.barrier(group=self._control)
         log.info("tensor parallel: %d ranks (%s) ready in %.1fs", world_size, device_type, time.perf_counter() - t0)
         self.world_size = world_size

@@ -120,7 +120,14 @@ class SpecEngine:
                     reqs.append(DraftRequest(r.seq.seq_id, r.drafter_valid, ids[r.drafter_valid:], ks[r.seq.seq_id]))
             if reqs:
                 t0 = time.perf_counter()
-                props = self.drafter.propose(reqs)
+                try:
+                    props = self.drafter.propose(reqs)
+                except OutOfKVMemory:  # the draft's own pool is full: as for the target's below
+                    for r in self.running:
+                        if not r.opened:  # opened in the drafter just now, never in the target
+                            self.drafter.close(r.seq.seq_id)
+                    self._preempt_one()
+                    return self._reap()
                 steps = max(q.k for q in reqs)
                 if steps:
                     self.costs.observe_draft((time.perf_counter() - t0) / steps)
@@ -163,16 +170,24 @@ class SpecEngine:
         return r.adaptive.choose(self.costs, room) if self.drafter is not None else 0
 
     def _admit(self) -> None:
-        cache = self.target.runner.cache
+        caches = [self.target.runner.cache]
+        if self.drafter is not None and hasattr(self.drafter, "runner"):
+            caches.append(self.drafter.runner.cache)  # the draft's pool must hold it too
         while self.waiting and len(self.running) < self.max_num_seqs:
             r = self.waiting[0]
-            need = len(r.seq.all_ids) + self.k_max + 1
-            growth = sum(-(-(len(x.seq.all_ids) + self.k_max + 1) // cache.block_size) - len(
-                cache.seqs[x.seq.seq_id].blocks) if x.seq.seq_id in cache.seqs else 0 for x in self.running)
-            if -(-need // cache.block_size) + max(growth, 0) > cache.num_free_blocks and self.running:
+            if self.running and not all(self._fits(cache, r) for cache in caches):
                 break
             self.waiting.popleft()
             self.running.append(r)
+
+    def _fits(self, cache: Any, r: _Running) -> bool:
+        """Room in `cache` for r's next round once every running sequence has had its own."""
+        def blocks(x: _Running) -> int:
+            return -(-(len(x.seq.all_ids) + self.k_max + 1) // cache.block_size)
+
+        growth = sum(blocks(x) - len(cache.seqs[x.seq.seq_id].blocks)
+                     for x in self.running if x.seq.seq_id in cache.seqs)
+        return blocks(r) + max(growth, 0) <= cache.num_free_blocks
 
     def _preempt_one(self) -> None:
         """Out of KV memory: free the newest sequence; it is re-prefilled from its tokens later."""

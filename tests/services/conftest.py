@@ -109,6 +109,10 @@ class Reference:
             self._cache[key] = self.llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
         return self._cache[key]
 
+    def chat(self, messages: list[dict[str, str]], max_tokens: int, ignore_eos: bool = True) -> CompletionOutput:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=ignore_eos)
+        return self.llm.chat(messages, params, use_tqdm=False)[0].outputs[0]
+
 
 @pytest.fixture(scope="session")
 def reference(models: TinyModels) -> Reference:
@@ -180,6 +184,18 @@ def cluster(aio: LoopThread, models: TinyModels) -> Iterator[Cluster]:
         aio.run(g.shutdown(0.5))
     for t in c.tiers():
         aio.run(t.shutdown(0.5))
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_sessions(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test on the shared cluster: no session left open on any tier or gateway."""
+    yield
+    if "cluster" in request.fixturenames:
+        c: Cluster = request.getfixturevalue("cluster")
+        c.wait_idle()
+        for g in c._gateways.values():
+            pools = [g.core.targets] + ([g.core.drafts] if g.core.drafts is not None else [])
+            assert all(n == 0 for p in pools for n in p.load.values()), "a gateway kept a tier session open"
 
 
 # --- clients ---------------------------------------------------------------------------------------
