@@ -15,6 +15,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,15 +35,14 @@ def select_backend(device: torch.device, requested: str = "auto") -> str:
 
 @dataclass
 class AttentionMetadata:
-    """Index tensors shared by every layer of one forward pass."""
+    """Index tensors shared by every layer of one forward pass (all on the model's device)."""
 
     slot_mapping: Tensor  # [T] int64 cache slot (block * block_size + offset) of each new token
     query_lens: Tensor  # [B] int64 new tokens per sequence
     seq_lens: Tensor  # [B] int64 context length per sequence after this step (cached + new)
-    block_tables: Tensor  # [B, max_blocks] int32 physical block ids, padded with 0
+    block_tables: Tensor  # [B, max_blocks] int64 physical block ids, padded with 0
     # SDPA view: padded query positions and gathered cache slots.
     query_index: Tensor  # [B, Qmax] int64 flat token index of each padded query (pad -> 0)
-    query_valid: Tensor  # [B, Qmax] bool
     kv_slots: Tensor  # [B, Lmax] int64 cache slot of each context position (pad -> 0)
     mask: Tensor  # [B, 1, Qmax, Lmax] bool, True = may attend
     token_seq: Tensor  # [T] int64 sequence of each flat token
@@ -51,72 +51,98 @@ class AttentionMetadata:
     query_index_right: Tensor  # [B, Qmax] int64
     token_pos_right: Tensor  # [T] int64
     max_query_len: int
-    cu_query_lens: Tensor  # [B+1] int32 cumulative query lengths (flash varlen layout)
+
+
+@dataclass
+class StepBatch:
+    """A step's integer inputs, built on the host and packed into one array.
+
+    One host-to-device copy moves everything (token ids, positions, slots, block tables,
+    query layout); the context-wide tensors (gathered slots, causal mask) are derived on
+    the device by `unpack`, which is what a CUDA graph captures.
+    """
+
+    packed: np.ndarray  # [N] int64, the concatenation of the fields below
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]  # field name -> shape, in packing order
+    num_tokens: int  # T
+    num_seqs: int  # B
+    max_query_len: int  # Qmax
+    context_len: int  # Lmax (padded for graphs)
+    block_size: int
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        """Everything that fixes the shapes of a step (the CUDA graph key)."""
+        return (self.num_seqs, self.max_query_len, self.context_len, self.packed.shape[0])
 
     @classmethod
-    def build(
-        cls,
-        query_lens: list[int],
-        seq_lens: list[int],
-        block_tables: list[list[int]],
-        block_size: int,
-        device: torch.device,
-        pad_context_to: int | None = None,
-    ) -> AttentionMetadata:
-        """Derive every index tensor once on the host, then move them in one go.
-
-        `pad_context_to` fixes the padded context length (static shapes for CUDA graphs).
-        """
+    def build(cls, token_ids: list[int], query_lens: list[int], seq_lens: list[int],
+              block_tables: list[list[int]], block_size: int, pad_context_to: int | None = None) -> StepBatch:
         b = len(query_lens)
-        q = torch.tensor(query_lens, dtype=torch.int64)
-        s = torch.tensor(seq_lens, dtype=torch.int64)
-        max_blocks = max(len(t) for t in block_tables)
-        bt = torch.zeros(b, max_blocks, dtype=torch.int64)
+        q = np.asarray(query_lens, dtype=np.int64)
+        s = np.asarray(seq_lens, dtype=np.int64)
+        qmax = int(q.max())
+        lmax = max(int(s.max()), pad_context_to or 0)
+        nb = max(max(len(t) for t in block_tables), -(-lmax // block_size))
+        bt = np.zeros((b, nb), dtype=np.int64)
         for i, t in enumerate(block_tables):
-            bt[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
-        qmax, lmax = int(q.max()), max(int(s.max()), pad_context_to or 0)
-        # positions of new tokens: seq_len - query_len + j
-        starts = s - q  # [B]
-        cu = torch.zeros(b + 1, dtype=torch.int64)
-        cu[1:] = torch.cumsum(q, 0)
-        j = torch.arange(qmax)
-        query_valid = j[None, :] < q[:, None]  # [B, Qmax]
-        query_index = torch.where(query_valid, cu[:-1, None] + j[None, :], 0)
-        token_seq = torch.repeat_interleave(torch.arange(b), q)  # [T]
-        token_pos_in_seq = torch.arange(int(cu[-1])) - cu[:-1][token_seq]  # [T]
-        shift = qmax - q  # [B] left padding per row in the right-aligned view
+            bt[i, : len(t)] = t
+        starts = s - q
+        cu = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(q, out=cu[1:])
+        t = int(cu[-1])
+        token_seq = np.repeat(np.arange(b), q)
+        token_pos = np.arange(t) - cu[:-1][token_seq]
+        abs_pos = starts[token_seq] + token_pos
+        slots = bt[token_seq, abs_pos // block_size] * block_size + abs_pos % block_size
+        j = np.arange(qmax)
+        query_index = np.where(j[None, :] < q[:, None], cu[:-1, None] + j[None, :], 0)
+        shift = qmax - q
         jr = j[None, :] - shift[:, None]
-        query_index_right = torch.where(jr >= 0, cu[:-1, None] + jr, 0)
-        token_pos_right = token_pos_in_seq + shift[token_seq]
-        token_abs_pos = starts[token_seq] + token_pos_in_seq  # [T]
-        token_block = bt[token_seq, token_abs_pos // block_size]
-        slot_mapping = token_block * block_size + token_abs_pos % block_size
-        ctx_pos = torch.arange(lmax)
+        query_index_right = np.where(jr >= 0, cu[:-1, None] + jr, 0)
+        fields_ = [("input_ids", np.asarray(token_ids, dtype=np.int64)), ("positions", abs_pos),
+                   ("slot_mapping", slots), ("query_lens", q), ("seq_lens", s), ("block_tables", bt),
+                   ("query_index", query_index), ("token_seq", token_seq), ("token_pos_in_seq", token_pos),
+                   ("query_index_right", query_index_right), ("token_pos_right", token_pos + shift[token_seq])]
+        packed = np.concatenate([a.reshape(-1) for _, a in fields_])
+        shapes = tuple((n, a.shape) for n, a in fields_)
+        return cls(packed, shapes, t, b, qmax, lmax, block_size)
+
+    def to_device(self, device: torch.device) -> Tensor:
+        host = torch.from_numpy(self.packed)
+        if device.type == "cuda":
+            return host.pin_memory().to(device, non_blocking=True)
+        return host
+
+    def unpack(self, buf: Tensor) -> tuple[Tensor, Tensor, AttentionMetadata]:
+        """Views into the device buffer plus the derived tensors: (input_ids, positions, metadata)."""
+        parts: dict[str, Tensor] = {}
+        offset = 0
+        for name, shape in self.shapes:
+            n = int(np.prod(shape))
+            parts[name] = buf[offset : offset + n].view(shape)
+            offset += n
+        dev = buf.device
+        b, qmax, lmax, bs = self.num_seqs, self.max_query_len, self.context_len, self.block_size
+        q, s, bt = parts["query_lens"], parts["seq_lens"], parts["block_tables"]
+        ctx_pos = torch.arange(lmax, device=dev)
         ctx_valid = ctx_pos[None, :] < s[:, None]  # [B, Lmax]
-        kv_block = bt.gather(1, torch.clamp(ctx_pos // block_size, max=max_blocks - 1).expand(b, -1))
-        kv_slots = torch.where(ctx_valid, kv_block * block_size + ctx_pos % block_size, 0)
-        qpos = starts[:, None] + j[None, :]  # [B, Qmax]
-        mask = (ctx_pos[None, None, :] <= qpos[:, :, None]) & ctx_valid[:, None, :]
-        mask = mask & query_valid[:, :, None]
+        kv_block = bt.gather(1, torch.clamp(ctx_pos // bs, max=bt.shape[1] - 1).expand(b, -1))
+        kv_slots = torch.where(ctx_valid, kv_block * bs + ctx_pos % bs, 0)
+        j = torch.arange(qmax, device=dev)
+        query_valid = j[None, :] < q[:, None]  # [B, Qmax]
+        qpos = (s - q)[:, None] + j[None, :]
+        mask = (ctx_pos[None, None, :] <= qpos[:, :, None]) & ctx_valid[:, None, :] & query_valid[:, :, None]
         # padded query rows attend to position 0 so softmax never sees an all-masked row
         mask[:, :, 0] |= ~query_valid
-        to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return cls(
-            slot_mapping=to(slot_mapping),
-            query_lens=to(q),
-            seq_lens=to(s),
-            block_tables=to(bt.to(torch.int32)),
-            query_index=to(query_index),
-            query_valid=to(query_valid),
-            kv_slots=to(kv_slots),
-            mask=to(mask[:, None]),
-            token_seq=to(token_seq),
-            token_pos_in_seq=to(token_pos_in_seq),
-            query_index_right=to(query_index_right),
-            token_pos_right=to(token_pos_right),
+        meta = AttentionMetadata(
+            slot_mapping=parts["slot_mapping"], query_lens=q, seq_lens=s, block_tables=bt,
+            query_index=parts["query_index"], kv_slots=kv_slots, mask=mask[:, None],
+            token_seq=parts["token_seq"], token_pos_in_seq=parts["token_pos_in_seq"],
+            query_index_right=parts["query_index_right"], token_pos_right=parts["token_pos_right"],
             max_query_len=qmax,
-            cu_query_lens=to(cu.to(torch.int32)),
         )
+        return parts["input_ids"], parts["positions"], meta
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
@@ -156,7 +182,7 @@ def flash_attention(
         k_cache,
         v_cache,
         cache_seqlens=meta.seq_lens.to(torch.int32),
-        block_table=meta.block_tables,
+        block_table=meta.block_tables.to(torch.int32),
         softmax_scale=scale,
         causal=True,
     )  # [B, Qmax, Hq, D]; causal aligns queries to the end of each context

@@ -13,21 +13,17 @@ warm-up passes write the same keys/values the replay writes, so capture is harml
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 
 import torch
 from torch import Tensor
 
-from specsplit.runtime.attention import AttentionMetadata
+from specsplit.runtime.attention import StepBatch
 from specsplit.runtime.model import Transformer
 
 log = logging.getLogger(__name__)
 
-_TENSOR_FIELDS = [f.name for f in fields(AttentionMetadata) if f.name != "max_query_len"]
-
-
 class CudaGraphs:
-    """Captured forward passes keyed by (B, Q, context bucket)."""
+    """Captured forward passes keyed by the step's shapes (B, Q, context bucket)."""
 
     def __init__(self, model: Transformer, kv_layers: list[tuple[Tensor, Tensor]], backend: str,
                  device: torch.device, *, context_bucket: int = 256, max_batch: int = 128, max_query: int = 17,
@@ -41,7 +37,7 @@ class CudaGraphs:
         self.max_query = max_query
         self.max_graphs = max_graphs
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, dict[str, Tensor], Tensor]] = {}
+        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         self.replays = 0
 
     def bucket(self, max_seq_len: int) -> int:
@@ -52,35 +48,26 @@ class CudaGraphs:
         return (len(query_lens) <= self.max_batch and q <= self.max_query
                 and all(x == q for x in query_lens) and all(n == q for n in num_logits))
 
-    def run(self, ids: Tensor, pos: Tensor, meta: AttentionMetadata) -> Tensor | None:
+    def run(self, batch: StepBatch) -> Tensor | None:
         """Replay (capturing first if needed); None if the graph budget is used up."""
-        b, q = meta.query_index.shape
-        key = (b, q, meta.kv_slots.shape[1])
-        entry = self.graphs.get(key)
+        entry = self.graphs.get(batch.key)
         if entry is None:
             if len(self.graphs) >= self.max_graphs:
                 return None
-            entry = self._capture(key, ids, pos, meta)
-            self.graphs[key] = entry
-        graph, bufs, out = entry
-        bufs["input_ids"].copy_(ids, non_blocking=True)
-        bufs["positions"].copy_(pos, non_blocking=True)
-        for name in _TENSOR_FIELDS:
-            bufs[name].copy_(getattr(meta, name), non_blocking=True)
+            entry = self._capture(batch)
+            self.graphs[batch.key] = entry
+        graph, static, out = entry
+        static.copy_(torch.from_numpy(batch.packed).pin_memory(), non_blocking=True)
         graph.replay()
         self.replays += 1
         return out
 
-    def _capture(self, key: tuple[int, int, int], ids: Tensor, pos: Tensor,
-                 meta: AttentionMetadata) -> tuple[torch.cuda.CUDAGraph, dict[str, Tensor], Tensor]:
-        bufs = {"input_ids": ids.clone(), "positions": pos.clone()}
-        for name in _TENSOR_FIELDS:
-            bufs[name] = getattr(meta, name).clone()
-        static_meta = AttentionMetadata(max_query_len=meta.max_query_len,
-                                        **{n: bufs[n] for n in _TENSOR_FIELDS})
+    def _capture(self, batch: StepBatch) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        static = batch.to_device(self.device).clone()
 
         def step() -> Tensor:
-            hidden = self.model(bufs["input_ids"], bufs["positions"], self.kv_layers, static_meta, self.backend)
+            ids, pos, meta = batch.unpack(static)  # index derivation is captured too
+            hidden = self.model(ids, pos, self.kv_layers, meta, self.backend)
             return self.model.compute_logits(hidden)
 
         stream = torch.cuda.Stream(self.device)
@@ -92,5 +79,5 @@ class CudaGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = step()
-        log.info("captured CUDA graph for batch %d x %d tokens, context bucket %d", *key)
-        return graph, bufs, out
+        log.info("captured CUDA graph for batch %d x %d tokens, context %d", *batch.key[:3])
+        return graph, static, out

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from specsplit.runtime.attention import AttentionMetadata, select_backend
+from specsplit.runtime.attention import StepBatch, select_backend
 from specsplit.runtime.config import ModelConfig
 from specsplit.runtime.cpu_kernels import packing_enabled
 from specsplit.runtime.kv_cache import OutOfKVMemory, PagedKVCache
@@ -185,31 +185,30 @@ class ModelRunner:
         needs = self.check(inputs)
         for seq_id, n in needs.items():
             cache.reserve(seq_id, n)
-        query_lens, seq_lens, tables, ids, pos, logit_rows = [], [], [], [], [], []
+        query_lens, seq_lens, tables, ids, logit_rows = [], [], [], [], []
         offset = 0
         for inp in inputs:
             seq = cache.seqs[inp.seq_id]
-            start, n = seq.length, len(inp.token_ids)
+            n = len(inp.token_ids)
             query_lens.append(n)
-            seq_lens.append(start + n)
+            seq_lens.append(seq.length + n)
             tables.append(seq.blocks)
             ids.extend(inp.token_ids)
-            pos.extend(range(start, start + n))
             logit_rows.extend(range(offset + n - inp.num_logits, offset + n))
             offset += n
         graphs = self.graphs
         use_graph = graphs is not None and graphs.eligible(query_lens, [i.num_logits for i in inputs])
         pad = graphs.bucket(max(seq_lens)) if use_graph else None  # type: ignore[union-attr]
-        meta = AttentionMetadata.build(query_lens, seq_lens, tables, cache.block_size, self.device, pad)
-        input_ids = torch.tensor(ids, dtype=torch.int64).to(self.device, non_blocking=True)
-        positions = torch.tensor(pos, dtype=torch.int64).to(self.device, non_blocking=True)
-        logits = graphs.run(input_ids, positions, meta) if use_graph else None  # type: ignore[union-attr]
+        batch = StepBatch.build(ids, query_lens, seq_lens, tables, cache.block_size, pad)
+        logits = graphs.run(batch) if use_graph else None  # type: ignore[union-attr]
         if logits is not None:
             logits = logits.clone()  # the graph's output buffer is reused by the next replay
         else:
+            input_ids, positions, meta = batch.unpack(batch.to_device(self.device))
             hidden = self.model(input_ids, positions, cache.layers, meta, self.backend)  # [T, H]
-            rows = torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-            logits = self.model.compute_logits(hidden[rows])  # [N, V]
+            if len(logit_rows) != len(ids):
+                hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)]
+            logits = self.model.compute_logits(hidden)  # [N, V]
         for inp in inputs:
             cache.seqs[inp.seq_id].length += len(inp.token_ids)
         return logits

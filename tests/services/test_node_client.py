@@ -26,8 +26,7 @@ def _node() -> str:
         pytest.skip("node is not installed")
     for module in ("@grpc/grpc-js", "@grpc/proto-loader"):
         if not (NODE_DIR / "node_modules" / module / "package.json").exists():
-            pytest.skip(f"{module} is missing: run `npm ci --prefix {NODE_DIR.relative_to(Path.cwd())}`"
-                        if NODE_DIR.is_relative_to(Path.cwd()) else f"{module} is missing: run npm ci in {NODE_DIR}")
+            pytest.skip(f"{module} is not installed: run `npm ci --prefix tests/services/node`")
     return node
 
 
