@@ -135,11 +135,13 @@ class CompletionLoop:
         if not f.retryable:
             raise f
         self.stats.failovers += 1
-        if self.stats.failovers > self.opts.max_failovers:
-            raise Unavailable(f"gave up after {self.stats.failovers} failovers; last: {f}") from None
         log.warning("%s; re-opening the session on another replica", f)
         pool.mark_failed(f.address)
         bad.add(f.address)
+        if pool.tier == "draft":
+            return  # optional tier: once every replica failed, _open_draft falls back to plain decoding
+        if self.stats.failovers > self.opts.max_failovers:
+            raise Unavailable(f"gave up after {self.stats.failovers} failovers; last: {f}") from None
         if not pool.healthy(bad):
             bad.clear()  # every replica failed once: allow retries on restarted ones
 

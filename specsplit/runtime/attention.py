@@ -108,11 +108,17 @@ class StepBatch:
         shapes = tuple((n, a.shape) for n, a in fields_)
         return cls(packed, shapes, t, b, qmax, lmax, block_size)
 
-    def to_device(self, device: torch.device) -> Tensor:
+    def to_device(self, device: torch.device, out: Tensor | None = None) -> Tensor:
+        """Copy to `device` (into `out` if given) through a reused pinned staging buffer."""
         host = torch.from_numpy(self.packed)
-        if device.type == "cuda":
-            return host.pin_memory().to(device, non_blocking=True)
-        return host
+        if device.type != "cuda":
+            return host if out is None else out.copy_(host)
+        staged = _staging(host.shape[0])
+        staged.copy_(host)
+        dev = staged.to(device, non_blocking=True) if out is None else out.copy_(staged, non_blocking=True)
+        _COPIED.record()  # type: ignore[union-attr]
+        return dev
+
 
     def unpack(self, buf: Tensor) -> tuple[Tensor, Tensor, AttentionMetadata]:
         """Views into the device buffer plus the derived tensors: (input_ids, positions, metadata)."""
@@ -143,6 +149,22 @@ class StepBatch:
             max_query_len=qmax,
         )
         return parts["input_ids"], parts["positions"], meta
+
+
+_STAGING: list[Tensor] = []
+_COPIED = torch.cuda.Event() if torch.cuda.is_available() else None  # last copy out of the buffer
+
+
+def _staging(n: int) -> Tensor:
+    """A pinned host buffer of at least n int64, reused across steps (pinning is slow).
+
+    Before reuse we wait for the previous copy out of it (an event), not for the step.
+    """
+    if _COPIED is not None:
+        _COPIED.synchronize()  # the previous step's copy has left the buffer
+    if not _STAGING or _STAGING[0].shape[0] < n:
+        _STAGING[:] = [torch.empty(max(n, 1 << 16), dtype=torch.int64).pin_memory()]
+    return _STAGING[0][:n]
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:

@@ -9,6 +9,7 @@ sampling and speculation lives above it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,8 @@ class ModelRunner:
         if device.type == "cuda" and not enforce_eager:
             from specsplit.runtime.cuda_graphs import CudaGraphs
 
-            self.graphs = CudaGraphs(model, self.cache.layers, self.backend, device)
+            compile_ = os.environ.get("SPECSPLIT_COMPILE", "0") == "1"
+            self.graphs = CudaGraphs(model, self.cache.layers, self.backend, device, compile=compile_)
         log.info("runner: %s on %s, dtype %s, attention %s, linear %s, KV %d blocks x %d tokens",
                  cfg.model_type, device, self.dtype, self.backend, "oneDNN packed" if self.packed else "torch",
                  num_kv_blocks, block_size)

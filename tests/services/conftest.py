@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from draft_service.config import DraftServiceConfig
@@ -43,6 +44,16 @@ ROOT = Path(__file__).resolve().parents[2]
 KV_BYTES = 1 << 24  # 16 MiB of KV cache per tier: thousands of tokens of the tiny model
 K = 4  # num_speculative_tokens of every test deployment
 METHODS = ("draft_model", "ngram")
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The tiny models gain nothing from intra-op threads; on a busy 2-core runner, spinning
+    OpenMP threads of the in-process tiers and the reference make each step ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 # --- an asyncio loop in a background thread ------------------------------------------------------

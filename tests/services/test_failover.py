@@ -7,6 +7,8 @@ Tests run in file order on one set of processes: each kill leaves one replica fe
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +28,7 @@ KILL_AFTER = 20  # tokens received before the kill
 @pytest.fixture(scope="module")
 def replicas(models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ReplicaProcess]]:
     logs = tmp_path_factory.mktemp("replica-logs")
-    spec = spec_config("draft_model", models).__dict__
-    import json
-
+    spec = dataclasses.asdict(spec_config("draft_model", models))
     procs = {
         "target-a": ReplicaProcess("target", [str(models.target)], logs / "target-a.log"),
         "target-b": ReplicaProcess("target", [str(models.target)], logs / "target-b.log"),
@@ -67,11 +67,8 @@ def _stream_and_kill(aio: LoopThread, gw: GatewayHandle, replicas: dict[str, Rep
     with grpc.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
         call = gateway_pb2_grpc.GatewayStub(ch).Generate(
             gateway_pb2.GenerateRequest(text=PROMPT, params=greedy_pb(MAX_TOKENS)), timeout=90)
-        import time
-        t0 = time.monotonic()
         for msg in call:
             ids += msg.token_ids
-            print("T", round(time.monotonic() - t0, 2), len(ids))
             if msg.HasField("usage"):
                 final = msg
             if victim is None and len(ids) >= KILL_AFTER:
