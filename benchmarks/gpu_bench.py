@@ -256,6 +256,26 @@ def part4(res: dict) -> None:
     log(f"TP: 1 GPU {one:.2f} ms/token, 2 GPUs {two:.2f} ms/token, ratio {two / one:.2f}")
 
 
+def profile_step(dev: torch.device, res: dict) -> None:
+    """Kernel-level breakdown of one eager decode step (where the GPU time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg, model = random_model(LLAMA_31_8B, dev, DT)
+    r = make_runner(model, cfg, dev, eager=True)
+    r.add(0)
+    r.forward([StepInput(0, list(range(1000, 1128)))])
+    for _ in range(3):
+        r.forward([StepInput(0, [5])])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            r.forward([StepInput(0, [5])])
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    print(table)
+    res["profile_top"] = table[:6000]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="1,2,4")
@@ -269,6 +289,8 @@ def main() -> int:
                  "goals": {}}
     try:
         graph_check(dev, res)
+        if "p" in parts:
+            profile_step(dev, res)
         if "1" in parts:
             part1(dev, res)
         elif "2" in parts:

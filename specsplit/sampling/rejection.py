@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from specsplit.sampling.logits import exponential_race, uniform_per_row
+from specsplit.sampling.logits import exponential_race
 
 
 def rejection_sample(
@@ -76,7 +76,7 @@ def rejection_sample(
         assert draft_q_probs is not None
         p_x = target_probs[:, :k].gather(2, drafts.unsqueeze(2)).squeeze(2)  # [B, k]
         q_x = _draft_prob(draft_q_ids, draft_q_probs.float(), drafts)  # [B, k]
-        u = uniform_per_row((b, k), generators, device)  # [B, k]
+        u = _uniforms(b, k, num_draft_tokens, generators, device)  # [B, k]
         # u < p/q with u ~ U[0, 1) happens with probability min(1, p/q); q = 0 (a token
         # outside the draft's own support: a faulty draft) is always rejected.
         sampled_accepted = (q_x > 0) & (u * q_x < p_x)  # [B, k]
@@ -106,6 +106,27 @@ def rejection_sample(
     sampled_next = exponential_race(dist, generators)  # [B]
     next_token = torch.where(is_greedy, next_token, sampled_next)
     return num_accepted, next_token
+
+
+def _uniforms(
+    b: int, k: int, num_draft_tokens: Tensor, generators: Sequence[torch.Generator | None], device: torch.device
+) -> Tensor:
+    """U[0, 1) # [B, k] for the acceptance tests.
+
+    A seeded row draws only its own num_draft_tokens values, so what its generator yields
+    next does not depend on how long the other blocks of the batch are: a seeded request
+    gives the same output alone or batched with any traffic.
+    """
+    u = torch.zeros(b, k, dtype=torch.float32, device=device)  # [B, k]
+    if any(g is None for g in generators):
+        u.uniform_()  # unseeded rows: one draw from the global RNG (seeded rows are overwritten)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if seeded:
+        counts = num_draft_tokens.tolist()
+        for i in seeded:
+            if counts[i] > 0:
+                u[i, : counts[i]].uniform_(generator=generators[i])
+    return u
 
 
 def _draft_prob(q_ids: Tensor, q_probs: Tensor, tokens: Tensor) -> Tensor:

@@ -185,8 +185,10 @@ class SpecEngine:
         def blocks(x: _Running) -> int:
             return -(-(len(x.seq.all_ids) + self.k_max + 1) // cache.block_size)
 
-        growth = sum(blocks(x) - len(cache.seqs[x.seq.seq_id].blocks)
-                     for x in self.running if x.seq.seq_id in cache.seqs)
+        def held(x: _Running) -> int:  # admitted but not yet prefilled: holds nothing yet
+            return len(cache.seqs[x.seq.seq_id].blocks) if x.seq.seq_id in cache.seqs else 0
+
+        growth = sum(blocks(x) - held(x) for x in self.running)
         return blocks(r) + max(growth, 0) <= cache.num_free_blocks
 
     def _preempt_one(self) -> None:

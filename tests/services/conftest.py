@@ -133,10 +133,12 @@ def reference(models: TinyModels) -> Reference:
 # --- in-process tiers --------------------------------------------------------------------------------
 
 
-def spec_config(method: str, models: TinyModels, k: int = K) -> SpeculativeConfig:
+def spec_config(method: str, models: TinyModels, k: int = K, adaptive: bool = False) -> SpeculativeConfig:
+    """Fixed k unless `adaptive`: the tiny draft costs as much as the tiny target, so adaptive k
+    rightly stops drafting most of the time, which would leave the speculative paths untested."""
     if method == "ngram":
-        return SpeculativeConfig(method="ngram", num_speculative_tokens=k)
-    return SpeculativeConfig(method="draft_model", model=str(models.draft), num_speculative_tokens=k)
+        return SpeculativeConfig(method="ngram", num_speculative_tokens=k, adaptive=adaptive)
+    return SpeculativeConfig(method="draft_model", model=str(models.draft), num_speculative_tokens=k, adaptive=adaptive)
 
 
 @dataclass
@@ -149,12 +151,13 @@ class Cluster:
     drafts: dict[str, TierHandle]
     _gateways: dict[tuple, GatewayHandle] = field(default_factory=dict)
 
-    def gateway(self, method: str | None = "draft_model", pipeline: bool = True, **cfg: Any) -> GatewayHandle:
+    def gateway(self, method: str | None = "draft_model", pipeline: bool = True, adaptive: bool = False,
+                **cfg: Any) -> GatewayHandle:
         """A gateway over this cluster's tiers (cached per configuration); method None = plain."""
-        key = (method, pipeline, tuple(sorted(cfg.items())))
+        key = (method, pipeline, adaptive, tuple(sorted(cfg.items())))
         if key not in self._gateways:
             self._gateways[key] = self.aio.run(start_gateway(GatewayConfig(
-                str(self.models.target), spec_config(method, self.models) if method else None,
+                str(self.models.target), spec_config(method, self.models, adaptive=adaptive) if method else None,
                 host="127.0.0.1", port=0, grpc_port=0, pipeline=pipeline,
                 target_addresses=(f"127.0.0.1:{self.target.port}",),
                 draft_addresses=(f"127.0.0.1:{self.drafts[method].port}",) if method else (), **cfg)))

@@ -9,12 +9,27 @@ from typing import Any
 import grpc
 import pytest
 
-from specsplit.proto.v1 import draft_pb2, draft_pb2_grpc, gateway_pb2, gateway_pb2_grpc, target_pb2, target_pb2_grpc
 from draft_service.config import DraftServiceConfig
 from draft_service.server import start_draft
+from specsplit.proto.v1 import (
+    draft_pb2,
+    draft_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    target_pb2,
+    target_pb2_grpc,
+)
 from target_service.config import TargetServiceConfig
 from target_service.server import start_target
-from tests.services.conftest import KV_BYTES, Cluster, LoopThread, TinyModels, greedy_pb, sample, spec_config
+from tests.services.conftest import (
+    KV_BYTES,
+    Cluster,
+    LoopThread,
+    TinyModels,
+    greedy_pb,
+    sample,
+    spec_config,
+)
 
 
 def _gateway_sample(gw, name: str, labels: dict[str, str] | None = None) -> float:  # noqa: ANN001

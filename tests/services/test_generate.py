@@ -16,10 +16,12 @@ PROMPTS = ["def fibonacci(n):", "The quick brown fox", "for i in range(10):\n   
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed_k", "adaptive_k"])
 @pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "sequential"])
 @pytest.mark.parametrize("method", ["draft_model", "ngram"])
-def test_greedy_equals_plain_decoding(cluster: Cluster, reference: Reference, method: str, pipeline: bool) -> None:
-    gw = cluster.gateway(method, pipeline)
+def test_greedy_equals_plain_decoding(cluster: Cluster, reference: Reference, method: str, pipeline: bool,
+                                      adaptive: bool) -> None:
+    gw = cluster.gateway(method, pipeline, adaptive)
     drafted = accepted = pipelined = 0
     for prompt in PROMPTS:
         ref = reference.greedy(prompt, 48)
@@ -36,11 +38,13 @@ def test_greedy_equals_plain_decoding(cluster: Cluster, reference: Reference, me
             assert stats.pipelined_rounds == 0
         drafted, accepted, pipelined = (drafted + stats.drafted_tokens, accepted + stats.accepted_tokens,
                                         pipelined + stats.pipelined_rounds)
+    if adaptive:  # k follows measured costs, which say drafting does not pay here: equality is the point
+        return
     assert drafted > 0, f"{method} drafted nothing: not speculating"
     if method == "draft_model":  # n-gram lookup rarely matches a random model's non-repeating output
         assert accepted > 0, "no drafted token was ever accepted"
-    if pipeline and method == "draft_model":
-        assert pipelined > 0, "no block was drafted ahead during verification"
+        if pipeline:
+            assert pipelined > 0, "no block was drafted ahead during verification"
 
 
 @pytest.mark.timeout(60)
@@ -78,7 +82,8 @@ def test_unary_generate_equals_stream(cluster: Cluster, reference: Reference) ->
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("method", ["draft_model", "ngram"])
 def test_seeded_sampling_is_reproducible(cluster: Cluster, method: str) -> None:
-    address = f"127.0.0.1:{cluster.gateway(method).port}"
+    # adaptive k: were k chosen from measured timings, each run would draw different random numbers
+    address = f"127.0.0.1:{cluster.gateway(method, adaptive=True).port}"
 
     def sampled(seed: int) -> list[int]:
         params = common_pb2.SamplingParams(max_tokens=40, temperature=1.0, top_p=0.95, seed=seed, ignore_eos=True)

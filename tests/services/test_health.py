@@ -21,7 +21,15 @@ from gateway.server import start_gateway
 from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc, target_pb2, target_pb2_grpc
 from target_service.config import TargetServiceConfig
 from target_service.server import start_target
-from tests.services.conftest import KV_BYTES, Cluster, LoopThread, Reference, TinyModels, greedy_pb, spec_config
+from tests.services.conftest import (
+    KV_BYTES,
+    Cluster,
+    LoopThread,
+    Reference,
+    TinyModels,
+    greedy_pb,
+    spec_config,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

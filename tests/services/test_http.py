@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import urllib.error
@@ -146,7 +147,7 @@ def test_metrics_of_gateway_and_tiers(cluster: Cluster) -> None:
             assert name in fam and fam[name].type == kind, (handle.metrics.tier, name)
         steps = value(fam, "specsplit_steps_total")
         assert steps > 0 and steps == value(fam, "specsplit_batch_size_count")
-        assert value(fam, "specsplit_step_seconds_count") == steps
+        assert value(fam, "specsplit_step_seconds_count") >= steps  # failed steps (bad input) are timed too
         assert value(fam, "specsplit_sessions_opened_total") >= 1
         assert value(fam, "specsplit_active_sessions") == 0 and value(fam, "specsplit_kv_cache_usage_ratio") == 0
         assert value(fam, "specsplit_queue_depth") == 0
@@ -158,7 +159,7 @@ def test_kv_usage_metric_is_live_during_a_stream(cluster: Cluster) -> None:
     stream = client(gw.http_port).completions.create(model=str(cluster.models.target), prompt="hello " * 50,
                                                      max_tokens=300, temperature=0, stream=True,
                                                      extra_body={"ignore_eos": True})
-    for _ in zip(range(3), stream):
+    for _ in itertools.islice(stream, 3):
         pass
     for handle in (cluster.target, cluster.drafts["draft_model"]):
         fam = metrics(handle.metrics_port)
