@@ -89,11 +89,16 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         order: list[str] = []
-        for p, sp in zip(prompts, params, strict=True):
-            text, ids = self._encode(p)
-            rid = str(next(self._ids))
-            self.engine.add_request(rid, text, ids, sp)
-            order.append(rid)
+        try:
+            for p, sp in zip(prompts, params, strict=True):
+                text, ids = self._encode(p)
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, text, ids, sp)
+                order.append(rid)
+        except Exception:  # a bad prompt: drop the ones already queued, or a later call runs them
+            for rid in order:
+                self.engine.abort(rid)
+            raise
         results: dict[str, RequestOutput] = {}
         bar = _progress(len(order), use_tqdm)
         try:

@@ -182,11 +182,15 @@ def sdpa_attention(
     qp = q[meta.query_index]  # [B, Qmax, Hq, D]
     kp = k_cache.view(-1, hkv, d)[meta.kv_slots]  # [B, Lmax, Hkv, D]
     vp = v_cache.view(-1, hkv, d)[meta.kv_slots]
+    gqa = {}
     if hkv != hq:
-        kp = kp.repeat_interleave(hq // hkv, dim=2)
-        vp = vp.repeat_interleave(hq // hkv, dim=2)
+        if qp.is_cuda:
+            gqa = {"enable_gqa": True}  # no copies of K/V per query head
+        else:
+            kp = kp.repeat_interleave(hq // hkv, dim=2)
+            vp = vp.repeat_interleave(hq // hkv, dim=2)
     out = torch.nn.functional.scaled_dot_product_attention(
-        qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=meta.mask, scale=scale
+        qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=meta.mask, scale=scale, **gqa
     )  # [B, Hq, Qmax, D]
     out = out.transpose(1, 2)  # [B, Qmax, Hq, D]
     return out[meta.token_seq, meta.token_pos_in_seq]  # [T, Hq, D]
