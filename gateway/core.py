@@ -216,7 +216,7 @@ class GatewayCore:
         finally:
             # shielded: `generate` cancels this task as soon as it has read `Finished`, which
             # would otherwise interrupt the close and leave a tier session (and its KV) open
-            await loop.close()
+            await asyncio.shield(loop.close())
 
     async def close(self) -> None:
         await self.targets.close()

@@ -85,7 +85,6 @@ def _stream_and_kill(aio: LoopThread, gw: GatewayHandle, replicas: dict[str, Rep
                 victim = next(p for p in replicas.values() if p.address == holding[0])
                 victim.kill()
     assert final is not None and victim is not None
-    assert len(ids) > KILL_AFTER + 10, "the kill came too late to matter"
     return ids, final, victim
 
 

@@ -10,7 +10,8 @@ import pytest
 from specsplit.client import Client
 from specsplit.proto.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from specsplit.sampling.params import SamplingParams
-from tests.services.conftest import Cluster, Reference, greedy_pb, sample, stream_text
+from specsplit.serving.tier import TierHandle
+from tests.services.conftest import Cluster, Reference, Streamed, greedy_pb, sample, stream_text
 
 PROMPTS = ["def fibonacci(n):", "The quick brown fox", "for i in range(10):\n    print("]
 
@@ -97,6 +98,11 @@ def test_seeded_sampling_is_reproducible(cluster: Cluster, method: str) -> None:
     assert any(sampled(s) != first for s in (8, 9, 10))
 
 
+def _batches(handle: TierHandle) -> dict[str, float]:
+    """Cumulative batch-size histogram of a tier: steps with at most 1, 4 sessions, and all."""
+    return {le: sample(handle, "specsplit_batch_size_bucket", {"le": le}) for le in ("1.0", "4.0", "+Inf")}
+
+
 @pytest.mark.timeout(120)
 def test_concurrent_streams_share_target_batches(cluster: Cluster, reference: Reference) -> None:
     gw = cluster.gateway("draft_model")
@@ -104,8 +110,7 @@ def test_concurrent_streams_share_target_batches(cluster: Cluster, reference: Re
     n = 16
     prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(n)]
     refs = [reference.greedy(p, 32) for p in prompts]
-    multi_before = cluster.target.metrics.registry.get_sample_value("specsplit_batch_size_count") or 0.0
-    single_before = cluster.target.metrics.registry.get_sample_value("specsplit_batch_size_bucket", {"le": "1.0"}) or 0.0
+    before = {t.metrics.tier: _batches(t) for t in (cluster.target, cluster.drafts["draft_model"])}
     results: list[object] = [None] * n
     start = threading.Barrier(n)
 
@@ -122,12 +127,11 @@ def test_concurrent_streams_share_target_batches(cluster: Cluster, reference: Re
     for t in threads:
         t.join(100)
     for i, (r, ref) in enumerate(zip(results, refs, strict=True)):
-        assert not isinstance(r, BaseException) and r is not None, f"stream {i}: {r!r}"
+        assert isinstance(r, Streamed), f"stream {i}: {r!r}"
         assert r.token_ids == ref.token_ids, f"stream {i} differs from plain decoding"
-    steps = (cluster.target.metrics.registry.get_sample_value("specsplit_batch_size_count") or 0.0) - multi_before
-    single = (cluster.target.metrics.registry.get_sample_value("specsplit_batch_size_bucket", {"le": "1.0"})
-              or 0.0) - single_before
-    assert steps - single > 0, "no target step served more than one session"
-    top = cluster.target.metrics.registry.get_sample_value("specsplit_batch_size_bucket", {"le": "4.0"})
-    assert sample(cluster.target, "specsplit_batch_size_count") > top, "no target batch had more than 4 sessions"
-    cluster.wait_idle()
+        assert r.final is not None and r.final.usage.completion_tokens == 32
+    for handle in (cluster.target, cluster.drafts["draft_model"]):
+        after = _batches(handle)
+        d = {le: after[le] - before[handle.metrics.tier][le] for le in after}
+        assert d["+Inf"] - d["1.0"] > 0, f"no {handle.metrics.tier} step served more than one session: {d}"
+        assert d["+Inf"] - d["4.0"] > 0, f"no {handle.metrics.tier} step served more than four sessions: {d}"

@@ -126,6 +126,19 @@ def test_max_tokens_inside_a_block_equals_plain(make_llm, tiny_target, tiny_draf
     assert all(len(c.token_ids) == max_tokens and c.finish_reason == "length" for o in out for c in o.outputs)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_context_limit_inside_a_block_equals_plain(make_llm, tiny_target, tiny_draft, method):
+    """max_tokens=None runs into max_model_len; the last block must shrink to fit it."""
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    ref = make_llm(tiny_target, max_model_len=37).generate(PROMPTS, params, use_tqdm=False)
+    out = make_llm(tiny_target, spec_config(method, 5, tiny_draft), max_model_len=37).generate(
+        PROMPTS, params, use_tqdm=False)
+    same(out, ref)
+    for o in out:
+        assert len(o.prompt_token_ids) + len(o.outputs[0].token_ids) == 37
+        assert o.outputs[0].finish_reason == "length"
+
+
 # --- EOS and stop tokens ------------------------------------------------------------------------
 
 
@@ -287,3 +300,19 @@ def test_logprobs_equal_plain(make_llm, tiny_target, tiny_draft, plain):
             assert la.keys() == lb.keys()
             assert all(abs(la[t].logprob - lb[t].logprob) < 1e-4 and la[t].rank == lb[t].rank for t in la)
         assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-3)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_smollm2_greedy_ngram_equals_plain(make_llm):
+    """The real SmolLM2-135M with its real tokenizer and chat template (EOS = <|im_end|>)."""
+    from specsplit.models import resolve_model
+
+    folder = resolve_model("smollm2-135m", progress=False)
+    conv = [{"role": "user", "content": "List the first five prime numbers, separated by commas."}]
+    params = SamplingParams(temperature=0.0, max_tokens=32)
+    kw = dict(max_model_len=256, kv_cache_memory_bytes=1 << 26)
+    ref = make_llm(folder, **kw).chat(conv, params, use_tqdm=False)
+    out = make_llm(folder, spec_config("ngram", 4), **kw).chat(conv, params, use_tqdm=False)
+    same(out, ref)
+    assert "2" in ref[0].outputs[0].text and "3" in ref[0].outputs[0].text  # real weights answer

@@ -31,8 +31,8 @@ K = 3
 ALPHA = 1e-3  # a correct sampler fails a test with probability 1e-3 per marginal
 
 
-def exact_marginals(folder: Path, prompt: list[int], top_k: int = -1, top_p: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(p1, p2) of the first two sampled tokens at temperature 1, by transformers' model."""
+def exact_marginals(folder: Path, prompt: list[int], **params) -> tuple[np.ndarray, np.ndarray]:
+    """(p1, p2) of the first two sampled tokens, by transformers' model and `target_probs`."""
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -41,23 +41,37 @@ def exact_marginals(folder: Path, prompt: list[int], top_k: int = -1, top_p: flo
         first = hf(torch.tensor([prompt])).logits[0, -1].double()  # [V]
         batch = torch.cat([torch.tensor([prompt] * v), torch.arange(v)[:, None]], dim=1)  # [V, len+1]
         second = hf(batch).logits[:, -1].double()  # [V, V]: row x = logits after P x
-    p1 = truncate(first.softmax(-1), top_k, top_p)  # [V]
-    p2 = p1 @ truncate(second.softmax(-1), top_k, top_p)  # [V]
+    seen = torch.zeros(v, dtype=torch.bool)
+    seen[prompt] = True
+    seen2 = seen.repeat(v, 1)  # [V, V]: row x has also seen x
+    seen2[torch.arange(v), torch.arange(v)] = True
+    p1 = target_probs(first[None], seen[None], **params)[0]  # [V]
+    p2 = p1 @ target_probs(second, seen2, **params)  # [V]
     return p1.numpy(), p2.numpy()
 
 
-def truncate(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Keep the top_k most likely tokens, then the smallest head whose mass reaches top_p."""
-    p, order = probs.sort(dim=-1, descending=True)  # [..., V]
-    keep = torch.ones_like(p, dtype=torch.bool)
+def target_probs(logits: torch.Tensor, seen: torch.Tensor, temperature: float = 1.0, top_k: int = -1,
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0) -> torch.Tensor:
+    """The distribution sampling params define, written out independently of specsplit.sampling.
+
+    logits: [N, V]; seen: [N, V] bool. HF/vLLM order: repetition penalty, temperature,
+    top-k, then top-p (smallest head whose mass reaches top_p), then min-p.
+    """
+    x = torch.where(seen & (logits > 0), logits / repetition_penalty, logits)
+    x = torch.where(seen & (logits <= 0), logits * repetition_penalty, x)
+    p = (x / temperature).softmax(-1)
+    p_sorted, order = p.sort(dim=-1, descending=True)  # [N, V]
+    keep = torch.ones_like(p_sorted, dtype=torch.bool)
     if top_k > 0:
-        keep[..., top_k:] = False
-    p = torch.where(keep, p, 0.0)
-    p = p / p.sum(-1, keepdim=True)
-    keep &= (p.cumsum(-1) - p) < top_p  # mass before the token is still short of top_p
-    p = torch.where(keep, p, 0.0)
-    p = p / p.sum(-1, keepdim=True)
-    return torch.empty_like(p).scatter_(-1, order, p)
+        keep[:, top_k:] = False
+    q = torch.where(keep, p_sorted, 0.0)
+    q = q / q.sum(-1, keepdim=True)
+    keep &= (q.cumsum(-1) - q) < top_p  # the mass before the token is still short of top_p
+    q = torch.where(keep, q, 0.0)
+    q = q / q.sum(-1, keepdim=True)
+    q = torch.where(q >= min_p * q[:, :1], q, 0.0)
+    q = q / q.sum(-1, keepdim=True)
+    return torch.empty_like(q).scatter_(-1, order, q)
 
 
 def pvalue(tokens: np.ndarray, expected_p: np.ndarray) -> float:
@@ -73,11 +87,11 @@ def pvalue(tokens: np.ndarray, expected_p: np.ndarray) -> float:
 
 def first_two_tokens(llm, prompt: list[int], seeded: bool = False, **params) -> np.ndarray:
     """[NUM_REQUESTS * N, 2] first two generated tokens of many sampled completions."""
+    params.setdefault("temperature", 1.0)
     if seeded:  # every completion has its own seed (request seed s: completions s .. s+15)
-        sp = [SamplingParams(n=N, temperature=1.0, max_tokens=3, seed=1000 + N * i, **params)
-              for i in range(NUM_REQUESTS)]
+        sp = [SamplingParams(n=N, max_tokens=3, seed=1000 + N * i, **params) for i in range(NUM_REQUESTS)]
     else:
-        sp = SamplingParams(n=N, temperature=1.0, max_tokens=3, **params)
+        sp = SamplingParams(n=N, max_tokens=3, **params)
     outs = llm.generate([{"prompt_token_ids": prompt}] * NUM_REQUESTS, sp, use_tqdm=False)
     return np.array([c.token_ids[:2] for o in outs for c in o.outputs])
 
@@ -97,10 +111,10 @@ def spec_llm(make_llm, tiny_target, tiny_draft):
 def exact(tiny_target):
     cache = {}
 
-    def get(prompt: list[int], top_k: int = -1, top_p: float = 1.0):
-        key = (tuple(prompt), top_k, top_p)
+    def get(prompt: list[int], **params):
+        key = (tuple(prompt), tuple(sorted(params.items())))
         if key not in cache:
-            cache[key] = exact_marginals(tiny_target, prompt, top_k, top_p)
+            cache[key] = exact_marginals(tiny_target, prompt, **params)
         return cache[key]
 
     return get
@@ -124,10 +138,14 @@ def test_draft_model_sampling_follows_target_distribution(spec_llm, exact, seede
     assert_follows(tokens, *exact(PROMPT))
 
 
-def test_draft_model_sampling_with_top_k_top_p_follows_target_distribution(spec_llm, exact):
-    tokens = first_two_tokens(spec_llm("draft_model"), PROMPT, top_k=12, top_p=0.8)
-    p1, p2 = exact(PROMPT, top_k=12, top_p=0.8)
-    assert (p1 > 0).sum() < 12  # top_p really cut into the top 12
+@pytest.mark.parametrize("params", [
+    {"top_k": 12, "top_p": 0.8},
+    {"temperature": 0.7, "min_p": 0.05, "repetition_penalty": 1.5},
+], ids=["top_k_top_p", "temperature_min_p_penalty"])
+def test_draft_model_sampling_with_truncation_follows_target_distribution(spec_llm, exact, params):
+    tokens = first_two_tokens(spec_llm("draft_model"), PROMPT, **params)
+    p1, p2 = exact(PROMPT, **params)
+    assert 1 < (p1 > 0).sum() < 30  # the truncation really removes tokens here
     assert_follows(tokens, p1, p2)
 
 
