@@ -5,7 +5,8 @@ chunks, verify blocks of k+1, single decode tokens). The new keys/values are wri
 the paged cache first; attention then reads each sequence's whole context from the cache.
 
 Backends: flash-attn's `flash_attn_with_kvcache` (reads the block table directly) on CUDA
-when installed; PyTorch SDPA otherwise, which gathers each sequence's blocks into a padded
+when installed; else on CUDA our Triton kernels (`triton_kernels`: paged attention fused with
+norms, rotary and cache writes); PyTorch SDPA otherwise, which gathers each sequence's blocks into a padded
 [B, L] view with a causal+length mask. The choice is made once by `select_backend`.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,14 +25,22 @@ log = logging.getLogger(__name__)
 
 
 def select_backend(device: torch.device, requested: str = "auto") -> str:
-    """Return "flash" or "sdpa": flash-attn only on CUDA and only when importable."""
-    has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-    if requested == "flash" and not has_flash:
-        raise ValueError("attention backend 'flash' requested but flash-attn is not usable here")
-    if requested not in ("auto", "flash", "sdpa"):
-        raise ValueError(f"unknown attention backend {requested!r} (auto, flash, sdpa)")
-    backend = "flash" if (requested == "flash" or (requested == "auto" and has_flash)) else "sdpa"
-    return backend
+    """"flash", "triton" or "sdpa". On CUDA: flash-attn if installed, else our Triton kernels
+    (fused norms/rotary/paged attention), else SDPA; SDPA on CPU. SPECSPLIT_ATTENTION overrides auto."""
+    if requested == "auto":
+        requested = os.environ.get("SPECSPLIT_ATTENTION", "auto")
+    if requested not in ("auto", "flash", "triton", "sdpa"):
+        raise ValueError(f"unknown attention backend {requested!r} (auto, flash, triton, sdpa)")
+    cuda = device.type == "cuda"
+    has = {"flash": cuda and importlib.util.find_spec("flash_attn") is not None,
+           # on CPU only in Triton's interpreter (TRITON_INTERPRET=1), which the tests use
+           "triton": importlib.util.find_spec("triton") is not None and (cuda or os.environ.get("TRITON_INTERPRET") == "1"),
+           "sdpa": True}
+    if requested != "auto":
+        if not has[requested]:
+            raise ValueError(f"attention backend {requested!r} requested but it is not usable on {device}")
+        return requested
+    return next(b for b in ("flash", "triton", "sdpa") if has[b] and (cuda or b == "sdpa"))
 
 
 @dataclass

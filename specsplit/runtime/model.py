@@ -8,6 +8,7 @@ rows need logits.
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +87,15 @@ class Attention(nn.Module):
         out = attention(backend, q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))
 
+    def forward_fused(self, x: Tensor, positions: Tensor, inv_freq: Tensor, kv: tuple[Tensor, Tensor],
+                      meta: AttentionMetadata, tk: ModuleType) -> Tensor:
+        """The same with the Triton kernels: rotary + cache write, then paged attention."""
+        k_cache, v_cache = kv
+        q = tk.rope_write_kv(self.qkv_proj(x), positions, inv_freq, k_cache, v_cache, meta.slot_mapping,
+                             self.num_heads, self.num_kv_heads)
+        out = tk.paged_attention(q, k_cache, v_cache, positions, meta.token_seq, meta.block_tables, self.scale)
+        return self.o_proj(out.view(x.shape[0], -1))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
@@ -112,6 +122,19 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, meta, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(self, h: Tensor, residual: Tensor | None, positions: Tensor, inv_freq: Tensor,
+                      kv: tuple[Tensor, Tensor], meta: AttentionMetadata, tk: ModuleType) -> tuple[Tensor, Tensor]:
+        """Triton path, residual stream kept apart so each add fuses into the next norm.
+
+        Takes and returns (this block's output, the residual before it): x = h + residual.
+        """
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        normed, residual = tk.add_rms_norm(h, residual, ln1.weight, ln1.eps)
+        h = self.self_attn.forward_fused(normed, positions, inv_freq, kv, meta, tk)
+        normed, residual = tk.add_rms_norm(h, residual, ln2.weight, ln2.eps)
+        mlp = self.mlp
+        return mlp.down_proj(tk.silu_and_mul(mlp.gate_up_proj(normed))), residual
+
 
 class Transformer(nn.Module):
     """The decoder stack plus embedding and LM head."""
@@ -133,6 +156,13 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden] (after the norm)."""
         x = self.embed_tokens(input_ids)
+        if backend == "triton":  # imported here: Triton is only loaded where it runs
+            from specsplit.runtime import triton_kernels as tk
+
+            residual = None
+            for layer, kv in zip(self.layers, kv_caches, strict=True):
+                x, residual = layer.forward_fused(x, residual, positions, self.inv_freq, kv, meta, tk)
+            return tk.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)

@@ -64,6 +64,11 @@ class ModelRunner:
         self.dtype = model.embed_tokens.weight.dtype
         self.max_model_len = max_model_len
         self.backend = select_backend(device, backend)
+        if self.backend == "triton" and cfg.head_dim & (cfg.head_dim - 1):
+            if backend == "triton":
+                raise ValueError(f"the Triton backend needs a power-of-two head_dim, not {cfg.head_dim}")
+            self.backend = "sdpa"  # our kernels tile the head dimension in powers of two
+        log.info("attention backend: %s", self.backend)
         if self.backend == "flash":
             block_size = max(block_size, 256)  # flash-attn's paged kernel wants 256-token blocks
         ctx = model.ctx
