@@ -18,6 +18,7 @@ from specsplit.sampling.params import SamplingParams
 from specsplit.serving.batcher import StepBatcher
 from specsplit.serving.convert import params_from_pb, sparse_to_pb
 from specsplit.serving.errors import grpc_errors, status_for
+from specsplit.serving.kv import admit, preempting
 from specsplit.serving.metrics import TierMetrics
 from specsplit.serving.tier import TierHandle, start_tier
 from specsplit.spec.drafters import Drafter, DraftRequest, Proposal
@@ -80,7 +81,13 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             asyncio.ensure_future(self._close(seq_id))
 
     def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams) -> None:
-        self.drafter.open(seq_id, token_ids, params)
+        self.drafter.open(seq_id, token_ids, params)  # validates first: bad input stays INVALID_ARGUMENT
+        runner = getattr(self.drafter, "runner", None)  # n-gram lookup keeps no KV cache
+        try:
+            admit(runner.cache if runner is not None else None, len(token_ids))
+        except Exception:
+            self.drafter.close(seq_id)
+            raise
         self.metrics.sessions_opened.inc()
 
     async def _close(self, seq_id: int) -> None:
@@ -99,7 +106,7 @@ def _step(drafter: Drafter, metrics: TierMetrics):  # noqa: ANN202 - closure fac
         metrics.steps.inc()
         metrics.batch_size.observe(len(items))
         return out
-    return run
+    return preempting(run, lambda r: r.seq_id)  # KV full: the newest sessions give way
 
 
 async def start_draft(cfg: DraftServiceConfig, drafter: Drafter | None = None) -> TierHandle:
@@ -126,7 +133,7 @@ async def start_draft(cfg: DraftServiceConfig, drafter: Drafter | None = None) -
     handle = await start_tier(
         name="draft", add_servicer=lambda s: draft_pb2_grpc.add_DraftServiceServicer_to_server(servicer, s),
         service_name=SERVICE_NAME, batcher=batcher, metrics=metrics, host=cfg.host, port=cfg.grpc_port,
-        metrics_port=cfg.metrics_port, warmup=warmup,
+        metrics_port=cfg.metrics_port, warmup=warmup, tls=cfg.tls, health_port=cfg.health_port,
     )
     servicer.handle = handle
     if runner is not None:

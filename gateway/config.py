@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gateway.discovery import dns_name
 from specsplit.config import SpeculativeConfig
+from specsplit.serving.tls import ClientTLS, ServerTLS
 
 DISCOVERY_MODES = ("static", "dns", "kubernetes")
 
@@ -31,8 +33,20 @@ class GatewayConfig:
     max_tokens_limit: int = 8192  # largest max_tokens a request may ask for
     pipeline: bool = True  # draft block i+1 while block i is verified
     round_timeout_s: float = 30.0  # a round slower than this counts as a failed replica
+    kv_wait_s: float = 30.0  # how long a session waits for KV memory on the target tier before 429
     request_timeout_s: float = 600.0  # deadline of a request without a client deadline
     shutdown_grace_seconds: float = 30.0  # SIGTERM: time for in-flight requests to finish
+    # security (docs/kubernetes.md): API keys on the public APIs, TLS on every hop
+    api_key_file: str | None = None  # one key per line (gateway/auth.py); None: no keys needed
+    api_key_max_concurrent: int = 0  # default per-key limit of running requests; 0 = none
+    api_key_tokens_per_minute: int = 0  # default per-key limit of tokens per minute; 0 = none
+    tls_cert: str | None = None  # serve the public gRPC and HTTP ports over TLS with this cert
+    tls_key: str | None = None  # its private key
+    tls_client_ca: str | None = None  # public mutual TLS: require client certs this CA signed
+    tier_tls_ca: str | None = None  # dial draft/target replicas over TLS, trusting this CA
+    tier_tls_cert: str | None = None  # client certificate for tiers that require mutual TLS
+    tier_tls_key: str | None = None  # its private key
+    tier_tls_server_name: str | None = None  # name the tiers' certificates carry (default: see tier_tls)
     extra: dict = field(default_factory=dict)  # reserved for forward-compatible options
 
     def __post_init__(self) -> None:
@@ -44,5 +58,27 @@ class GatewayConfig:
             raise ValueError("static discovery with a speculative config needs --draft-addresses")
         if self.discovery != "static" and not self.target_service:
             raise ValueError(f"{self.discovery} discovery needs --target-service")
+        ServerTLS.from_flags(self.tls_cert, self.tls_key, self.tls_client_ca)  # fail early on half a pair
+        self.tier_tls("target")
+        if self.api_key_max_concurrent < 0 or self.api_key_tokens_per_minute < 0:
+            raise ValueError("API key limits must be >= 0 (0 = unlimited)")
         if self.max_concurrent_requests < 1 or self.max_queued_requests < 0:
             raise ValueError("max_concurrent_requests must be >= 1 and max_queued_requests >= 0")
+
+    @property
+    def tls(self) -> ServerTLS | None:
+        """TLS of the public endpoints; None: plaintext."""
+        return ServerTLS.from_flags(self.tls_cert, self.tls_key, self.tls_client_ca)
+
+    def tier_tls(self, tier: str) -> ClientTLS | None:
+        """How to dial `tier` ("draft" or "target"); None: plaintext.
+
+        Replicas are dialled by IP, so without --tier-tls-server-name the certificate is checked
+        against the tier's Service name (`service.namespace.svc`) in dns/kubernetes discovery, and
+        against the host of each static address otherwise.
+        """
+        service = self.target_service if tier == "target" else self.draft_service
+        name = self.tier_tls_server_name
+        if not name and self.discovery != "static" and service:
+            name = dns_name(service, self.namespace)
+        return ClientTLS.from_flags(self.tier_tls_ca, self.tier_tls_cert, self.tier_tls_key, name)

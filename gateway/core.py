@@ -67,6 +67,9 @@ class GatewayMetrics:
         self.replica_sessions = Gauge("specsplit_replica_sessions", "Live sessions per replica",
                                       ["tier", "replica"], registry=r)
         self.failovers = Counter("specsplit_failovers_total", "Sessions moved to another replica", registry=r)
+        self.preemptions = Counter("specsplit_preemptions_total",
+                                   "Sessions a tier refused or dropped for lack of KV memory, re-opened later",
+                                   registry=r)
 
     def record(self, stats: LoopStats) -> None:
         m = stats.metrics
@@ -75,6 +78,7 @@ class GatewayMetrics:
         self.rounds.inc(m.num_rounds)
         self.pipelined.inc(stats.pipelined_rounds)
         self.failovers.inc(stats.failovers)
+        self.preemptions.inc(stats.preemptions)
         if m.num_rounds:
             for part, ns in (("draft", stats.draft_ns), ("verify", stats.verify_ns), ("overhead", stats.overhead_ns)):
                 self.round_seconds.labels(part).observe(ns / 1e9 / m.num_rounds)
@@ -85,7 +89,8 @@ class GatewayMetrics:
 
 
 class GatewayCore:
-    def __init__(self, cfg: GatewayConfig, tokenizer: Any, max_model_len: int, eos_ids: tuple[int, ...]) -> None:
+    def __init__(self, cfg: GatewayConfig, tokenizer: Any, max_model_len: int, eos_ids: tuple[int, ...],
+                 model_vocab_size: int | None = None) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -93,11 +98,13 @@ class GatewayCore:
         self.model_name = cfg.served_model_name or cfg.model
         self.vocab_size = len(tokenizer)
         sc = cfg.speculative
-        self.targets = ReplicaPool("target", target_pb2_grpc.TargetServiceStub)
-        self.drafts = ReplicaPool("draft", draft_pb2_grpc.DraftServiceStub) if sc is not None else None
+        self.targets = ReplicaPool("target", target_pb2_grpc.TargetServiceStub, tls=cfg.tier_tls("target"))
+        self.drafts = ReplicaPool("draft", draft_pb2_grpc.DraftServiceStub, tls=cfg.tier_tls("draft")) \
+            if sc is not None else None
         self.opts = LoopOptions(
             num_speculative_tokens=sc.num_speculative_tokens if sc else 0, adaptive=sc.adaptive if sc else False,
             pipeline=cfg.pipeline, round_timeout_s=cfg.round_timeout_s, session_timeout_s=cfg.request_timeout_s,
+            kv_wait_s=cfg.kv_wait_s, vocab_size=max(self.vocab_size, model_vocab_size or 0),
         )
         self.costs = CostModel()
         self.metrics = GatewayMetrics()

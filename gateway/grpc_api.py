@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from gateway.auth import ApiKey, ApiKeys, authorization_from_metadata
 from gateway.core import Finished, GatewayCore, Prompt
 from gateway.speculation import Delta
 from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc
@@ -18,8 +19,15 @@ FINISH = {"stop": gateway_pb2.FINISH_REASON_STOP, "length": gateway_pb2.FINISH_R
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, core: GatewayCore) -> None:
+    def __init__(self, core: GatewayCore, keys: ApiKeys | None = None) -> None:
         self.core = core
+        self.keys = keys  # None: no API key needed
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> ApiKey | None:
+        """The caller's key from the `authorization` metadata (Unauthenticated when needed and absent)."""
+        if self.keys is None:
+            return None
+        return self.keys.authenticate(authorization_from_metadata(context.invocation_metadata()))
 
     def _prompt(self, req: gateway_pb2.GenerateRequest) -> Prompt:
         try:
@@ -35,11 +43,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             return self.core.encode_chat([{"role": m.role, "content": m.content} for m in req.chat.messages])
         raise ValueError("the request has no prompt (text, token_ids or chat)")
 
-    async def _events(self, req: gateway_pb2.GenerateRequest) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+    async def _events(self, req: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        key = self._authenticate(context)  # before anything else: no validation hints without a key
         prompt = self._prompt(req)
         params = params_from_pb(req.params)
         _ = req.request_id or uuid.uuid4().hex
-        async for ev in self.core.generate(prompt, params):
+        events = self.core.generate(prompt, params)
+        if key is not None:
+            events = self.keys.metered(key, len(prompt.token_ids), events)  # type: ignore[union-attr]
+        async for ev in events:
             if isinstance(ev, Delta):
                 if ev.token_ids or ev.text:
                     yield gateway_pb2.GenerateResponse(
@@ -56,7 +69,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         try:
-            async for msg in self._events(request):
+            async for msg in self._events(request, context):
                 yield msg
         except _NotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
@@ -67,7 +80,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Everything of completion 0 in one message (use Generate for n > 1)."""
         out = gateway_pb2.GenerateResponse(index=0)
         try:
-            async for msg in self._events(request):
+            async for msg in self._events(request, context):
                 if msg.index != 0:
                     continue
                 out.token_ids.extend(msg.token_ids)
@@ -82,8 +95,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         return out
 
+    @grpc_errors
     async def ListModels(self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
                          ) -> gateway_pb2.ListModelsResponse:
+        self._authenticate(context)
         return gateway_pb2.ListModelsResponse(models=[gateway_pb2.ModelInfo(
             id=self.core.model_name, speculative=self.core.speculative_label, max_model_len=self.core.max_model_len)])
 

@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions) + /metrics.
 
 Errors follow OpenAI's shape: {"error": {"message", "type", "param", "code"}} with a 4xx
-status for bad input, 404 for an unknown model, 429 when the gateway is full, 503 when a
-tier is unavailable.
+status for bad input, 401 without a valid API key (when the gateway has keys; /health and
+/metrics stay open), 404 for an unknown model, 429 when the gateway or the key's limits are
+full (with Retry-After), 503 when a tier is unavailable.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any, cast
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.auth import ApiKey, ApiKeys
 from gateway.core import Finished, GatewayCore, Prompt
 from gateway.speculation import Delta
 from specsplit.sampling.params import SamplingParams
-from specsplit.serving.errors import Overloaded, Unavailable
+from specsplit.serving.errors import Overloaded, Unauthenticated, Unavailable, retry_after
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,11 @@ log = logging.getLogger(__name__)
 _IGNORED = {"user", "stream_options", "presence_penalty", "frequency_penalty", "logit_bias", "suffix",
             "echo", "best_of", "response_format", "tools", "tool_choice", "parallel_tool_calls",
             "service_tier", "store", "metadata", "top_logprobs", "modalities"}
+
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})  # reachable without an API key
+# where the auth middleware leaves the caller's key (typed keys from aiohttp 3.12; a string before)
+API_KEY: Any = web.RequestKey("api_key", ApiKey) if hasattr(web, "RequestKey") else "api_key"
 
 
 class ApiError(Exception):
@@ -51,8 +58,11 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return _error_response(e)
     except web.HTTPException:
         raise
+    except Unauthenticated as e:
+        return _error_response(ApiError(401, str(e), "authentication_error", headers={"WWW-Authenticate": "Bearer"}))
     except Overloaded as e:
-        return _error_response(ApiError(429, str(e), "rate_limit_exceeded", headers={"Retry-After": "1"}))
+        return _error_response(ApiError(429, str(e), "rate_limit_exceeded",
+                                        headers={"Retry-After": str(retry_after(e) or 1)}))
     except Unavailable as e:
         return _error_response(ApiError(503, str(e), "service_unavailable"))
     except LookupError as e:
@@ -69,6 +79,8 @@ async def _json(request: web.Request) -> dict[str, Any]:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "the request body is not valid JSON") from None
+    except RecursionError:  # e.g. 100k nested brackets (found by tests/fuzz)
+        raise ApiError(400, "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
@@ -108,11 +120,20 @@ def sampling_from_openai(body: dict[str, Any], chat: bool) -> SamplingParams:
 
 
 class OpenAIApi:
-    def __init__(self, core: GatewayCore) -> None:
+    def __init__(self, core: GatewayCore, keys: ApiKeys | None = None) -> None:
         self.core = core
+        self.keys = keys  # None: no API key needed
+
+    @web.middleware
+    async def authenticate(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every route needs a key when keys are configured, except /health and /metrics (probes,
+        Prometheus): deny by default, so a route added later is not open by mistake."""
+        if self.keys is not None and request.path not in OPEN_PATHS:
+            request[API_KEY] = self.keys.authenticate(request.headers.get("Authorization"))
+        return await handler(request)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[errors], client_max_size=8 * 2**20)
+        app = web.Application(middlewares=[errors, self.authenticate], client_max_size=8 * 2**20)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
@@ -168,6 +189,9 @@ class OpenAIApi:
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         events = self.core.generate(prompt, params)
+        key = request.get(API_KEY)
+        if key is not None:
+            events = self.keys.metered(key, len(prompt.token_ids), events)  # type: ignore[union-attr]
         if body.get("stream"):
             return await self._stream(request, events, rid, created, obj + (".chunk" if chat else ""), chat)
         texts: dict[int, str] = {}

@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.auth import ApiKeys, KeyLimits
 from gateway.config import GatewayConfig
 from gateway.core import GatewayCore
 from gateway.discovery import Discovery, make_discovery
@@ -42,7 +43,7 @@ class GatewayHandle:
         await self.core.close()
 
 
-def _tokenizer_and_limits(model: str) -> tuple[Any, int, tuple[int, ...]]:
+def _tokenizer_and_limits(model: str) -> tuple[Any, int, tuple[int, ...], int]:
     from transformers import AutoConfig
 
     from specsplit.factory import load_tokenizer, model_folder
@@ -54,13 +55,18 @@ def _tokenizer_and_limits(model: str) -> tuple[Any, int, tuple[int, ...]]:
     eos = set(cfg.eos_token_ids)
     if tok.eos_token_id is not None:
         eos.add(int(tok.eos_token_id))
-    return tok, cfg.max_position_embeddings, tuple(sorted(eos))
+    return tok, cfg.max_position_embeddings, tuple(sorted(eos)), cfg.vocab_size
 
 
 async def start_gateway(cfg: GatewayConfig, *, max_model_len: int | None = None,
                         kube_client: Any = None) -> GatewayHandle:
-    tok, model_len, eos = await asyncio.to_thread(_tokenizer_and_limits, cfg.model)
-    core = GatewayCore(cfg, tok, min(max_model_len or model_len, model_len), eos)
+    keys = None  # first: a broken key file stops the start before anything is running
+    if cfg.api_key_file:
+        keys = ApiKeys(cfg.api_key_file, KeyLimits(cfg.api_key_max_concurrent, cfg.api_key_tokens_per_minute))
+    else:
+        log.warning("no --api-key-file: the gateway's APIs are open to anyone who can reach them")
+    tok, model_len, eos, vocab = await asyncio.to_thread(_tokenizer_and_limits, cfg.model)
+    core = GatewayCore(cfg, tok, min(max_model_len or model_len, model_len), eos, model_vocab_size=vocab)
     discoveries = []
     for pool, static, service, port in (
         (core.targets, cfg.target_addresses, cfg.target_service, cfg.target_port),
@@ -74,16 +80,25 @@ async def start_gateway(cfg: GatewayConfig, *, max_model_len: int | None = None,
         await d.start()
         pool.set_addresses(d.addresses())
         discoveries.append(d)
-    servicer = GatewayServicer(core)
+    if cfg.tier_tls("target") is None:
+        log.warning("connections to the draft and target tiers are PLAINTEXT: --tier-tls-ca (with "
+                    "--tier-tls-cert/--tier-tls-key for mutual TLS) encrypts them")
+    tls = cfg.tls
+    servicer = GatewayServicer(core, keys)
     srv = await start_grpc_server(lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s),
-                                  [SERVICE_NAME], host=cfg.host, port=cfg.grpc_port)
-    runner = web.AppRunner(OpenAIApi(core).app(), access_log=None)
+                                  [SERVICE_NAME], host=cfg.host, port=cfg.grpc_port, tls=tls)
+    runner = web.AppRunner(OpenAIApi(core, keys).app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
+    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls.ssl_context() if tls else None)
     await site.start()
     http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     await srv.set_serving(True)
-    log.info("gateway ready: HTTP http://%s:%d/v1, gRPC %s:%d", cfg.host, http_port, cfg.host, srv.port)
+    scheme = "https" if tls else "http"
+    if tls is None:
+        log.warning("HTTP on %s:%d is PLAINTEXT (no TLS): terminate TLS in front of it (Ingress) or pass "
+                    "--tls-cert/--tls-key", cfg.host, http_port)
+    log.info("gateway ready: HTTP %s://%s:%d/v1, gRPC %s:%d%s", scheme, cfg.host, http_port, cfg.host, srv.port,
+             "" if tls else " (plaintext)")
     return GatewayHandle(core, srv, runner, http_port, discoveries)
 
 

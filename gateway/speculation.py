@@ -14,19 +14,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+import grpc
 
 from gateway.tiers import NoReplica, ReplicaPool, TierFailure, TierSession
 from specsplit.outputs import SpecMetrics
 from specsplit.proto.v1 import common_pb2, draft_pb2, target_pb2
 from specsplit.serving.convert import logprobs_from_pb, params_to_pb
-from specsplit.serving.errors import Unavailable
+from specsplit.serving.errors import Overloaded, Unavailable
 from specsplit.spec.adaptive import AdaptiveK, CostModel
 from specsplit.spec.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+# a tier that refuses these would refuse them on every replica: the request itself is at fault
+CALLER_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def backoff_s(attempt: int, base_s: float = 0.05, cap_s: float = 1.0) -> float:
+    """Exponential backoff with jitter, so sessions preempted together do not return together."""
+    return random.uniform(0.5, 1.0) * min(cap_s, base_s * 2 ** max(0, attempt - 1))
 
 
 @dataclass
@@ -36,7 +47,9 @@ class LoopOptions:
     pipeline: bool = True  # draft block i+1 while block i is verified
     round_timeout_s: float = 30.0  # a round slower than this counts as a failed replica
     session_timeout_s: float = 3600.0  # deadline of each tier stream
-    max_failovers: int = 8  # re-opens per completion before giving up
+    max_failovers: int = 8  # failed re-opens in a row (no round in between) before UNAVAILABLE
+    vocab_size: int = 0  # draft ids must be below this (0: unchecked); the target checks again
+    kv_wait_s: float = 30.0  # a session a tier keeps refusing for lack of KV memory: RESOURCE_EXHAUSTED after this
 
 
 @dataclass
@@ -59,6 +72,7 @@ class LoopStats:
     verify_ns: int = 0
     overhead_ns: int = 0
     failovers: int = 0
+    preemptions: int = 0  # sessions a tier dropped for lack of KV memory, re-opened later
     draft_fallback: bool = False
 
     def to_pb(self) -> common_pb2.SpecStats:
@@ -69,6 +83,19 @@ class LoopStats:
             mean_accepted_length=m.mean_accepted_length, draft_ns=self.draft_ns, verify_ns=self.verify_ns,
             overhead_ns=self.overhead_ns, draft_fallback=self.draft_fallback,
         )
+
+
+def check_proposal(prop: draft_pb2.DraftProposal, k: int, vocab_size: int, address: str) -> None:
+    """A draft replica's answer must fit the request: at most k ids, all in the vocabulary, one q
+    per id when sampling. The target checks again, but a faulty draft is the draft's failure
+    (the session moves on or falls back to plain decoding), not the request's."""
+    ids = prop.token_ids
+    bad = len(ids) > k or (vocab_size > 0 and any(not 0 <= t < vocab_size for t in ids)) \
+        or (len(prop.q) not in (0, len(ids)))
+    if bad:
+        raise TierFailure("draft", address, grpc.StatusCode.INTERNAL,
+                          f"malformed proposal ({len(ids)} ids for k={k}, {len(prop.q)} distributions, "
+                          f"ids must be in [0, {vocab_size})): the draft replica is faulty")
 
 
 class CompletionLoop:
@@ -91,6 +118,11 @@ class CompletionLoop:
         self._bad_targets: set[str] = set()
         self._bad_drafts: set[str] = set()
         self._params_pb = params_to_pb(seq.params)
+        self._failures_in_row = 0  # target failovers since the last good round
+        self._kv_wait_since: float | None = None  # first KV refusal since the last good round
+        self._kv_refusals = 0  # KV refusals since the last good round
+        self._draft_pauses = 0  # draft KV refusals in a row
+        self._draft_retry_at = 0.0  # monotonic time before which no draft session is re-opened
 
     # ---- sessions --------------------------------------------------------------------------
     async def _open_target(self) -> None:
@@ -114,10 +146,7 @@ class CompletionLoop:
             try:
                 addr = self.drafts.acquire(self._bad_drafts)
             except NoReplica:
-                log.warning("no draft replica left: completing with plain target decoding")
-                self.stats.draft_fallback = True
-                self.drafts = None
-                self.adaptive.k_max = 0
+                self._fall_back("no draft replica left")
                 return False
             s = TierSession(self.drafts, addr, self.opts.session_timeout_s)
             try:
@@ -130,20 +159,56 @@ class CompletionLoop:
                 await self._drop(s, f, self.drafts, self._bad_drafts)
         return False
 
+    def _fall_back(self, why: str) -> None:
+        """The draft tier is optional: finish this completion with plain target decoding."""
+        log.warning("%s: completing with plain target decoding", why)
+        self.stats.draft_fallback = True
+        self.drafts = None
+        self.draft = None
+        self.adaptive.k_max = 0
+
     async def _drop(self, s: TierSession, f: TierFailure, pool: ReplicaPool, bad: set[str]) -> None:
+        """A session broke: close it and decide where (and when) it is re-opened, or give up."""
         await s.close()
         if not f.retryable:
-            raise f
+            if pool.tier == "draft":
+                self._fall_back(f"the draft tier refused the session ({f})")
+                return
+            if f.code in CALLER_ERRORS:
+                raise ValueError(str(f)) from None
+            raise Unavailable(str(f)) from None
         self.stats.failovers += 1
         log.warning("%s; re-opening the session on another replica", f)
         pool.mark_failed(f.address)
         bad.add(f.address)
         if pool.tier == "draft":
             return  # optional tier: once every replica failed, _open_draft falls back to plain decoding
-        if self.stats.failovers > self.opts.max_failovers:
-            raise Unavailable(f"gave up after {self.stats.failovers} failovers; last: {f}") from None
+        self._failures_in_row += 1
+        if self._failures_in_row > self.opts.max_failovers:
+            raise Unavailable(f"gave up after {self._failures_in_row} failed attempts; last: {f}") from None
         if not pool.healthy(bad):
-            bad.clear()  # every replica failed once: allow retries on restarted ones
+            # every replica failed once: retry them all (one may be back) after a backoff, so a
+            # tier that is down costs a few seconds of retries and then UNAVAILABLE, never a hang
+            bad.clear()
+            await asyncio.sleep(backoff_s(self._failures_in_row))
+
+    async def _wait_for_kv(self, s: TierSession, f: TierFailure) -> None:
+        """The target had no KV memory for this session (new, or preempted): re-open it later.
+
+        Not a replica failure: the replica stays in rotation and no failover is counted. The
+        re-open re-sends prompt + committed tokens, so a preempted session resumes where it was.
+        """
+        await s.close()
+        self.stats.preemptions += 1
+        self._kv_refusals += 1
+        now = time.monotonic()
+        if self._kv_wait_since is None:
+            self._kv_wait_since = now
+        if now - self._kv_wait_since > self.opts.kv_wait_s:
+            raise Overloaded(f"no target replica had KV memory for this request within "
+                             f"{self.opts.kv_wait_s:.0f}s; retry later ({f.details})")
+        log.info("%s; re-opening the session after a backoff", f)
+        await asyncio.sleep(backoff_s(self._kv_refusals, cap_s=2.0))
 
     async def close(self) -> None:
         for s in (self.target, self.draft):
@@ -158,7 +223,9 @@ class CompletionLoop:
         On a draft failure the session is re-opened elsewhere with the committed tokens; a
         speculative (pipelined) request is then dropped, since it assumed unverified tokens.
         """
-        if self.draft is None and not await self._open_draft():
+        # a pipelined request assumed the live session; after a KV refusal, wait a while
+        if self.draft is None and (speculative or time.monotonic() < self._draft_retry_at
+                                   or not await self._open_draft()):
             return None
         while self.draft is not None:
             self._round += 1
@@ -166,9 +233,18 @@ class CompletionLoop:
                 round_id=self._round, prefix_len=prefix_len, new_tokens=new_tokens, k=k))
             try:
                 resp = await self.draft.request(msg, self.opts.round_timeout_s)
+                check_proposal(resp.proposal, k, self.opts.vocab_size, self.draft.address)
+                self._draft_pauses = 0
                 return resp.proposal
             except TierFailure as f:
                 s, self.draft = self.draft, None
+                if f.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    # the draft's KV is full: decode plainly for a while, then re-open the session
+                    await s.close()
+                    self.stats.preemptions += 1
+                    self._draft_pauses += 1
+                    self._draft_retry_at = time.monotonic() + backoff_s(self._draft_pauses, cap_s=2.0)
+                    return None
                 await self._drop(s, f, self.drafts, self._bad_drafts)  # type: ignore[arg-type]
                 if speculative or not await self._open_draft():
                     return None
@@ -184,10 +260,15 @@ class CompletionLoop:
                 round_id=self._round, draft_ids=block, q=q))
             try:
                 resp = await self.target.request(msg, self.opts.round_timeout_s)  # type: ignore[union-attr]
+                self._failures_in_row = self._kv_refusals = 0
+                self._kv_wait_since = None
                 return resp.result
             except TierFailure as f:
                 s, self.target = self.target, None
-                await self._drop(s, f, self.targets, self._bad_targets)  # type: ignore[arg-type]
+                if f.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    await self._wait_for_kv(s, f)  # type: ignore[arg-type]
+                else:
+                    await self._drop(s, f, self.targets, self._bad_targets)  # type: ignore[arg-type]
 
     def _choose_k(self) -> int:
         seq = self.seq

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 
 from specsplit.serving.grpc_server import channel_options
+from specsplit.serving.tls import ClientTLS, aio_channel
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,11 @@ class NoReplica(Exception):
 class ReplicaPool:
     """Least-loaded routing over a changing set of replica addresses."""
 
-    def __init__(self, tier: str, stub_factory: Callable[[grpc.aio.Channel], Any], cooldown_s: float = 5.0) -> None:
+    def __init__(self, tier: str, stub_factory: Callable[[grpc.aio.Channel], Any], cooldown_s: float = 5.0,
+                 tls: ClientTLS | None = None) -> None:
         self.tier = tier
         self._stub_factory = stub_factory
+        self.tls = tls  # None: plaintext channels
         self.cooldown_s = cooldown_s
         self.addresses: list[str] = []
         self.load: dict[str, int] = {}
@@ -69,15 +72,23 @@ class ReplicaPool:
 
     def stub(self, address: str) -> Any:
         if address not in self._stubs:
-            ch = grpc.aio.insecure_channel(address, options=channel_options())
+            ch = aio_channel(address, self.tls, channel_options())
             self._channels[address] = ch
             self._stubs[address] = self._stub_factory(ch)
         return self._stubs[address]
 
     def healthy(self, exclude: set[str] = frozenset()) -> list[str]:
+        """Replicas not excluded, not failed within the cooldown, and whose channel is not known
+        to be down (gRPC keeps reconnecting a TRANSIENT_FAILURE channel in the background, so a
+        replica that comes back is healthy again within its reconnect backoff, ~1 s)."""
         now = time.monotonic()
         return [a for a in self.addresses
-                if a not in exclude and now - self._failed_at.get(a, -1e9) >= self.cooldown_s]
+                if a not in exclude and now - self._failed_at.get(a, -1e9) >= self.cooldown_s
+                and not self._down(a)]
+
+    def _down(self, address: str) -> bool:
+        ch = self._channels.get(address)
+        return ch is not None and ch.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
     def acquire(self, exclude: set[str] = frozenset()) -> str:
         candidates = self.healthy(exclude) or [a for a in self.addresses if a not in exclude]
@@ -120,20 +131,24 @@ class TierSession:
             raise await self._final_failure() from None
 
     async def request(self, msg: Any, timeout_s: float) -> Any:
-        """Send one round and wait for its answer (at most `timeout_s`)."""
+        """Send one round and wait for its answer; the deadline covers the write too (a stalled link)."""
         async with self._lock:
-            await self.send(msg)
             try:
-                resp = await asyncio.wait_for(self.call.read(), timeout_s)
+                return await asyncio.wait_for(self._round(msg), timeout_s)
             except asyncio.TimeoutError:
                 self.call.cancel()
                 raise TierFailure(self.pool.tier, self.address, grpc.StatusCode.DEADLINE_EXCEEDED,
                                   f"round took longer than {timeout_s:.1f}s") from None
-            except grpc.aio.AioRpcError as e:
-                raise self._failure(e) from None
-            if resp is grpc.aio.EOF:
-                raise await self._final_failure()
-            return resp
+
+    async def _round(self, msg: Any) -> Any:
+        await self.send(msg)
+        try:
+            resp = await self.call.read()
+        except grpc.aio.AioRpcError as e:
+            raise self._failure(e) from None
+        if resp is grpc.aio.EOF:
+            raise await self._final_failure()
+        return resp
 
     async def _final_failure(self) -> TierFailure:
         try:

@@ -71,6 +71,11 @@ def _server_flags(p: argparse.ArgumentParser, grpc_port: int, metrics: bool = Tr
         _add(p, "--metrics-port", type=int, default=9100, help="Prometheus /metrics port (0 = off)")
     _add(p, "--shutdown-grace-seconds", type=float, default=30.0, help="SIGTERM drain time")
     _add(p, "--log-level", default="info", help="debug, info, warning")
+    _add(p, "--tls-cert", help="PEM certificate (chain) to serve TLS with; without it the port is plaintext")
+    _add(p, "--tls-key", help="PEM private key of --tls-cert")
+    _add(p, "--tls-client-ca", help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    if metrics:  # the tiers: kubelet gRPC probes cannot speak TLS
+        _add(p, "--health-port", type=int, help="also serve grpc.health.v1 (only) on this plaintext port")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +112,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--no-pipeline", type=_bool, default=False, help="disable drafting block i+1 during verify", nargs="?",
          const=True)
     _add(p, "--max-model-len", type=int, help="context limit (default: the model's)")
+    _add(p, "--max-prompt-tokens", type=int, help="longest prompt accepted (default: the context minus one)")
+    _add(p, "--max-tokens-limit", type=int, default=8192, help="largest max_tokens a request may ask for")
+    _add(p, "--round-timeout", type=float, default=30.0, help="seconds a tier may take for one round before "
+         "the round is re-run on another replica")
+    _add(p, "--request-timeout", type=float, default=600.0, help="deadline of a request without a client deadline")
+    _add(p, "--kv-wait", type=float, default=30.0, help="seconds a request waits for KV memory on the target "
+         "tier before RESOURCE_EXHAUSTED / 429")
+    _add(p, "--api-key-file", help="require `Authorization: Bearer <key>` with a key from this file "
+         "(one per line, `name:key [max_concurrent=N] [tokens_per_minute=N]`; re-read when it changes)")
+    _add(p, "--api-key-max-concurrent", type=int, default=0, help="default per-key limit of running requests "
+         "(0 = none)")
+    _add(p, "--api-key-tokens-per-minute", type=int, default=0, help="default per-key limit of prompt + "
+         "completion tokens per minute (0 = none)")
+    _add(p, "--tier-tls-ca", help="PEM CA that signed the draft/target certificates: dial the tiers over TLS")
+    _add(p, "--tier-tls-cert", help="PEM client certificate for tiers that require mutual TLS")
+    _add(p, "--tier-tls-key", help="PEM private key of --tier-tls-cert")
+    _add(p, "--tier-tls-server-name", help="name the tiers' certificates carry (default: the Service's "
+         "DNS name service.namespace.svc in dns/kubernetes discovery, the address's host in static)")
 
     p = sub.add_parser("up", help="start target, draft and gateway as local processes (quick start)")
     _model_arg(p)
@@ -123,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="send a prompt to a running gateway and stream the answer")
     p.add_argument("prompt", help="the prompt (use --chat to send it as a user message)")
     _add(p, "--address", default="127.0.0.1:50051", help="gateway gRPC address")
+    _add(p, "--api-key", help="API key of the gateway (sent as `authorization: Bearer <key>`)")
+    _add(p, "--tls-ca", help="PEM CA of a gateway that serves TLS")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -153,7 +178,8 @@ def run_target(a: argparse.Namespace) -> int:
 
     cfg = TargetServiceConfig(
         a.model, a.host, a.grpc_port, a.metrics_port, a.dtype, a.tensor_parallel_size, a.max_model_len,
-        a.gpu_memory_utilization, a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds, a.enforce_eager)
+        a.gpu_memory_utilization, a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds, a.enforce_eager,
+        **_tier_tls(a))
     return _serve(lambda: start_target(cfg), cfg.shutdown_grace_seconds)
 
 
@@ -166,8 +192,13 @@ def run_draft(a: argparse.Namespace) -> int:
         raise SystemExit("specsplit draft needs --speculative-config (method draft_model or ngram)")
     cfg = DraftServiceConfig(
         a.model, sc, a.host, a.grpc_port, a.metrics_port, a.dtype, a.max_model_len, a.gpu_memory_utilization,
-        a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds)
+        a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds, **_tier_tls(a))
     return _serve(lambda: start_draft(cfg), cfg.shutdown_grace_seconds)
+
+
+def _tier_tls(a: argparse.Namespace) -> dict[str, Any]:
+    return {"tls_cert": a.tls_cert, "tls_key": a.tls_key, "tls_client_ca": a.tls_client_ca,
+            "health_port": a.health_port}
 
 
 def run_gateway(a: argparse.Namespace) -> int:
@@ -182,7 +213,12 @@ def run_gateway(a: argparse.Namespace) -> int:
         target_service=a.target_service, namespace=a.namespace, draft_port=a.draft_port,
         target_port=a.target_port, max_concurrent_requests=a.max_concurrent_requests,
         max_queued_requests=a.max_queued_requests, pipeline=not a.no_pipeline,
-        shutdown_grace_seconds=a.shutdown_grace_seconds,
+        shutdown_grace_seconds=a.shutdown_grace_seconds, max_prompt_tokens=a.max_prompt_tokens,
+        max_tokens_limit=a.max_tokens_limit, round_timeout_s=a.round_timeout, request_timeout_s=a.request_timeout,
+        kv_wait_s=a.kv_wait, api_key_file=a.api_key_file,
+        api_key_max_concurrent=a.api_key_max_concurrent, api_key_tokens_per_minute=a.api_key_tokens_per_minute,
+        tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, tier_tls_ca=a.tier_tls_ca,
+        tier_tls_cert=a.tier_tls_cert, tier_tls_key=a.tier_tls_key, tier_tls_server_name=a.tier_tls_server_name,
     )
 
     async def main() -> None:
@@ -209,7 +245,10 @@ def run_generate(a: argparse.Namespace) -> int:
     from specsplit.sampling.params import SamplingParams
 
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed)
-    with Client(a.address, timeout=a.timeout) as client:
+    from specsplit.serving.tls import ClientTLS
+
+    tls = ClientTLS(a.tls_ca) if a.tls_ca else None
+    with Client(a.address, timeout=a.timeout, api_key=a.api_key, tls=tls) as client:
         stream = client.stream_chat([{"role": "user", "content": a.prompt}], params) if a.chat \
             else client.stream(a.prompt, params)
         final = None
@@ -252,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"specsplit: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a refused call of `generate` (e.g. UNAUTHENTICATED): one line, no traceback
+        import grpc
+
+        if not isinstance(e, grpc.RpcError):
+            raise
+        print(f"specsplit: error: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
     except KeyboardInterrupt:
         return 130
     ap.error(f"unknown command {a.command}")

@@ -6,13 +6,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from specsplit.outputs import CompletionOutput, RequestOutput, SpecMetrics
 from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc
 from specsplit.sampling.params import SamplingParams
 from specsplit.serving.convert import params_to_pb
 from specsplit.serving.grpc_server import channel_options
+from specsplit.serving.tls import ClientTLS, channel
 
 _FINISH = {gateway_pb2.FINISH_REASON_STOP: "stop", gateway_pb2.FINISH_REASON_LENGTH: "length",
            gateway_pb2.FINISH_REASON_ABORT: "abort"}
@@ -58,10 +57,13 @@ def _event(msg: gateway_pb2.GenerateResponse) -> StreamEvent:
 class Client:
     """Blocking client of a running gateway (`specsplit up` or a deployment)."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", timeout: float = 600.0) -> None:
+    def __init__(self, address: str = "127.0.0.1:50051", timeout: float = 600.0, *, api_key: str | None = None,
+                 tls: ClientTLS | None = None) -> None:
+        """`api_key` goes out as `authorization: Bearer <key>` metadata; `tls` secures the channel."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=channel_options())
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+        self._channel = channel(address, tls, channel_options())
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -74,7 +76,8 @@ class Client:
         self._channel.close()
 
     def list_models(self) -> list[str]:
-        return [m.id for m in self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout).models]
+        return [m.id for m in self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout,
+                                                       metadata=self._metadata).models]
 
     def _request(self, prompt: str | dict[str, Any] | list[dict[str, str]], params: SamplingParams | None
                  ) -> gateway_pb2.GenerateRequest:
@@ -93,7 +96,7 @@ class Client:
 
     def stream(self, prompt: str | dict[str, Any], params: SamplingParams | None = None) -> Iterator[StreamEvent]:
         """Yield events as tokens are verified; the last one per completion has `finished`."""
-        call = self._stub.Generate(self._request(prompt, params), timeout=self.timeout)
+        call = self._stub.Generate(self._request(prompt, params), timeout=self.timeout, metadata=self._metadata)
         try:
             for msg in call:
                 yield _event(msg)

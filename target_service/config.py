@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specsplit.serving.tls import ServerTLS
+
 
 @dataclass(frozen=True)
 class TargetServiceConfig:
@@ -19,8 +21,13 @@ class TargetServiceConfig:
     max_batch: int = 64  # sessions verified in one forward at most
     shutdown_grace_seconds: float = 30.0  # SIGTERM: time for in-flight rounds to finish
     enforce_eager: bool = False  # skip CUDA graph capture (debugging, or to save memory)
+    tls_cert: str | None = None  # PEM certificate chain: serve TLS (plaintext without it)
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA: require client certificates it signed (mTLS)
+    health_port: int | None = None  # plaintext grpc.health.v1-only port for kubelet probes
 
     def __post_init__(self) -> None:
+        ServerTLS.from_flags(self.tls_cert, self.tls_key, self.tls_client_ca)  # fail early
         if not 0 <= self.grpc_port < 65536 or not 0 <= self.metrics_port < 65536:
             raise ValueError("ports must be in 0..65535")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
@@ -29,3 +36,7 @@ class TargetServiceConfig:
             raise ValueError("max_batch must be >= 1")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
+
+    @property
+    def tls(self) -> ServerTLS | None:
+        return ServerTLS.from_flags(self.tls_cert, self.tls_key, self.tls_client_ca)

@@ -19,6 +19,7 @@ from specsplit.sampling.params import SamplingParams
 from specsplit.serving.batcher import StepBatcher
 from specsplit.serving.convert import logprobs_to_pb, params_from_pb, sparse_from_pb
 from specsplit.serving.errors import grpc_errors, status_for
+from specsplit.serving.kv import admit, preempting
 from specsplit.serving.metrics import TierMetrics
 from specsplit.serving.tier import TierHandle, start_tier
 from specsplit.spec.target import SessionError, TargetVerifier, VerifyItem, VerifyResult
@@ -78,7 +79,12 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             asyncio.ensure_future(self._close(seq_id))
 
     def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams) -> None:
-        self.verifier.open(seq_id, token_ids, params)
+        self.verifier.open(seq_id, token_ids, params)  # validates first: bad input stays INVALID_ARGUMENT
+        try:
+            admit(self.verifier.runner.cache, len(token_ids))  # full: RESOURCE_EXHAUSTED, the gateway retries
+        except Exception:
+            self.verifier.close(seq_id)
+            raise
         self.metrics.sessions_opened.inc()
 
     async def _close(self, seq_id: int) -> None:
@@ -97,7 +103,7 @@ def _step(verifier: TargetVerifier, metrics: TierMetrics):  # noqa: ANN202 - clo
         metrics.steps.inc()
         metrics.batch_size.observe(len(items))
         return out
-    return run
+    return preempting(run, lambda it: it.seq_id)  # KV full: the newest sessions give way
 
 
 async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None = None) -> TierHandle:
@@ -139,7 +145,7 @@ async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None
     handle = await start_tier(
         name="target", add_servicer=lambda s: target_pb2_grpc.add_TargetServiceServicer_to_server(servicer, s),
         service_name=SERVICE_NAME, batcher=batcher, metrics=metrics, host=cfg.host, port=cfg.grpc_port,
-        metrics_port=cfg.metrics_port, warmup=warmup,
+        metrics_port=cfg.metrics_port, warmup=warmup, tls=cfg.tls, health_port=cfg.health_port,
     )
     servicer.handle = handle
     holder["h"] = handle

@@ -18,6 +18,7 @@ MAX_TEMPERATURE = 100.0
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 256  # each is checked on every generated token
 
 
 @dataclass
@@ -134,6 +135,8 @@ def _normalise_stop_token_ids(ids: Any) -> list[int]:
         return []
     if not isinstance(ids, (list, tuple)):
         raise ValueError(f"stop_token_ids must be a list of integers, got {ids!r}")
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids must have at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
     for i in ids:
         if not isinstance(i, int) or isinstance(i, bool) or i < 0:
             raise ValueError(f"stop_token_ids must contain integers >= 0, got {i!r}")

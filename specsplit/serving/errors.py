@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,12 +25,35 @@ class Overloaded(RuntimeError):
     """Admission control refused the request (queue full)."""
 
 
+class RateLimited(Overloaded):
+    """A per-API-key limit refused the request; `retry_after_s` is when trying again makes sense."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unauthenticated(RuntimeError):
+    """No valid API key (the message never contains the key that was sent)."""
+
+
+def retry_after(exc: BaseException) -> int | None:
+    """Whole seconds to wait before a retry, for Retry-After / `retry-after` metadata."""
+    if isinstance(exc, RateLimited):
+        return max(1, math.ceil(exc.retry_after_s))
+    if isinstance(exc, Overloaded):
+        return 1
+    return None
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map an exception to (code, message); unknown exceptions are INTERNAL."""
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code(), exc.details() or ""
     if isinstance(exc, UnknownSession):
         return grpc.StatusCode.NOT_FOUND, str(exc.args[0] if exc.args else exc)
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
     if isinstance(exc, (OutOfKVMemory, Overloaded)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, Unavailable):
@@ -53,7 +77,8 @@ def grpc_errors(fn: Any) -> Any:
             hook: Callable[[BaseException], None] | None = getattr(self, "on_internal_error", None)
             if hook is not None:
                 hook(exc)
-        await context.abort(code, msg)
+        wait = retry_after(exc)
+        await context.abort(code, msg, trailing_metadata=(("retry-after", str(wait)),) if wait else ())
 
 
     if inspect.isasyncgenfunction(fn):

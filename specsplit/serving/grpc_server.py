@@ -17,6 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from specsplit.serving.malformed import RejectMalformed
+from specsplit.serving.tls import ServerTLS, add_port
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 2**20  # a 32k-token prompt is ~130 kB packed; 16 MiB is generous
@@ -32,6 +35,10 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # a restarted replica is reached again within ~1 s (gRPC's default backoff grows to 120 s)
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
+        ("grpc.min_reconnect_backoff_ms", 5_000),  # = connect timeout: lets a lossy link connect
     ]
 
 
@@ -41,6 +48,8 @@ class GrpcServer:
     health: health_aio.HealthServicer
     port: int
     service_names: tuple[str, ...]
+    health_server: grpc.aio.Server | None = None  # plaintext health-only port (kubelet probes)
+    health_port: int = 0
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -51,28 +60,45 @@ class GrpcServer:
         """NOT_SERVING first (load balancers and the gateway stop sending), then drain."""
         await self.set_serving(False)
         await self.server.stop(grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
 
 
 async def start_grpc_server(
     add_servicers: Callable[[grpc.aio.Server], None], service_names: Iterable[str], *,
     host: str = "0.0.0.0", port: int = 0, max_concurrent_streams: int = 1024,
+    tls: ServerTLS | None = None, health_port: int | None = None,
 ) -> GrpcServer:
-    """Create, bind and start a server; health starts NOT_SERVING until `set_serving(True)`."""
+    """Create, bind and start a server; health starts NOT_SERVING until `set_serving(True)`.
+
+    With `tls` the port serves TLS (mutual TLS with a client CA). Kubernetes' native gRPC
+    probes cannot speak TLS, so `health_port` (0 = any free port) adds a plaintext port that
+    serves nothing but grpc.health.v1.
+    """
     opts = [*channel_options(), ("grpc.max_concurrent_streams", max_concurrent_streams)]
-    server = grpc.aio.server(options=opts)
+    server = grpc.aio.server(options=opts, interceptors=[RejectMalformed()])  # undecodable: INVALID_ARGUMENT
     add_servicers(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = tuple(service_names)
     reflection.enable_server_reflection((*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, host, port, tls)
     if bound == 0:
         raise OSError(f"could not bind gRPC port {host}:{port}")
     await server.start()
     srv = GrpcServer(server, health, bound, names)
+    if health_port is not None:
+        hs = grpc.aio.server(options=[("grpc.max_concurrent_streams", 16)])
+        health_pb2_grpc.add_HealthServicer_to_server(health, hs)
+        srv.health_port = hs.add_insecure_port(f"{host}:{health_port}")
+        if srv.health_port == 0:
+            raise OSError(f"could not bind the health port {host}:{health_port}")
+        await hs.start()
+        srv.health_server = hs
+        log.info("grpc.health.v1 (only) on plaintext port %s:%d", host, srv.health_port)
     await srv.set_serving(False)
-    log.info("gRPC listening on %s:%d (plaintext)", host, bound)
+    log.info("gRPC listening on %s:%d (%s)", host, bound, "TLS" if tls else "plaintext")
     return srv
 
 

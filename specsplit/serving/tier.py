@@ -12,6 +12,7 @@ import grpc
 from specsplit.serving.batcher import StepBatcher
 from specsplit.serving.grpc_server import GrpcServer, start_grpc_server, wait_for_signal
 from specsplit.serving.metrics import TierMetrics, serve_metrics
+from specsplit.serving.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,12 @@ class TierHandle:
 async def start_tier(
     *, name: str, add_servicer: Callable[[grpc.aio.Server], None], service_name: str,
     batcher: StepBatcher, metrics: TierMetrics, host: str, port: int, metrics_port: int,
-    warmup: Callable[[], Awaitable[None]] | None = None,
+    warmup: Callable[[], Awaitable[None]] | None = None, tls: ServerTLS | None = None,
+    health_port: int | None = None,
 ) -> TierHandle:
     batcher.start()
-    srv = await start_grpc_server(add_servicer, [service_name], host=host, port=port)
+    srv = await start_grpc_server(add_servicer, [service_name], host=host, port=port, tls=tls,
+                                  health_port=health_port)
     mport = 0
     if metrics_port:
         server, _ = serve_metrics(metrics.registry, host, metrics_port)

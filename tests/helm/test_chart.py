@@ -86,6 +86,19 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         },
         "imagePullSecrets": [{"name": "regcred"}],
     },
+    "mtls-cert-manager-api-keys": {
+        "tls": {"enabled": True, "issuerRef": {"name": "specsplit-ca", "kind": "ClusterIssuer"}},
+        "gateway": {
+            "apiKeys": {
+                "enabled": True,
+                "existingSecret": "specsplit-api-keys",
+                "maxConcurrentRequests": 4,
+                "tokensPerMinute": 100000,
+            }
+        },
+        "networkPolicy": {"enabled": True},
+        "target": {"kind": "StatefulSet"},
+    },
     "static-no-download": {
         "gateway": {
             "discovery": {
@@ -181,6 +194,9 @@ def test_every_manifest_validates_against_kubernetes_schemas(chart: Any, value_s
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             check_service_monitor(doc, docs)  # a CRD: no schema in kubernetes-validate
             continue
+        if doc["apiVersion"].startswith("cert-manager.io/"):
+            check_certificate(doc, docs)  # likewise
+            continue
         for version in KUBE_VERSIONS:
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
@@ -202,6 +218,28 @@ def check_service_monitor(monitor: dict[str, Any], docs: list[dict[str, Any]]) -
     names = {p["name"] for p in services[0]["spec"]["ports"]}
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["port"] in names and endpoint["path"] == "/metrics"
+
+
+def check_certificate(cert: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+    """A cert-manager Certificate (v1 fields only) whose Secret a workload of the chart mounts."""
+    assert cert["apiVersion"] == "cert-manager.io/v1" and cert["kind"] == "Certificate"
+    spec = cert["spec"]
+    allowed = {"secretName", "dnsNames", "commonName", "usages", "duration", "renewBefore", "privateKey",
+               "issuerRef"}
+    assert set(spec) <= allowed, set(spec) - allowed
+    assert spec["issuerRef"]["name"] and spec["issuerRef"]["kind"] in ("Issuer", "ClusterIssuer")
+    assert spec["issuerRef"]["group"] == "cert-manager.io"
+    assert set(spec["usages"]) <= {"server auth", "client auth", "digital signature", "key encipherment"}
+    assert spec["privateKey"] == {"algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always"}
+    for field in ("duration", "renewBefore"):
+        assert spec[field].endswith("h")
+    mounted = {
+        v["secret"]["secretName"]
+        for w in workloads(docs)
+        for v in w["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    }
+    assert spec["secretName"] in mounted
 
 
 # --- GPUs, probes, storage ------------------------------------------------------------------
@@ -295,7 +333,9 @@ def test_probes_are_native_grpc_on_the_health_port(chart: Any, value_set: str) -
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             handlers = {"grpc", "httpGet", "tcpSocket", "exec"} & c[probe].keys()
             assert handlers == {"grpc"}, (w["metadata"]["name"], probe)
-            assert c[probe]["grpc"]["port"] == port_of(c, "grpc")
+            # with TLS on, the tiers answer the (plaintext-only) kubelet probes on a health port
+            names = {p["name"] for p in c["ports"]}
+            assert c[probe]["grpc"]["port"] == port_of(c, "health" if "health" in names else "grpc")
             assert c[probe]["grpc"].get("service", "") == ""  # overall health of grpc.health.v1
 
 
@@ -455,10 +495,62 @@ def test_gateway_hpa_scales_on_cpu_and_owns_the_replica_count(chart: Any) -> Non
 
 
 def test_default_install_has_no_optional_extras(chart: Any) -> None:
-    kinds = {d["kind"] for d in render(chart)}
+    docs = render(chart)
+    kinds = {d["kind"] for d in docs}
     assert kinds.isdisjoint(
-        {"HorizontalPodAutoscaler", "Ingress", "NetworkPolicy", "ServiceMonitor"}
+        {"HorizontalPodAutoscaler", "Ingress", "NetworkPolicy", "ServiceMonitor", "Certificate"}
     )
+    for w in workloads(docs):  # plaintext and no API keys unless asked for
+        assert not [a for a in container(w)["args"] if "tls" in a or "api-key" in a]
+
+
+# --- security: mutual TLS between the tiers (cert-manager), API keys on the gateway ------------
+
+
+def test_mtls_certificates_and_flags_fit_together(chart: Any) -> None:
+    docs = render(chart, VALUE_SETS["mtls-cert-manager-api-keys"])
+    certs = {c["metadata"]["labels"]["app.kubernetes.io/component"]: c for c in find(docs, "Certificate")}
+    assert set(certs) == {"gateway", "draft", "target"}
+    assert certs["gateway"]["spec"]["usages"][0] == "client auth"
+    for tier in ("draft", "target"):
+        svc = one(docs, "Service", tier)["metadata"]["name"]
+        spec = certs[tier]["spec"]
+        assert spec["usages"][0] == "server auth"
+        # the gateway checks the tier's certificate against the Service's DNS name (its default)
+        assert f"{svc}.{NAMESPACE}.svc" in spec["dnsNames"]
+        assert spec["issuerRef"] == {"name": "specsplit-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+        w = next(w for w in workloads(docs) if w["metadata"]["labels"]["app.kubernetes.io/component"] == tier)
+        c = container(w)
+        pod = w["spec"]["template"]["spec"]
+        vol = next(v for v in pod["volumes"] if v["name"] == "tls")
+        assert vol["secret"]["secretName"] == spec["secretName"]
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "tls")
+        assert mount["readOnly"] is True
+        d = mount["mountPath"]
+        assert {f"--tls-cert={d}/tls.crt", f"--tls-key={d}/tls.key", f"--tls-client-ca={d}/ca.crt",
+                "--health-port=50060"} <= set(c["args"])
+        assert port_of(c, "health") == 50060 == c["readinessProbe"]["grpc"]["port"]
+    g = container(one(docs, "Deployment", "gateway"))
+    gpod = one(docs, "Deployment", "gateway")["spec"]["template"]["spec"]
+    vol = next(v for v in gpod["volumes"] if v["name"] == "tier-tls")
+    assert vol["secret"]["secretName"] == certs["gateway"]["spec"]["secretName"]
+    d = next(m for m in g["volumeMounts"] if m["name"] == "tier-tls")["mountPath"]
+    assert {f"--tier-tls-ca={d}/ca.crt", f"--tier-tls-cert={d}/tls.crt", f"--tier-tls-key={d}/tls.key"} <= set(g["args"])
+    # the gateway's probe stays on its gRPC port (its public ports are plaintext here)
+    assert g["readinessProbe"]["grpc"]["port"] == port_of(g, "grpc")
+
+
+def test_api_keys_come_from_a_mounted_secret(chart: Any) -> None:
+    docs = render(chart, VALUE_SETS["mtls-cert-manager-api-keys"])
+    w = one(docs, "Deployment", "gateway")
+    c = container(w)
+    vol = next(v for v in w["spec"]["template"]["spec"]["volumes"] if v["name"] == "api-keys")
+    assert vol["secret"] == {"secretName": "specsplit-api-keys", "defaultMode": 0o440}
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "api-keys")
+    assert "subPath" not in mount  # a subPath mount would never see the Secret change (revocation)
+    assert f"--api-key-file={mount['mountPath']}/api-keys" in c["args"]
+    assert {"--api-key-max-concurrent=4", "--api-key-tokens-per-minute=100000"} <= set(c["args"])
+    assert not find(docs, "Secret")  # the chart never holds the keys itself
 
 
 def test_notes_say_how_to_reach_the_gateway(chart: Any) -> None:
@@ -503,6 +595,10 @@ def test_notes_say_how_to_reach_the_gateway(chart: Any) -> None:
             {"gateway": {"discovery": {"targetAddresses": ["no-port"]}}},
             "/gateway/discovery/targetAddresses/0",
         ),
+        ({"tls": {"issuerRef": {"name": "ca", "kind": "Vault"}}}, "/tls/issuerRef/kind"),
+        ({"tls": {"duration": "90 days"}}, "/tls/duration"),
+        ({"gateway": {"apiKeys": {"tokensPerMinute": -1}}}, "/gateway/apiKeys/tokensPerMinute"),
+        ({"gateway": {"apiKeys": {"secret": "x"}}}, "additional properties 'secret' not allowed"),
     ],
 )
 def test_schema_rejects_wrong_values_with_a_clear_message(
@@ -529,6 +625,11 @@ def test_schema_rejects_wrong_values_with_a_clear_message(
         (
             {"speculativeConfig": {"model": None}},
             "speculativeConfig.model is required for method draft_model",
+        ),
+        ({"tls": {"enabled": True}}, "tls.enabled=true needs tls.issuerRef.name"),
+        (
+            {"gateway": {"apiKeys": {"enabled": True}}},
+            "gateway.apiKeys.enabled=true needs gateway.apiKeys.existingSecret",
         ),
     ],
 )
@@ -627,7 +728,9 @@ def test_docs_manifests_and_values_examples_are_valid(chart: Any) -> None:
     """Kubernetes objects in the docs validate; values examples pass the chart's schema."""
     checked = 0
     for block in docs_yaml_blocks():
-        if "apiVersion" in block:
+        if block.get("apiVersion", "").startswith("cert-manager.io/"):
+            assert block["kind"] in ("Issuer", "ClusterIssuer") and block["spec"]  # a CRD: no schema here
+        elif "apiVersion" in block:
             kubernetes_validate.validate(block, KUBE_VERSIONS[-1], strict=True)
         elif "rules" in block:  # prometheus-adapter configuration
             queries = [r["seriesQuery"] for r in block["rules"]["custom"]]

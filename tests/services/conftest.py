@@ -253,13 +253,14 @@ def health_status(address: str, service: str = "", timeout: float = 5.0) -> int:
 class ReplicaProcess:
     """`python -m specsplit.cli target|draft ... --grpc-port 0`; the port is read from its log."""
 
-    def __init__(self, kind: str, args: list[str], log_path: Path) -> None:
+    def __init__(self, kind: str, args: list[str], log_path: Path, port: int = 0) -> None:
+        """`port` 0: any free port; a fixed one lets a restarted replica come back at the same address."""
         self.kind = kind
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "specsplit.cli", kind, *args, "--host", "127.0.0.1", "--grpc-port", "0",
+            [sys.executable, "-m", "specsplit.cli", kind, *args, "--host", "127.0.0.1", "--grpc-port", str(port),
              "--metrics-port", "0", "--kv-cache-memory-bytes", str(KV_BYTES), "--log-level", "info"],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         self.port = 0

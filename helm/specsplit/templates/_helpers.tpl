@@ -284,4 +284,54 @@ maxUnavailable: {{ include "specsplit.intOrString" .maxUnavailable }}
 {{- if and .Values.gateway.enabled (not .Values.target.enabled) (ne $mode "static") }}
 {{- fail "target.enabled=false leaves the gateway without a target tier; enable it or use gateway.discovery.mode=static" }}
 {{- end }}
+{{- if and .Values.tls.enabled (not .Values.tls.issuerRef.name) }}
+{{- fail "tls.enabled=true needs tls.issuerRef.name: the cert-manager Issuer or ClusterIssuer that signs the tier and gateway certificates" }}
+{{- end }}
+{{- if and .Values.gateway.enabled .Values.gateway.apiKeys.enabled (not .Values.gateway.apiKeys.existingSecret) }}
+{{- fail "gateway.apiKeys.enabled=true needs gateway.apiKeys.existingSecret: a Secret whose key gateway.apiKeys.secretKey holds the key file" }}
+{{- end }}
+{{- end }}
+
+{{/* Server flags of a tier with tls.enabled: mutual TLS from its cert-manager Secret, and a
+plaintext health-only port for the kubelet's probes (they cannot speak TLS). */}}
+{{- define "specsplit.tierTlsArgs" -}}
+{{- if .Values.tls.enabled }}
+- --tls-cert=/etc/specsplit/tls/tls.crt
+- --tls-key=/etc/specsplit/tls/tls.key
+- --tls-client-ca=/etc/specsplit/tls/ca.crt
+- --health-port={{ int .Values.tls.probePort }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the Secret cert-manager fills for a component: (dict "root" $ "component" NAME). */}}
+{{- define "specsplit.tlsSecretName" -}}
+{{- printf "%s-tls" (include "specsplit.componentName" .) }}
+{{- end }}
+
+{{/* A read-only Secret volume and its mount: (dict "name" N "secret" S "path" P). */}}
+{{- define "specsplit.secretVolume" -}}
+- name: {{ .name }}
+  secret:
+    secretName: {{ .secret }}
+    defaultMode: 0440
+{{- end }}
+
+{{- define "specsplit.secretMount" -}}
+- name: {{ .name }}
+  mountPath: {{ .path }}
+  readOnly: true
+{{- end }}
+
+{{/* Certificate spec fields every certificate shares: (the tls values). */}}
+{{- define "specsplit.certificateCommon" -}}
+duration: {{ .duration }}
+renewBefore: {{ .renewBefore }}
+privateKey:
+  algorithm: ECDSA
+  size: 256
+  rotationPolicy: Always
+issuerRef:
+  name: {{ .issuerRef.name }}
+  kind: {{ .issuerRef.kind }}
+  group: {{ .issuerRef.group | default "cert-manager.io" }}
 {{- end }}

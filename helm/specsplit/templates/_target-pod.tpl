@@ -2,6 +2,8 @@
 {{- define "specsplit.target.podTemplate" -}}
 {{- $t := .Values.target }}
 {{- $tp := int $t.tensorParallelSize }}
+{{- $tls := .Values.tls.enabled }}
+{{- $probePort := ternary .Values.tls.probePort $t.grpcPort $tls }}
 metadata:
   {{- include "specsplit.podMetadata" (dict "root" . "component" "target" "values" $t) | nindent 2 }}
 spec:
@@ -31,6 +33,7 @@ spec:
         {{- end }}
         - --gpu-memory-utilization={{ $t.gpuMemoryUtilization }}
         - --shutdown-grace-seconds={{ int $t.shutdownGraceSeconds }}
+        {{- with include "specsplit.tierTlsArgs" . | trim }}{{ . | nindent 8 }}{{ end }}
         {{- with $t.extraArgs }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -46,12 +49,17 @@ spec:
         - name: metrics
           containerPort: {{ int $t.metricsPort }}
           protocol: TCP
+        {{- if $tls }}
+        - name: health
+          containerPort: {{ int .Values.tls.probePort }}
+          protocol: TCP
+        {{- end }}
       startupProbe:
-        {{- include "specsplit.grpcProbe" (dict "port" $t.grpcPort "probe" $t.startupProbe) | nindent 8 }}
+        {{- include "specsplit.grpcProbe" (dict "port" $probePort "probe" $t.startupProbe) | nindent 8 }}
       readinessProbe:
-        {{- include "specsplit.grpcProbe" (dict "port" $t.grpcPort "probe" $t.readinessProbe) | nindent 8 }}
+        {{- include "specsplit.grpcProbe" (dict "port" $probePort "probe" $t.readinessProbe) | nindent 8 }}
       livenessProbe:
-        {{- include "specsplit.grpcProbe" (dict "port" $t.grpcPort "probe" $t.livenessProbe) | nindent 8 }}
+        {{- include "specsplit.grpcProbe" (dict "port" $probePort "probe" $t.livenessProbe) | nindent 8 }}
       {{- with $t.lifecycle }}
       lifecycle:
         {{- toYaml . | nindent 8 }}
@@ -64,6 +72,12 @@ spec:
         {{- include "specsplit.resources" (dict "resources" $t.resources "gpus" $tp "name" .Values.gpuResourceName) | nindent 8 }}
       volumeMounts:
         {{- include "specsplit.volumeMounts" (dict "root" . "shm" $t.shmSizeLimit) | nindent 8 }}
+        {{- if $tls }}
+        {{- include "specsplit.secretMount" (dict "name" "tls" "path" "/etc/specsplit/tls") | nindent 8 }}
+        {{- end }}
   volumes:
     {{- include "specsplit.volumes" (dict "root" . "shm" $t.shmSizeLimit) | trim | nindent 4 }}
+    {{- if $tls }}
+    {{- include "specsplit.secretVolume" (dict "name" "tls" "secret" (include "specsplit.tlsSecretName" (dict "root" . "component" "target"))) | nindent 4 }}
+    {{- end }}
 {{- end }}

@@ -1,0 +1,286 @@
+"""The tiers of gpu_services_bench.py, each its own process, on random-weight models of real shapes.
+
+    python benchmarks/bench_tiers.py target   --shape llama8b --device cuda:0
+    python benchmarks/bench_tiers.py draft    --shape llama8b --device cuda:0 --seed 0
+    python benchmarks/bench_tiers.py gateways --folder DIR --target HOST:PORT --draft HOST:PORT -k 5
+
+Each serves the real service code (`start_target`, `start_draft`, `start_gateway`) on
+127.0.0.1, then prints one JSON line on stdout ({"ready": ...}: ports, step timings); after
+that it reads JSON commands from stdin, one per line, and answers each with one JSON line.
+EOF on stdin stops it. All other output goes to stderr.
+
+The target has `confident_random_model` weights (see specsplit/spec/oracle.py: its greedy
+continuation cannot flip on rounding), the draft random weights and the benchmark-only
+`OracleDrafter`, whose acceptance rate the parent sets with {"alpha": a}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # specsplit without an install
+from specsplit.testing import LLAMA_31_8B, LLAMA_32_1B  # noqa: E402
+
+TINY_TARGET = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=4096)
+TINY_DRAFT = dict(TINY_TARGET, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1)
+SHAPES: dict[str, tuple[dict, dict]] = {"llama8b": (LLAMA_31_8B, LLAMA_32_1B), "tiny": (TINY_TARGET, TINY_DRAFT)}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class Channel:
+    """JSON lines to the parent on the real stdout; anything else printed goes to stderr."""
+
+    def __init__(self) -> None:
+        self._out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self._out.write(json.dumps(obj) + "\n")
+        self._out.flush()
+
+    async def commands(self) -> AsyncIterator[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                return
+            if line.strip():
+                yield json.loads(line)
+
+
+def greedy() -> Any:
+    from specsplit.sampling.params import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=1)
+
+
+def write_model_folder(folder: Path, shape: dict) -> Path:
+    """config.json + a word-level tokenizer with one entry per id: what the gateway loads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = LlamaConfig(**shape)
+    cfg.save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(shape["vocab_size"])}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else 0
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=f"t{eos}").save_pretrained(folder)
+    return folder
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_target(verifier: Any, ctx: int, k: int, reps: int) -> dict[str, float]:
+    """Server-side ms of a 1-token step and a (k+1)-token verify at batch 1, context ~ctx."""
+    from specsplit.spec.target import VerifyItem
+
+    v = verifier.vocab_size
+    prompt = [(7 * i + 3) % v for i in range(ctx)]
+    block = [(13 * i + 1) % v for i in range(k)]  # wrong drafts: the context grows by 1 per step
+    out = {}
+    for name, drafts in (("step1_ms", []), (f"verify{k + 1}_ms", block)):
+        for sid in (-101, -102):  # the first pass captures the CUDA graphs the timed one replays
+            verifier.open(sid, prompt, greedy())
+            verifier.step([VerifyItem(sid, [])])
+            _sync(verifier.runner.device)
+            t = time.perf_counter()
+            for _ in range(reps):
+                verifier.step([VerifyItem(sid, list(drafts))])
+            dt = (time.perf_counter() - t) / reps * 1000
+            verifier.close(sid)
+        out[name] = dt
+    return out
+
+
+def time_draft(drafter: Any, ctx: int, k: int, reps: int) -> dict[str, float]:
+    """Server-side ms of proposing k tokens at batch 1 (k forwards), context ~ctx."""
+    from specsplit.spec.drafters import DraftRequest
+
+    v = drafter.vocab_size
+    drafter.open(-101, [(7 * i + 3) % v for i in range(ctx)], greedy())
+    req = [DraftRequest(-101, ctx, [], k)]  # same prefix each time: rolled back, k forwards
+    for _ in range(3):
+        drafter.propose(req)
+    _sync(drafter.device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        drafter.propose(req)
+    dt = (time.perf_counter() - t) / reps * 1000
+    drafter.close(-101)
+    return {f"draft{k}_ms": dt, "draft_token_ms": dt / k}
+
+
+def tier_stats(handle: Any, runner: Any, since: dict[str, float] | None = None) -> dict[str, float]:
+    """Batched steps of a tier (since an earlier snapshot): count, mean batch, mean step time, CUDA graphs."""
+    reg = handle.metrics.registry
+    graphs = getattr(runner, "graphs", None)
+    raw = {"steps": reg.get_sample_value("specsplit_steps_total") or 0.0,
+           "graphs": float(len(graphs.graphs)) if graphs is not None else 0.0,  # captured so far (max 96)
+           "graph_replays": float(graphs.replays) if graphs is not None else 0.0,
+           "batch_sum": reg.get_sample_value("specsplit_batch_size_sum") or 0.0,
+           "seconds_sum": reg.get_sample_value("specsplit_step_seconds_sum") or 0.0}
+    d = {k: v - (since or {}).get(k, 0.0) for k, v in raw.items()}
+    n = d["steps"]
+    return {**raw, "steps_since": n, "graphs_captured_since": d["graphs"], "graph_replays_since": d["graph_replays"],
+            "mean_batch": d["batch_sum"] / n if n else 0.0,
+            "mean_step_ms": 1000 * d["seconds_sum"] / n if n else 0.0}
+
+
+def _device_info(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+async def run_target(a: argparse.Namespace, ch: Channel) -> None:
+    from specsplit.runtime.runner import ModelRunner
+    from specsplit.spec.oracle import confident_random_model
+    from specsplit.spec.target import TargetVerifier
+    from specsplit.testing import random_model
+    from target_service.config import TargetServiceConfig
+    from target_service.server import start_target
+
+    dev, dtype = torch.device(a.device), DTYPES[a.dtype]
+    shape = SHAPES[a.shape][0]
+    t0 = time.perf_counter()
+    if a.weights == "confident":
+        cfg, model, _ = confident_random_model(shape, dev, dtype, seed=a.seed)
+    else:
+        cfg, model = random_model(shape, dev, dtype, seed=a.seed)
+    runner = ModelRunner.from_model(cfg, model, device=dev, max_model_len=a.max_model_len,
+                                    kv_cache_bytes=int(a.kv_gib * 2**30), enforce_eager=a.eager)
+    verifier = TargetVerifier(runner)
+    timing = time_target(verifier, a.ctx, a.k, a.reps)
+    print(f"[target] built in {time.perf_counter() - t0:.0f}s; {timing}", file=sys.stderr, flush=True)
+    handle = await start_target(TargetServiceConfig(model="random", host="127.0.0.1", grpc_port=0, metrics_port=0,
+                                                    max_batch=a.max_batch), verifier=verifier)
+    ch.send({"ready": True, "port": handle.port, "device": _device_info(dev), "timing": timing,
+             "torch": torch.__version__, "attention": runner.backend})
+    since: dict[str, float] = {}
+    async for cmd in ch.commands():
+        if "stats" in cmd:  # steps since the last {"stats": ...} call
+            since = tier_stats(handle, runner, since)
+            ch.send(since)
+        else:
+            ch.send({"error": f"unknown command {cmd}"})
+    await handle.shutdown(2.0)
+
+
+async def run_draft(a: argparse.Namespace, ch: Channel) -> None:
+    from dataclasses import asdict
+
+    from draft_service.config import DraftServiceConfig
+    from draft_service.server import start_draft
+    from specsplit.config import SpeculativeConfig
+    from specsplit.runtime.runner import ModelRunner
+    from specsplit.spec.oracle import OracleDrafter, OracleStats
+    from specsplit.testing import random_model
+
+    dev, dtype = torch.device(a.device), DTYPES[a.dtype]
+    cfg, model = random_model(SHAPES[a.shape][1], dev, dtype, seed=a.seed + 10)
+    runner = ModelRunner.from_model(cfg, model, device=dev, max_model_len=a.max_model_len,
+                                    kv_cache_bytes=int(a.kv_gib * 2**30), enforce_eager=a.eager)
+    drafter = OracleDrafter(runner, alpha=1.0, seed=a.seed)
+    timing = time_draft(drafter, a.ctx, a.k, a.reps)
+    timing.update({k: v for k, v in time_draft(drafter, a.ctx, a.k + 1, a.reps).items() if k != "draft_token_ms"})
+    print(f"[draft] {timing}", file=sys.stderr, flush=True)
+    scfg = SpeculativeConfig(method="draft_model", model="oracle (benchmark only)", num_speculative_tokens=a.k)
+    handle = await start_draft(DraftServiceConfig(model="random", speculative=scfg, host="127.0.0.1", grpc_port=0,
+                                                  metrics_port=0, max_batch=a.max_batch), drafter=drafter)
+    ch.send({"ready": True, "port": handle.port, "device": _device_info(dev), "timing": timing})
+    since: dict[str, float] = {}
+    async for cmd in ch.commands():
+        if "refs" in cmd:
+            await handle.batcher.call(drafter.set_references, cmd["refs"])
+            ch.send({"ok": True, "refs": len(drafter.refs)})
+        elif "alpha" in cmd:
+            await handle.batcher.call(drafter.set_alpha, float(cmd["alpha"]))
+            ch.send({"ok": True, "alpha": drafter.alpha})
+        elif "stats" in cmd:  # oracle counts since the last reset, draft steps since the last call
+            since = tier_stats(handle, runner, since)
+            ch.send({**asdict(drafter.stats), "draft_steps": since["steps_since"], "draft_mean_batch":
+                     since["mean_batch"], "draft_mean_step_ms": since["mean_step_ms"],
+                     "draft_graphs_captured": since["graphs_captured_since"]})
+            if cmd.get("reset"):
+                drafter.stats = OracleStats()
+        else:
+            ch.send({"error": f"unknown command {cmd}"})
+    await handle.shutdown(2.0)
+
+
+async def run_gateways(a: argparse.Namespace, ch: Channel) -> None:
+    """Several gateways in one process (only one is driven at a time), all on the same tiers."""
+    from gateway.config import GatewayConfig
+    from gateway.server import start_gateway
+    from specsplit.config import SpeculativeConfig
+
+    def spec(adaptive: bool) -> SpeculativeConfig:
+        return SpeculativeConfig(method="draft_model", model="oracle (benchmark only)", num_speculative_tokens=a.k,
+                                 adaptive=adaptive)
+
+    modes = {"plain": (None, False), "sequential": (spec(False), False), "pipelined": (spec(False), True),
+             "adaptive": (spec(True), True)}
+    handles = {}
+    for name, (sc, pipe) in modes.items():
+        cfg = GatewayConfig(model=a.folder, speculative=sc, host="127.0.0.1", port=0, grpc_port=0,
+                            target_addresses=(a.target,), draft_addresses=(a.draft,) if sc else (), pipeline=pipe,
+                            max_concurrent_requests=1024)
+        handles[name] = await start_gateway(cfg, max_model_len=a.max_model_len)
+    ch.send({"ready": True, "ports": {n: h.port for n, h in handles.items()}})
+    async for cmd in ch.commands():
+        ch.send({"error": f"unknown command {cmd}"})
+    for h in handles.values():
+        await h.shutdown(2.0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("role", choices=["target", "draft", "gateways"])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama8b")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument("--weights", choices=["confident", "random"], default="confident")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--kv-gib", type=float, default=8.0)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--ctx", type=int, default=192, help="context of the step timings")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("-k", type=int, default=5)
+    ap.add_argument("--folder", help="gateways: model folder (config + tokenizer)")
+    ap.add_argument("--target", help="gateways: target address")
+    ap.add_argument("--draft", help="gateways: draft address")
+    a = ap.parse_args()
+    ch = Channel()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"[{a.role}] %(levelname)s %(name)s: %(message)s")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    run = {"target": run_target, "draft": run_draft, "gateways": run_gateways}[a.role]
+    asyncio.run(run(a, ch))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

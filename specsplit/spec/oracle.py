@@ -1,0 +1,179 @@
+"""Benchmark-only: a drafter whose acceptance rate is set on purpose, and a target it can know.
+
+No real large checkpoint reaches the GPU machines, so the GPU benchmarks run models with the
+real shapes and random weights, whose drafts the target would never accept. The oracle drafter
+runs the real draft model forward for every token it proposes (so its cost is the real one),
+but proposes the target's own greedy continuation, known in advance, with each position replaced
+by a wrong token with probability 1 - alpha. Whether a position is right is drawn once per
+(reference, position) from the seed, so proposing a position again (after a rejection, or when a
+pipelined guess is thrown away) gives the same token, as a deterministic greedy draft would, and
+runs with and without pipelining see the same acceptance pattern.
+
+`confident_random_model` builds the target for it: random weights with the real shapes, except
+that the LM head is a permutation of the embedding, so the greedy next token is perm[current
+token] by a wide margin. A purely random bf16 model has next-token logits so flat that the
+rounding differences between a 1-token step and a 6-token verify flip its greedy choice every few
+dozen tokens; the output of plain and speculative decoding then differ for numerical reasons
+alone, and the oracle's references stop matching. The timing of a forward pass does not depend
+on the weights' values.
+
+Never serve with these: the oracle knows the answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from specsplit.runtime.runner import ModelRunner, StepInput
+from specsplit.sampling.logits import SamplingBatch, process_logits
+from specsplit.spec.drafters import DraftModelDrafter, DraftRequest, Proposal
+from specsplit.spec.target import SessionError
+
+
+@dataclass
+class OracleStats:
+    proposed: int = 0  # tokens proposed at a position its reference covers
+    wrong: int = 0  # of those, replaced by a wrong token on purpose
+    unknown: int = 0  # tokens with no reference (no match, off it, past its end): the model's own guess
+    off_reference: int = 0  # requests whose prefix left the reference (a wrong guess built on, or divergence)
+
+
+class OracleDrafter(DraftModelDrafter):
+    """Proposes references' tokens, each right with probability alpha; runs the model for the cost."""
+
+    method = "oracle"
+
+    def __init__(self, runner: ModelRunner, alpha: float = 1.0, seed: int = 0) -> None:
+        super().__init__(runner)
+        self.seed = seed
+        self.alpha = 1.0
+        self.set_alpha(alpha)
+        self.refs: list[list[int]] = []  # prompt + the target's greedy continuation
+        self._by_prompt: dict[tuple[int, ...], int] = {}
+        self._u: list[np.ndarray] = []  # [len(ref)] one uniform draw per position
+        self._wrong: list[list[int]] = []  # [len(ref)] the wrong token used at each position
+        self._ref_of: dict[int, int] = {}  # seq_id -> reference index
+        self._checked: dict[int, int] = {}  # seq_id -> leading tokens known to follow the reference
+        self.stats = OracleStats()
+
+    def set_alpha(self, alpha: float) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.alpha = float(alpha)
+
+    def set_references(self, refs: Iterable[tuple[Sequence[int], Sequence[int]]]) -> None:
+        """(prompt, greedy continuation) pairs; sessions are matched to them by their prompt."""
+        self.refs, self._by_prompt, self._u, self._wrong = [], {}, [], []
+        v = self.vocab_size
+        for i, (prompt, cont) in enumerate(refs):
+            full = [int(t) for t in prompt] + [int(t) for t in cont]
+            self._check(full, "reference")
+            rng = np.random.default_rng([self.seed, i])
+            self._u.append(rng.random(len(full)))
+            shift = rng.integers(1, v, len(full)) if v > 1 else np.zeros(len(full), dtype=np.int64)
+            self._wrong.append(((np.asarray(full) + shift) % max(v, 1)).tolist())  # never the right token
+            self._by_prompt[tuple(int(t) for t in prompt)] = i
+            self.refs.append(full)
+
+    def oracle_block(self, ref: int, start: int, k: int) -> list[int | None]:
+        """What to propose at positions start..start+k-1 of reference `ref` (None: past its end)."""
+        full, u, wrong = self.refs[ref], self._u[ref], self._wrong[ref]
+        out: list[int | None] = []
+        for p in range(start, start + k):
+            if p >= len(full):
+                out.append(None)
+            else:
+                out.append(full[p] if u[p] < self.alpha else wrong[p])
+        return out
+
+    # ---- session hooks -------------------------------------------------------------------------
+    def _on_open(self, seq_id: int) -> None:
+        s = self.sessions[seq_id]
+        if not s.params.greedy:
+            del self.sessions[seq_id]
+            raise SessionError("the oracle drafter serves greedy requests only")
+        super()._on_open(seq_id)
+        ref = self._by_prompt.get(tuple(s.tokens))
+        if ref is not None:
+            self._ref_of[seq_id] = ref
+            self._checked[seq_id] = len(s.tokens)
+
+    def _on_close(self, seq_id: int) -> None:
+        super()._on_close(seq_id)
+        self._ref_of.pop(seq_id, None)
+        self._checked.pop(seq_id, None)
+
+    def _rollback(self, seq_id: int, valid: int) -> None:
+        super()._rollback(seq_id, valid)
+        if seq_id in self._checked:
+            self._checked[seq_id] = min(self._checked[seq_id], valid)
+
+    def _plan(self, seq_id: int, tokens: list[int], k: int) -> list[int | None]:
+        """The block to propose, or Nones where the draft model's own token goes.
+
+        A prefix off the reference gets the model's tokens: a pipelined guess built on a block
+        with a wrong token (which the gateway throws away), or a real divergence.
+        """
+        ref = self._ref_of.get(seq_id)
+        if ref is not None:
+            full, c, n = self.refs[ref], self._checked[seq_id], len(tokens)
+            if n <= len(full) and tokens[c:n] == full[c:n]:
+                self._checked[seq_id] = n
+            else:
+                self.stats.off_reference += 1
+                ref = None
+        plan: list[int | None] = [None] * k if ref is None else self.oracle_block(ref, len(tokens), k)
+        known = sum(t is not None for t in plan)
+        self.stats.unknown += k - known
+        self.stats.proposed += known
+        if ref is not None:
+            self.stats.wrong += sum(t is not None and t != self.refs[ref][len(tokens) + j] for j, t in enumerate(plan))
+        return plan
+
+    def _draft(self, reqs: list[DraftRequest]) -> list[Proposal]:
+        """The draft model's real forward for every token, but the oracle's tokens fed and proposed."""
+        sessions = [self.sessions[r.seq_id] for r in reqs]
+        plans = [self._plan(r.seq_id, s.tokens, r.k) for r, s in zip(reqs, sessions, strict=True)]
+        batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
+        blocks: list[list[int]] = [[] for _ in reqs]
+        inputs = [StepInput(r.seq_id, s.tokens[self.runner.length(r.seq_id) :]) for r, s in zip(reqs, sessions, strict=True)]
+        live = list(range(len(reqs)))
+        while live:
+            logits = self.runner.forward([inputs[i] for i in live])  # [len(live), V]
+            sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < len(reqs) else batch
+            own = process_logits(logits, sub).argmax(-1).tolist()  # the draft's own greedy pick: its real cost
+            for j, i in enumerate(live):
+                want = plans[i][len(blocks[i])]
+                blocks[i].append(own[j] if want is None else want)
+            live = [i for i in live if len(blocks[i]) < reqs[i].k]
+            for i in live:
+                inputs[i] = StepInput(reqs[i].seq_id, [blocks[i][-1]])
+        return [Proposal(b) for b in blocks]
+
+
+def confident_random_model(shape: dict, device: torch.device, dtype: torch.dtype, *, seed: int = 0,
+                           layer_std: float = 0.004) -> tuple[Any, Any, list[int]]:
+    """Real-shaped Llama whose greedy next token is perm[current token] by a wide margin.
+
+    Embeddings ~ N(0, 1); the decoder layers' weights are small (`layer_std`) so the residual
+    stream stays close to the current token's embedding; LM head row perm[t] = embedding t / sqrt(H).
+    The true logit is then ~sqrt(H) while the others are ~N(0, 1): no rounding can flip it.
+    Returns (ModelConfig, model, perm).
+    """
+    from specsplit.testing import random_model
+
+    cfg, model = random_model(dict(shape, tie_word_embeddings=False), device, dtype, seed=seed, std=layer_std)
+    v, h = cfg.vocab_size, cfg.hidden_size
+    perm = torch.randperm(v, generator=torch.Generator().manual_seed(seed + 1))  # [V]
+    gen = torch.Generator(device=device).manual_seed(seed + 2)
+    with torch.no_grad():
+        emb = torch.randn(v, h, generator=gen, device=device).to(dtype)  # [V, H]
+        model.embed_tokens.weight.copy_(emb)
+        head = model.lm_head.weight  # [V (padded), H]
+        head[perm.to(device)] = emb * (1.0 / h**0.5)
+    return cfg, model, perm.tolist()
