@@ -129,7 +129,10 @@ class SpecEngine:
                     self._preempt_one()
                     return self._reap()
                 steps = max(q.k for q in reqs)
-                if steps:
+                # a draft that first catches up on tokens it skipped (rounds with k = 0, a
+                # fresh prefill) is not a draft step's cost: counting it would make drafting
+                # look dear, keep k at 0 and never measure it again
+                if steps and max(len(q.new_tokens) for q in reqs) <= self.k_max + 1:
                     self.costs.observe_draft((time.perf_counter() - t0) / steps)
                 for q, p in zip(reqs, props, strict=True):
                     drafts[q.seq_id] = p

@@ -42,12 +42,13 @@ def main() -> int:
     ap.add_argument("--arch", default="llama")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    tol = 2e-4 if dtype == torch.float32 else 0.1  # logits of order 1-10
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny_model(Path(tmp) / "m", args.arch, heads=4, kv_heads=2, hidden_size=64,
                                  tokenizer=False)
         ref = run(folder, args.device, dtype, "sdpa")
         out = run(folder, args.device, dtype, "triton")
+    scale = max(a.abs().max().item() for a in ref)
+    tol = 2e-4 if dtype == torch.float32 else 0.02 * scale  # bf16 rounds differently in fused kernels
     worst = max((a - b).abs().max().item() for a, b in zip(ref, out, strict=True))
     same_argmax = all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(ref, out, strict=True))
     print(f"max |triton - sdpa| = {worst:.2e} (tolerance {tol}); argmax equal: {same_argmax}")

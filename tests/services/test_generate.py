@@ -135,3 +135,35 @@ def test_concurrent_streams_share_target_batches(cluster: Cluster, reference: Re
         d = {le: after[le] - before[handle.metrics.tier][le] for le in after}
         assert d["+Inf"] - d["1.0"] > 0, f"no {handle.metrics.tier} step served more than one session: {d}"
         assert d["+Inf"] - d["4.0"] > 0, f"no {handle.metrics.tier} step served more than four sessions: {d}"
+
+
+@pytest.mark.timeout(120)
+def test_adaptive_k_does_not_count_a_draft_catch_up_as_draft_cost(cluster: Cluster, reference: Reference,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """After rounds with k = 0 the draft tier first catches up on the skipped tokens; that call
+    must not be recorded as the cost of a draft step, or k would stay at 0 for good."""
+    import asyncio
+
+    from gateway.speculation import CompletionLoop
+    from specsplit.spec.adaptive import AdaptiveK, CostModel
+
+    gw = cluster.gateway("draft_model", pipeline=False, adaptive=True)
+    plan = iter([0] * 8 + [1] * 100)  # 8 rounds without drafting, then drafting resumes
+    monkeypatch.setattr(AdaptiveK, "choose", lambda self, costs, limit: min(next(plan), limit))
+    real_propose = CompletionLoop._propose
+
+    async def propose(self, prefix_len, new_tokens, k, speculative=False):
+        if len(new_tokens) > self.adaptive.k_max + 1:
+            await asyncio.sleep(0.3)  # the catch-up: dearer than any draft step of the tiny model
+        return await real_propose(self, prefix_len, new_tokens, k, speculative)
+
+    monkeypatch.setattr(CompletionLoop, "_propose", propose)
+    seen: list[float] = []
+    real_observe = CostModel.observe_draft
+    monkeypatch.setattr(CostModel, "observe_draft", lambda self, s: (seen.append(s), real_observe(self, s))[1])
+    ref = reference.greedy(PROMPTS[0], 20)
+    out = stream_text(f"127.0.0.1:{gw.port}", PROMPTS[0], greedy_pb(20))
+    assert out.token_ids == ref.token_ids
+    assert out.final.stats.drafted_tokens > 0  # drafting did resume
+    assert seen, "plain draft steps after the catch-up are measured"
+    assert max(seen) < 0.1, seen

@@ -91,3 +91,38 @@ def test_verify_time_uses_nearest_measured_k():
     assert costs.verify_time(7) == pytest.approx(0.020)
     assert costs.round_time(3) == pytest.approx(0.010 + 3 * 0.001)
     assert CostModel().round_time(0) is None
+
+
+def test_engine_does_not_count_a_draft_catch_up_as_draft_cost(make_llm, tiny_target, tiny_draft, monkeypatch):
+    """After rounds with k = 0 the drafter first catches up on the skipped tokens.
+
+    That call is slow for reasons other than drafting; if it were recorded as the draft's
+    per-step cost, k would stay at 0 for good. Here the catch-up is made slow on purpose and
+    the recorded draft costs must not see it.
+    """
+    import time
+
+    from specsplit import SamplingParams
+
+    llm = make_llm(tiny_target, {"method": "draft_model", "model": str(tiny_draft),
+                                 "num_speculative_tokens": 3, "adaptive": True})
+    engine = llm.engine
+    k_max = engine.k_max
+    plan = iter([0] * 8 + [1] * 100)  # 8 rounds without drafting, then drafting resumes
+    monkeypatch.setattr(AdaptiveK, "choose", lambda self, costs, limit: min(next(plan), limit))
+    real_propose = engine.drafter.propose
+
+    def propose(reqs):
+        if max(len(q.new_tokens) for q in reqs) > k_max + 1:
+            time.sleep(0.3)  # the catch-up: much dearer than any draft step of a tiny model
+        return real_propose(reqs)
+
+    monkeypatch.setattr(engine.drafter, "propose", propose)
+    seen: list[float] = []
+    real_observe = engine.costs.observe_draft
+    monkeypatch.setattr(engine.costs, "observe_draft", lambda s: (seen.append(s), real_observe(s)))
+    out = llm.generate(["def f(x):"], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 20
+    assert out[0].metrics.num_drafted_tokens > 0  # drafting did resume
+    assert seen, "plain draft steps after the catch-up are measured"
+    assert max(seen) < 0.1, seen
