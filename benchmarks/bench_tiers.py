@@ -239,7 +239,7 @@ async def run_gateways(a: argparse.Namespace, ch: Channel) -> None:
                                  adaptive=adaptive)
 
     modes = {"plain": (None, False), "sequential": (spec(False), False), "pipelined": (spec(False), True),
-             "adaptive": (spec(True), True)}
+             "adaptive": (spec(True), True), "adaptive-sequential": (spec(True), False)}
     handles = {}
     for name, (sc, pipe) in modes.items():
         cfg = GatewayConfig(model=a.folder, speculative=sc, host="127.0.0.1", port=0, grpc_port=0,

@@ -84,7 +84,11 @@ def decode_ms(runner, prompt_len: int = 128, steps: int = 128, batch: int = 1) -
     dt = (time.perf_counter() - t) / steps * 1000
     graphs = getattr(runner, "graphs", None)
     if graphs is not None and graphs.graphs:  # GPU time of the replay alone: the rest is host overhead
-        g = list(graphs.graphs.values())[-1][0]
+        from specsplit.runtime.runner import BATCH_BUCKETS
+
+        b = next(x for x in BATCH_BUCKETS if x >= batch)  # the graph of this decode step: B bucket, Q = 1,
+        key = max((k for k in graphs.graphs if k[0] == b and k[1] == 1), key=lambda k: k[2])  # last context
+        g = graphs.graphs[key][0]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()

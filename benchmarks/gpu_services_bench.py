@@ -415,8 +415,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--load-prompts", type=int, default=16, help="distinct prompts cycled through in part 5")
     ap.add_argument("--load-warmup-s", type=float, default=4.0)
     ap.add_argument("--load-seconds", type=float, default=12.0, help="measured window per load level and mode")
-    ap.add_argument("--load-gateway", choices=["adaptive", "pipelined", "sequential"], default="adaptive",
-                    help="part 5 speculation: adaptive k (pipelined), or fixed k with/without pipelining")
+    ap.add_argument("--load-gateway", choices=["adaptive", "adaptive-sequential", "pipelined", "sequential"],
+                    default="adaptive", help="part 5 speculation: adaptive k with/without pipelining (without "
+                    "suits draft and target on one GPU), or fixed k with/without pipelining")
     ap.add_argument("--time-budget-s", type=float, default=480.0,
                     help="part 5 skips the load levels that would end past this many seconds from the start")
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -463,9 +464,13 @@ def start_tiers(a: argparse.Namespace, folder: Path, res: dict) -> tuple[Tier, T
     target = Tier("target", ["target", *common, "--device", tdev, "--weights", a.target_weights,
                              "--kv-gib", str(a.target_kv_gib)], tenv)
     a.tiers.append(target)
+    shared = a.device == "cpu" or a.target_gpu == a.draft_gpu
+    if shared:  # each tier times its steps at start: one at a time, or each slows the other's timing
+        target.wait_ready(a.startup_timeout)
     draft = Tier("draft", ["draft", *common, "--device", ddev, "--kv-gib", str(a.draft_kv_gib)], denv)
     a.tiers.append(draft)
-    t_ready, d_ready = target.wait_ready(a.startup_timeout), draft.wait_ready(a.startup_timeout)
+    t_ready = target.ready if shared else target.wait_ready(a.startup_timeout)
+    d_ready = draft.wait_ready(a.startup_timeout)
     timing = {**t_ready["timing"], **d_ready["timing"]}
     res.update(machine=f"target: {t_ready['device']}; draft: {d_ready['device']}", torch=t_ready["torch"],
                attention_backend=t_ready["attention"], tier_timings_ms=timing)

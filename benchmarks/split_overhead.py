@@ -137,6 +137,7 @@ def main() -> int:
     out = RESULTS / f"split_overhead_{stamp}.json"
     out.write_text(json.dumps({"benchmark": "split_overhead", "date": stamp, "machine": platform.machine(),
                                "command": " ".join(sys.argv), "spec": spec,
+                               "env": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
                                "rows": [{k: v for k, v in r.items() if k != "outputs"} for r in rows]}, indent=2))
     log(f"wrote {out}")
     return 0

@@ -79,6 +79,7 @@ class StepBatch:
     max_query_len: int  # Qmax
     context_len: int  # Lmax (padded for graphs)
     block_size: int
+    dense: bool = True  # derive the SDPA view (gathered slots, mask); paged kernels do without
 
     @property
     def key(self) -> tuple[int, int, int, int]:
@@ -87,7 +88,10 @@ class StepBatch:
 
     @classmethod
     def build(cls, token_ids: list[int], query_lens: list[int], seq_lens: list[int],
-              block_tables: list[list[int]], block_size: int, pad_context_to: int | None = None) -> StepBatch:
+              block_tables: list[list[int]], block_size: int, pad_context_to: int | None = None,
+              dense: bool = True, write_lens: list[int] | None = None, scratch_slot: int = 0) -> StepBatch:
+        """`write_lens[i]`: how many of sequence i's new tokens are real; the rest are padding
+        (uniform shapes for CUDA graphs) whose keys/values go to `scratch_slot`, read by no one."""
         b = len(query_lens)
         q = np.asarray(query_lens, dtype=np.int64)
         s = np.asarray(seq_lens, dtype=np.int64)
@@ -105,6 +109,8 @@ class StepBatch:
         token_pos = np.arange(t) - cu[:-1][token_seq]
         abs_pos = starts[token_seq] + token_pos
         slots = bt[token_seq, abs_pos // block_size] * block_size + abs_pos % block_size
+        if write_lens is not None:
+            slots = np.where(token_pos < np.asarray(write_lens, dtype=np.int64)[token_seq], slots, scratch_slot)
         j = np.arange(qmax)
         query_index = np.where(j[None, :] < q[:, None], cu[:-1, None] + j[None, :], 0)
         shift = qmax - q
@@ -116,7 +122,7 @@ class StepBatch:
                    ("query_index_right", query_index_right), ("token_pos_right", token_pos + shift[token_seq])]
         packed = np.concatenate([a.reshape(-1) for _, a in fields_])
         shapes = tuple((n, a.shape) for n, a in fields_)
-        return cls(packed, shapes, t, b, qmax, lmax, block_size)
+        return cls(packed, shapes, t, b, qmax, lmax, block_size, dense)
 
     def to_device(self, device: torch.device, out: Tensor | None = None) -> Tensor:
         """Copy to `device` (into `out` if given) through a reused pinned staging buffer."""
@@ -141,19 +147,23 @@ class StepBatch:
         dev = buf.device
         b, qmax, lmax, bs = self.num_seqs, self.max_query_len, self.context_len, self.block_size
         q, s, bt = parts["query_lens"], parts["seq_lens"], parts["block_tables"]
-        ctx_pos = torch.arange(lmax, device=dev)
-        ctx_valid = ctx_pos[None, :] < s[:, None]  # [B, Lmax]
-        kv_block = bt.gather(1, torch.clamp(ctx_pos // bs, max=bt.shape[1] - 1).expand(b, -1))
-        kv_slots = torch.where(ctx_valid, kv_block * bs + ctx_pos % bs, 0)
-        j = torch.arange(qmax, device=dev)
-        query_valid = j[None, :] < q[:, None]  # [B, Qmax]
-        qpos = (s - q)[:, None] + j[None, :]
-        mask = (ctx_pos[None, None, :] <= qpos[:, :, None]) & ctx_valid[:, None, :] & query_valid[:, :, None]
-        # padded query rows attend to position 0 so softmax never sees an all-masked row
-        mask[:, :, 0] |= ~query_valid
+        if self.dense:
+            ctx_pos = torch.arange(lmax, device=dev)
+            ctx_valid = ctx_pos[None, :] < s[:, None]  # [B, Lmax]
+            kv_block = bt.gather(1, torch.clamp(ctx_pos // bs, max=bt.shape[1] - 1).expand(b, -1))
+            kv_slots = torch.where(ctx_valid, kv_block * bs + ctx_pos % bs, 0)
+            j = torch.arange(qmax, device=dev)
+            query_valid = j[None, :] < q[:, None]  # [B, Qmax]
+            qpos = (s - q)[:, None] + j[None, :]
+            mask = (ctx_pos[None, None, :] <= qpos[:, :, None]) & ctx_valid[:, None, :] & query_valid[:, :, None]
+            # padded query rows attend to position 0 so softmax never sees an all-masked row
+            mask[:, :, 0] |= ~query_valid
+            mask = mask[:, None]
+        else:  # flash-attn and our Triton kernel read the block table themselves
+            kv_slots = mask = torch.empty(0, device=dev)
         meta = AttentionMetadata(
             slot_mapping=parts["slot_mapping"], query_lens=q, seq_lens=s, block_tables=bt,
-            query_index=parts["query_index"], kv_slots=kv_slots, mask=mask[:, None],
+            query_index=parts["query_index"], kv_slots=kv_slots, mask=mask,
             token_seq=parts["token_seq"], token_pos_in_seq=parts["token_pos_in_seq"],
             query_index_right=parts["query_index_right"], token_pos_right=parts["token_pos_right"],
             max_query_len=qmax,

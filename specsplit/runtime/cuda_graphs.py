@@ -1,13 +1,17 @@
-"""CUDA graphs for decode and verify steps.
+"""CUDA graphs for decode, verify and draft steps.
 
-A step where every sequence feeds the same number of new tokens Q and wants logits for all
-of them (decode: Q = 1; verify: Q = k + 1) has static shapes once the context length is
-rounded up to a bucket. Such steps are captured once per (batch size B, Q, context bucket)
-and replayed: one launch instead of hundreds, which is what keeps a 5 ms step near the
-memory-bandwidth bound. Prefill chunks and ragged batches run eagerly.
+The runner pads every short step to uniform shapes (each sequence to the step's longest
+query, the batch to a bucket; see `ModelRunner._uniform_batch`), so a step has static
+shapes once the context length is rounded up to a bucket. Such steps are captured once per
+(batch bucket B, query length Q, context bucket) and replayed: one launch instead of
+hundreds, which is what keeps a 5 ms step near the memory-bandwidth bound. Prefill chunks
+run eagerly.
 
-Capture happens lazily on the first step of a shape, using that step's real inputs (the
-warm-up passes write the same keys/values the replay writes, so capture is harmless).
+The paged backends (our Triton kernels, flash-attn) read the block table themselves, so
+the context bucket only sizes that table: buckets double from 2048 tokens and a handful of
+graphs covers every context. SDPA's gathered view grows with the context, so its buckets are
+256 tokens apart. `ModelRunner.capture_graphs` captures the common shapes at start-up; any
+other shape is captured on first use, with that step's real inputs.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ class CudaGraphs:
     """Captured forward passes keyed by the step's shapes (B, Q, context bucket)."""
 
     def __init__(self, model: Transformer, kv_layers: list[tuple[Tensor, Tensor]], backend: str,
-                 device: torch.device, *, context_bucket: int = 256, max_batch: int = 128, max_query: int = 17,
-                 max_graphs: int = 96, compile: bool = False) -> None:
+                 device: torch.device, *, context_bucket: int = 256, geometric: bool = False,
+                 max_batch: int = 128, max_query: int = 16, max_graphs: int = 256, compile: bool = False) -> None:
         self.model = model
         # torch.compile fuses the many small ops (norms, rotary, activations) that dominate a
         # 1-token step once launches are gone; dynamic shapes so one compilation serves all keys
@@ -36,6 +40,7 @@ class CudaGraphs:
         self.backend = backend
         self.device = device
         self.context_bucket = context_bucket
+        self.geometric = geometric  # buckets double from context_bucket instead of adding to it
         self.max_batch = max_batch
         self.max_query = max_query
         self.max_graphs = max_graphs
@@ -44,12 +49,9 @@ class CudaGraphs:
         self.replays = 0
 
     def bucket(self, max_seq_len: int) -> int:
+        if self.geometric:
+            return max(self.context_bucket, 1 << (max_seq_len - 1).bit_length())
         return -(-max_seq_len // self.context_bucket) * self.context_bucket
-
-    def eligible(self, query_lens: list[int], num_logits: list[int]) -> bool:
-        q = query_lens[0]
-        return (len(query_lens) <= self.max_batch and q <= self.max_query
-                and all(x == q for x in query_lens) and all(n == q for n in num_logits))
 
     def run(self, batch: StepBatch) -> Tensor | None:
         """Replay (capturing first if needed); None if the graph budget is used up."""

@@ -90,6 +90,13 @@ class PagedKVCache:
         self._free.extend(reversed(seq.blocks[keep:]))
         del seq.blocks[keep:]
 
+    def reserve_scratch(self) -> int:
+        """Take one block out of the pool for writes nobody reads (padding tokens of CUDA graphs)."""
+        if not self._free:
+            raise OutOfKVMemory("no block left for the scratch block")
+        self.num_blocks -= 1  # not part of the pool any more: usage counts only real blocks
+        return self._free.pop()
+
     def free(self, seq_id: int) -> None:
         seq = self.seqs.pop(seq_id, None)
         if seq is not None:

@@ -27,6 +27,9 @@ from specsplit.runtime.weights import iter_safetensors, load_weights
 
 log = logging.getLogger(__name__)
 
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)  # uniform steps pad the batch up to one of these
+UNIFORM_MAX_QUERY = 16  # longest step (tokens per sequence) run as a uniform, graph-captured step
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -75,19 +78,50 @@ class ModelRunner:
         self.packed = packing_enabled(device, self.dtype)
         if self.packed:
             model.prepack_cpu()
+        use_graphs = device.type == "cuda" and not enforce_eager
         self.cache = PagedKVCache(
-            cfg.num_layers, num_kv_blocks, block_size, cfg.num_kv_heads // ctx.world_size,
-            cfg.head_dim, self.dtype, device,
+            cfg.num_layers, num_kv_blocks + (1 if use_graphs else 0), block_size,
+            cfg.num_kv_heads // ctx.world_size, cfg.head_dim, self.dtype, device,
         )
+        self.dense = self.backend == "sdpa"  # SDPA needs the gathered [B, L] view; paged kernels do not
+        # uniform steps: short steps padded to one query length and a batch bucket, so that a
+        # few CUDA graphs serve every decode/verify/draft step whatever its mix of block lengths
+        self.scratch_slot: int | None = None
         self.graphs = None
-        if device.type == "cuda" and not enforce_eager:
+        if use_graphs:
             from specsplit.runtime.cuda_graphs import CudaGraphs
 
+            self.enable_uniform_steps()
             compile_ = os.environ.get("SPECSPLIT_COMPILE", "0") == "1"
-            self.graphs = CudaGraphs(model, self.cache.layers, self.backend, device, compile=compile_)
+            self.graphs = CudaGraphs(model, self.cache.layers, self.backend, device, compile=compile_,
+                                     context_bucket=256 if self.dense else 2048, geometric=not self.dense,
+                                     max_query=UNIFORM_MAX_QUERY, max_batch=BATCH_BUCKETS[-1])
         log.info("runner: %s on %s, dtype %s, attention %s, linear %s, KV %d blocks x %d tokens",
                  cfg.model_type, device, self.dtype, self.backend, "oneDNN packed" if self.packed else "torch",
                  num_kv_blocks, block_size)
+
+    def enable_uniform_steps(self) -> None:
+        """Pad short steps to uniform shapes (on CUDA with graphs; tests turn it on on CPU)."""
+        if self.scratch_slot is None:
+            self.scratch_slot = self.cache.reserve_scratch() * self.cache.block_size
+
+    def capture_graphs(self, max_query: int = 8, max_batch: int = 32) -> int:
+        """Capture the CUDA graphs of uniform steps up front (Q in 1..max_query, batch buckets up
+        to max_batch), so no capture stalls a live request; returns how many were captured."""
+        if self.graphs is None:
+            return 0
+        t0, n = time.perf_counter(), 0
+        for b in BATCH_BUCKETS:
+            if b > max_batch or b > self.graphs.max_batch:
+                break
+            for q in range(1, min(max_query, self.graphs.max_query) + 1):
+                batch = self._uniform_batch([], b, q)[0]  # padding only: writes go to the scratch slot
+                if batch.key not in self.graphs.graphs:
+                    self.graphs.run(batch)
+                    n += 1
+        torch.cuda.synchronize(self.device)
+        log.info("captured %d CUDA graphs in %.1fs", n, time.perf_counter() - t0)
+        return n
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -140,8 +174,10 @@ class ModelRunner:
         num_blocks = max(kv_cache_bytes // per_block, -(-max_len // block_size))
         log.info("KV cache: %.2f GiB for %d blocks (%d tokens)", num_blocks * per_block / 2**30,
                  num_blocks, num_blocks * block_size)
-        return cls(cfg, model, device=device, max_model_len=max_len, num_kv_blocks=int(num_blocks),
-                   block_size=block_size, backend=backend, enforce_eager=enforce_eager)
+        runner = cls(cfg, model, device=device, max_model_len=max_len, num_kv_blocks=int(num_blocks),
+                     block_size=block_size, backend=backend, enforce_eager=enforce_eager)
+        runner.capture_graphs()  # on CUDA without enforce_eager; every rank of a TP group in step
+        return runner
 
     # ---- sequences ---------------------------------------------------------------------
     def add(self, seq_id: int) -> None:
@@ -192,6 +228,20 @@ class ModelRunner:
         needs = self.check(inputs)
         for seq_id, n in needs.items():
             cache.reserve(seq_id, n)
+        shape = self._uniform_shape(inputs)
+        if shape is not None:
+            batch, logit_rows = self._uniform_batch(inputs, *shape)
+            logits = self.graphs.run(batch) if self.graphs is not None else None
+            rows = torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+            if logits is not None:
+                logits = logits[rows]  # a copy: the graph's output buffer is reused by the next replay
+            else:
+                input_ids, positions, meta = batch.unpack(batch.to_device(self.device))
+                hidden = self.model(input_ids, positions, cache.layers, meta, self.backend)
+                logits = self.model.compute_logits(hidden[rows])
+            for inp in inputs:
+                cache.seqs[inp.seq_id].length += len(inp.token_ids)
+            return logits
         query_lens, seq_lens, tables, ids, logit_rows = [], [], [], [], []
         offset = 0
         for inp in inputs:
@@ -203,22 +253,57 @@ class ModelRunner:
             ids.extend(inp.token_ids)
             logit_rows.extend(range(offset + n - inp.num_logits, offset + n))
             offset += n
-        graphs = self.graphs
-        use_graph = graphs is not None and graphs.eligible(query_lens, [i.num_logits for i in inputs])
-        pad = graphs.bucket(max(seq_lens)) if use_graph else None  # type: ignore[union-attr]
-        batch = StepBatch.build(ids, query_lens, seq_lens, tables, cache.block_size, pad)
-        logits = graphs.run(batch) if use_graph else None  # type: ignore[union-attr]
-        if logits is not None:
-            logits = logits.clone()  # the graph's output buffer is reused by the next replay
-        else:
-            input_ids, positions, meta = batch.unpack(batch.to_device(self.device))
-            hidden = self.model(input_ids, positions, cache.layers, meta, self.backend)  # [T, H]
-            if len(logit_rows) != len(ids):
-                hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)]
-            logits = self.model.compute_logits(hidden)  # [N, V]
+        batch = StepBatch.build(ids, query_lens, seq_lens, tables, cache.block_size, dense=self.dense)
+        input_ids, positions, meta = batch.unpack(batch.to_device(self.device))
+        hidden = self.model(input_ids, positions, cache.layers, meta, self.backend)  # [T, H]
+        if len(logit_rows) != len(ids):
+            hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)]
+        logits = self.model.compute_logits(hidden)  # [N, V]
         for inp in inputs:
             cache.seqs[inp.seq_id].length += len(inp.token_ids)
         return logits
+
+    def _uniform_shape(self, inputs: list[StepInput]) -> tuple[int, int] | None:
+        """(batch bucket, query length) if this step runs padded to uniform shapes, else None.
+
+        Decode, verify and draft steps are short; prefill chunks are not and run as they are.
+        """
+        if self.scratch_slot is None:
+            return None
+        q = max(len(i.token_ids) for i in inputs)
+        if q > UNIFORM_MAX_QUERY:
+            return None
+        b = next((x for x in BATCH_BUCKETS if x >= len(inputs)), None)
+        return None if b is None else (b, q)
+
+    def _uniform_batch(self, inputs: list[StepInput], b: int, q: int) -> tuple[StepBatch, list[int]]:
+        """Every sequence padded to q tokens, the batch to b sequences with padding-only rows.
+
+        Padding tokens sit after a sequence's real ones, so causal attention keeps them out
+        of the real tokens' results; their keys/values go to the scratch slot, so the cache
+        is untouched past each sequence's real end. Returns the batch and the logit rows.
+        """
+        cache = self.cache
+        ids: list[int] = []
+        seq_lens, tables, write_lens, rows = [], [], [], []
+        for i, inp in enumerate(inputs):
+            seq = cache.seqs[inp.seq_id]
+            n = len(inp.token_ids)
+            ids.extend(inp.token_ids)
+            ids.extend([0] * (q - n))
+            seq_lens.append(seq.length + q)
+            tables.append(seq.blocks)
+            write_lens.append(n)
+            rows.extend(range(i * q + n - inp.num_logits, i * q + n))
+        for _ in range(b - len(inputs)):
+            ids.extend([0] * q)
+            seq_lens.append(q)
+            tables.append([])
+            write_lens.append(0)
+        pad = self.graphs.bucket(max(seq_lens)) if self.graphs is not None else None
+        batch = StepBatch.build(ids, [q] * b, seq_lens, tables, cache.block_size, pad, dense=self.dense,
+                                write_lens=write_lens, scratch_slot=self.scratch_slot or 0)
+        return batch, rows
 
 
 def _inv_freq(cfg: ModelConfig, device: torch.device) -> Tensor:

@@ -71,7 +71,11 @@ class AdaptiveK:
     k_max: int
     enabled: bool = True
     alpha: Ema = field(default_factory=lambda: Ema(0.7, 0.3))  # optimistic prior: start speculating
-    zero_rounds: int = 0  # rounds in a row without drafting; every 16th probes with k = 1
+    zero_rounds: int = 0  # rounds without drafting since the last probe
+    # a probe (k = 1 after probe_every rounds without drafting) checks whether acceptance has
+    # changed; each probe that changes nothing doubles the wait, up to 256 rounds, since every
+    # probe costs a draft catch-up over the skipped tokens
+    probe_every: int = 16
 
     def observe(self, drafted: int, accepted: int) -> None:
         if drafted <= 0:
@@ -94,8 +98,10 @@ class AdaptiveK:
                 best_k, best_rate = k, rate
         if best_k == 0:
             self.zero_rounds += 1
-            if self.zero_rounds % 16 == 0:
+            if self.zero_rounds >= self.probe_every:
+                self.zero_rounds = 0
+                self.probe_every = min(2 * self.probe_every, 256)
                 return 1  # probe: acceptance may have changed since drafting stopped
         else:
-            self.zero_rounds = 0
+            self.zero_rounds, self.probe_every = 0, 16
         return best_k

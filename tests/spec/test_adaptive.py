@@ -64,12 +64,27 @@ def test_choose_respects_limit_and_disabled():
     assert AdaptiveK(5, enabled=False).choose(costs, limit=3) == 3
 
 
-def test_zero_k_probes_with_one_every_16th_round():
+def test_zero_k_probes_with_one_at_doubling_intervals():
     costs = _costs(draft_step=0.010, verify={0: 0.010, 5: 0.012})
     ad = _adaptive(0.05)
-    picks = [ad.choose(costs, limit=100) for _ in range(32)]
-    assert picks.count(1) == 2 and picks[15] == picks[31] == 1
+    picks = [ad.choose(costs, limit=100) for _ in range(2000)]
     assert set(picks) == {0, 1}
+    probes = [i for i, k in enumerate(picks) if k == 1]
+    gaps = [b - a for a, b in zip([-1, *probes], probes, strict=False)]
+    assert gaps[:6] == [16, 32, 64, 128, 256, 256]  # each probe that changes nothing doubles the wait
+    assert max(gaps) == 256
+
+
+def test_probe_interval_resets_once_drafting_pays_again():
+    costs = _costs(draft_step=0.010, verify={0: 0.010, 5: 0.012})
+    ad = _adaptive(0.05)
+    for _ in range(16 + 32 + 64):
+        ad.choose(costs, limit=100)
+    assert ad.probe_every == 128
+    ad.alpha.value = 0.99  # acceptance came back
+    cheap = _costs(draft_step=0.0005, verify={0: 0.010, 5: 0.011})
+    assert ad.choose(cheap, limit=100) == 5
+    assert ad.probe_every == 16 and ad.zero_rounds == 0
 
 
 def test_observe_tracks_acceptance():
