@@ -270,10 +270,13 @@ class CompletionLoop:
                 else:
                     await self._drop(s, f, self.targets, self._bad_targets)  # type: ignore[arg-type]
 
-    def _choose_k(self) -> int:
+    def _room(self) -> int:
+        """The longest block worth verifying: the round's own token must still fit after it."""
         seq = self.seq
-        room = min(seq.max_new_tokens() - 1, seq.max_model_len - len(seq.all_ids) - 1)
-        return self.adaptive.choose(self.costs, room) if self.drafts is not None else 0
+        return max(0, min(seq.max_new_tokens() - 1, seq.max_model_len - len(seq.all_ids) - 1))
+
+    def _choose_k(self) -> int:
+        return self.adaptive.choose(self.costs, self._room()) if self.drafts is not None else 0
 
     async def run(self) -> AsyncIterator[Delta]:
         """Generate until the sequence finishes, yielding each round's committed delta."""
@@ -333,8 +336,10 @@ class CompletionLoop:
                     assumed_all = a == len(drafted_block)
                     if prop is not None and assumed_all and prop.token_ids and prop.token_ids[0] == res.next_token:
                         hit = True
-                        block = list(prop.token_ids[1 : spec_k + 1])
-                        q = list(prop.q[1 : spec_k + 1])
+                        # drafted before this round's tokens were committed: cut to what is left
+                        n = min(spec_k, self._room())
+                        block = list(prop.token_ids[1 : n + 1])
+                        q = list(prop.q[1 : n + 1])
                         self.draft_valid = len(seq.all_ids)
                         self.stats.pipelined_rounds += 1
                 if not hit and self.drafts is not None:

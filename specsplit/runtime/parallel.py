@@ -8,6 +8,7 @@ all-reduce is skipped and the layers are plain linears: TP is not a separate cod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +55,15 @@ class _Linear(nn.Module):
 
     weight: nn.Parameter
     packed: tuple[Tensor, Tensor | None] | None = None
+    # a kernel for inputs of at most `skinny_rows` rows (decode/verify steps), set by the runner
+    skinny: Callable[[Tensor, Tensor, Tensor | None], Tensor] | None = None
+    skinny_rows: int = 0
 
     def _matmul(self, x: Tensor) -> Tensor:
         if self.packed is not None:
             return packed_linear(x, self.packed)
+        if self.skinny is not None and x.shape[0] <= self.skinny_rows:
+            return self.skinny(x, self.weight, getattr(self, "bias", None))
         return nn.functional.linear(x, self.weight, getattr(self, "bias", None))
 
     def prepack(self) -> None:

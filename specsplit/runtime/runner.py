@@ -72,10 +72,13 @@ class ModelRunner:
                 raise ValueError(f"the Triton backend needs a power-of-two head_dim, not {cfg.head_dim}")
             self.backend = "sdpa"  # our kernels tile the head dimension in powers of two
         log.info("attention backend: %s", self.backend)
+        if self.backend == "triton" and os.environ.get("SPECSPLIT_SKINNY_LINEAR", "0") == "1":
+            use_skinny_linear(model)  # opt-in until measured on a GPU (benchmarks/skinny_bench.py)
         if self.backend == "flash":
             block_size = max(block_size, 256)  # flash-attn's paged kernel wants 256-token blocks
         ctx = model.ctx
-        self.packed = packing_enabled(device, self.dtype)
+        # Triton on CPU is its interpreter, testing the GPU path: keep the GPU's linear layers
+        self.packed = packing_enabled(device, self.dtype) and self.backend != "triton"
         if self.packed:
             model.prepack_cpu()
         use_graphs = device.type == "cuda" and not enforce_eager
@@ -304,6 +307,16 @@ class ModelRunner:
         batch = StepBatch.build(ids, [q] * b, seq_lens, tables, cache.block_size, pad, dense=self.dense,
                                 write_lens=write_lens, scratch_slot=self.scratch_slot or 0)
         return batch, rows
+
+
+def use_skinny_linear(model: Transformer) -> None:
+    """Our Triton kernel for the projections of decode/verify steps (few rows, weight-bound)."""
+    from specsplit.runtime import triton_kernels as tk
+    from specsplit.runtime.parallel import _Linear
+
+    for m in model.modules():
+        if isinstance(m, _Linear):
+            m.skinny, m.skinny_rows = tk.skinny_linear, tk.SKINNY_MAX_ROWS
 
 
 def _inv_freq(cfg: ModelConfig, device: torch.device) -> Tensor:

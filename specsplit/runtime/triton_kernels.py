@@ -11,12 +11,18 @@ These kernels fold them into four per layer:
   the paged cache; returns q.
 - `paged_attention`: causal attention of each new token over its sequence's paged cache
   (online softmax), no gathered copy of K/V and no mask tensor.
+- `skinny_linear`: x @ W.T for a few rows of x (decode and verify steps), each program
+  streaming a strip of W once; for the small projections cuBLAS's kernels at M <= 16 reach
+  well under the memory bandwidth.
 
 Used when the attention backend is "triton" (CUDA with Triton, no flash-attn). The tests
 compare each kernel with the PyTorch path, on GPU and in Triton's CPU interpreter.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 import triton
@@ -153,3 +159,54 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tens
                                      block_tables.stride(0), scale, HQ=hq, HKV=hkv, D=d,
                                      BLOCK_SIZE=block_size, BLOCK_N=64)
     return out
+
+
+@triton.jit
+def _skinny_matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                          HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        if EVEN_K:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None], other=0.0)
+        else:
+            k_ok = k < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+SKINNY_MAX_ROWS = 16  # rows of x up to which `skinny_linear` is used (one 16-row tensor-core tile)
+SKINNY_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}  # tuned on an H200
+SKINNY_CONFIG.update(json.loads(os.environ.get("SPECSPLIT_SKINNY_CONFIG", "{}")))  # for tuning runs
+
+
+def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, **config: int) -> Tensor:
+    """x [M, K] @ weight[N, K].T (+ bias) for M <= SKINNY_MAX_ROWS; float32 accumulation."""
+    m, k = x.shape
+    n = weight.shape[0]
+    x = x.contiguous()
+    cfg = {**SKINNY_CONFIG, **config}
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    _skinny_matmul_kernel[grid](x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0),
+                                weight.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+                                EVEN_K=k % cfg["BLOCK_K"] == 0,
+                                PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                                BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y

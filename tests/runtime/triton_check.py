@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from specsplit.runtime.runner import ModelRunner, StepInput
+from specsplit.runtime.runner import ModelRunner, StepInput, use_skinny_linear
 from specsplit.testing import make_tiny_model
 
 # (seq, new tokens, logits wanted): prefill two prompts of different length, then a verify
@@ -26,15 +26,38 @@ STEPS = [
 ]
 
 
-def run(folder: Path, device: str, dtype: torch.dtype, backend: str, uniform: bool = False) -> list[torch.Tensor]:
+def run(folder: Path, device: str, dtype: torch.dtype, backend: str, uniform: bool = False,
+        skinny: bool = False) -> list[torch.Tensor]:
     r = ModelRunner.from_folder(folder, device=device, dtype=dtype, backend=backend, kv_cache_bytes=1 << 22,
                                 enforce_eager=True, max_model_len=256)
     assert r.backend == backend
     if uniform:  # short steps padded to uniform shapes, as CUDA graphs run them
         r.enable_uniform_steps()
+    if skinny:  # our projection kernel for steps of at most 16 rows
+        use_skinny_linear(r.model)
     r.add(0)
     r.add(1)
     return [r.forward([StepInput(s, ids, n) for s, ids, n in step]).float().cpu() for step in STEPS]
+
+
+def check_skinny_linear(device: str, dtype: torch.dtype, tol: float) -> bool:
+    """The projection kernel alone against F.linear: rows 1..16, with and without bias, K not a
+    multiple of the block."""
+    from specsplit.runtime.triton_kernels import skinny_linear
+
+    g = torch.Generator().manual_seed(0)
+    ok = True
+    for m, n, k, bias in [(1, 48, 256, False), (6, 40, 512, True), (16, 64, 512, False), (3, 33, 300, True)]:
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
+        b = torch.randn(n, generator=g) if bias else None
+        x, w = x.to(device, dtype), w.to(device, dtype)
+        b = b.to(device, dtype) if b is not None else None
+        y = skinny_linear(x, w, b, BLOCK_K=128).float()
+        ref = torch.nn.functional.linear(x.float(), w.float(), b.float() if b is not None else None)
+        err = (y - ref).abs().max().item()
+        print(f"skinny_linear m={m} n={n} k={k} bias={bias}: max |diff| {err:.2e}")
+        ok = ok and err <= tol
+    return ok
 
 
 def main() -> int:
@@ -49,7 +72,9 @@ def main() -> int:
                                  tokenizer=False)
         ref = run(folder, args.device, dtype, "sdpa")
         outs = {"triton": run(folder, args.device, dtype, "triton"),
-                "triton, uniform steps": run(folder, args.device, dtype, "triton", uniform=True)}
+                "triton, uniform steps": run(folder, args.device, dtype, "triton", uniform=True),
+                "triton, uniform steps, skinny linear": run(folder, args.device, dtype, "triton", uniform=True,
+                                                            skinny=True)}
     scale = max(a.abs().max().item() for a in ref)
     tol = 2e-4 if dtype == torch.float32 else 0.02 * scale  # bf16 rounds differently in fused kernels
     ok = True
@@ -58,6 +83,7 @@ def main() -> int:
         same_argmax = all(torch.equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(ref, out, strict=True))
         print(f"max |{name} - sdpa| = {worst:.2e} (tolerance {tol}); argmax equal: {same_argmax}")
         ok = ok and worst <= tol and (same_argmax or dtype != torch.float32)
+    ok = check_skinny_linear(args.device, dtype, 1e-4 if dtype == torch.float32 else 0.05) and ok
     return 0 if ok else 1
 
 

@@ -167,3 +167,19 @@ def test_adaptive_k_does_not_count_a_draft_catch_up_as_draft_cost(cluster: Clust
     assert out.final.stats.drafted_tokens > 0  # drafting did resume
     assert seen, "plain draft steps after the catch-up are measured"
     assert max(seen) < 0.1, seen
+
+
+@pytest.mark.timeout(120)
+def test_pipelined_block_never_runs_past_max_tokens(cluster: Cluster, reference: Reference) -> None:
+    """A block drafted ahead (during the previous verify) is cut to the tokens still allowed:
+    every round then emits its accepted tokens plus one, the last one included."""
+    gw = cluster.gateway("draft_model", pipeline=True)
+    pipelined = 0
+    for max_tokens in range(2, 15):
+        ref = reference.greedy(PROMPTS[0], max_tokens)
+        out = stream_text(f"127.0.0.1:{gw.port}", PROMPTS[0], greedy_pb(max_tokens))
+        assert out.token_ids == ref.token_ids
+        stats = out.final.stats
+        assert stats.rounds == max_tokens - stats.accepted_tokens, (max_tokens, stats)
+        pipelined += stats.pipelined_rounds
+    assert pipelined > 0
