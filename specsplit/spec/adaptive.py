@@ -65,24 +65,54 @@ class CostModel:
 
 
 @dataclass
+class Acceptance:
+    """Per-token acceptance rate α from recent rounds, as the geometric model's estimate.
+
+    A round that drafted d tokens and accepted a is a run of a accepted tokens, ended by one
+    rejection if a < d. The maximum-likelihood α over many rounds is accepted tokens divided
+    by (accepted tokens + rejections); both counts decay each round so the estimate follows
+    changes. A per-round ratio a/d would be biased low and noisy: one early rejection in a
+    block of 5 would read as α = 0 even when α is 0.9.
+    """
+
+    accepted: float
+    rejected: float
+    decay: float = 0.85  # per round: about the last 6-7 rounds count
+
+    @classmethod
+    def prior(cls, alpha: float, weight: float = 2.0) -> Acceptance:
+        """Start at `alpha`, worth `weight` token trials of evidence."""
+        return cls(alpha * weight, (1.0 - alpha) * weight)
+
+    @property
+    def value(self) -> float:
+        total = self.accepted + self.rejected
+        return self.accepted / total if total > 0 else 0.0
+
+    def update(self, drafted: int, accepted: int) -> None:
+        self.accepted = self.decay * self.accepted + accepted
+        self.rejected = self.decay * self.rejected + (1.0 if accepted < drafted else 0.0)
+
+
+@dataclass
 class AdaptiveK:
     """Per-sequence acceptance estimate and the k it implies."""
 
     k_max: int
     enabled: bool = True
-    alpha: Ema = field(default_factory=lambda: Ema(0.7, 0.3))  # optimistic prior: start speculating
+    alpha: Acceptance = field(default_factory=lambda: Acceptance.prior(0.7))  # optimistic: start speculating
     zero_rounds: int = 0  # rounds without drafting since the last probe
     # a probe (k = 1 after probe_every rounds without drafting) checks whether acceptance has
-    # changed; each probe that changes nothing doubles the wait, up to 256 rounds, since every
-    # probe costs a draft catch-up over the skipped tokens
+    # changed; each rejected probe doubles the wait, up to 256 rounds, since every probe costs
+    # a draft catch-up over the skipped tokens; an accepted one brings it back to 16
     probe_every: int = 16
 
     def observe(self, drafted: int, accepted: int) -> None:
         if drafted <= 0:
             return
-        # per-token acceptance from a truncated-geometric observation: accepted of drafted
-        rate = accepted / drafted if accepted < drafted else (accepted + 1) / (drafted + 1)
-        self.alpha.update(rate)
+        self.alpha.update(drafted, accepted)
+        if accepted > 0:
+            self.probe_every = 16
 
     def choose(self, costs: CostModel, limit: int) -> int:
         k_cap = max(0, min(self.k_max, limit))
@@ -100,7 +130,7 @@ class AdaptiveK:
             self.zero_rounds += 1
             if self.zero_rounds >= self.probe_every:
                 self.zero_rounds = 0
-                self.probe_every = min(2 * self.probe_every, 256)
+                self.probe_every = min(2 * self.probe_every, 256)  # observe() resets it if accepted
                 return 1  # probe: acceptance may have changed since drafting stopped
         else:
             self.zero_rounds, self.probe_every = 0, 16

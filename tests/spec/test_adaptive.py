@@ -2,7 +2,7 @@
 
 import pytest
 
-from specsplit.spec.adaptive import AdaptiveK, CostModel, Ema, expected_tokens
+from specsplit.spec.adaptive import Acceptance, AdaptiveK, CostModel, expected_tokens
 
 
 def _costs(draft_step: float, verify: dict[int, float]) -> CostModel:
@@ -14,7 +14,7 @@ def _costs(draft_step: float, verify: dict[int, float]) -> CostModel:
 
 
 def _adaptive(alpha: float, k_max: int = 5) -> AdaptiveK:
-    return AdaptiveK(k_max, alpha=Ema(alpha, 0.3))
+    return AdaptiveK(k_max, alpha=Acceptance.prior(alpha))
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8, 0.95])
@@ -60,7 +60,7 @@ def test_choose_respects_limit_and_disabled():
     costs = _costs(draft_step=0.0005, verify={0: 0.010, 5: 0.011})
     assert _adaptive(0.95).choose(costs, limit=2) == 2
     assert _adaptive(0.95).choose(costs, limit=0) == 0
-    assert AdaptiveK(5, enabled=False, alpha=Ema(0.0)).choose(costs, limit=100) == 5
+    assert AdaptiveK(5, enabled=False, alpha=Acceptance.prior(0.0)).choose(costs, limit=100) == 5
     assert AdaptiveK(5, enabled=False).choose(costs, limit=3) == 3
 
 
@@ -81,7 +81,7 @@ def test_probe_interval_resets_once_drafting_pays_again():
     for _ in range(16 + 32 + 64):
         ad.choose(costs, limit=100)
     assert ad.probe_every == 128
-    ad.alpha.value = 0.99  # acceptance came back
+    ad.alpha = Acceptance.prior(0.99)  # acceptance came back
     cheap = _costs(draft_step=0.0005, verify={0: 0.010, 5: 0.011})
     assert ad.choose(cheap, limit=100) == 5
     assert ad.probe_every == 16 and ad.zero_rounds == 0
@@ -141,3 +141,54 @@ def test_engine_does_not_count_a_draft_catch_up_as_draft_cost(make_llm, tiny_tar
     assert out[0].metrics.num_drafted_tokens > 0  # drafting did resume
     assert seen, "plain draft steps after the catch-up are measured"
     assert max(seen) < 0.1, seen
+
+
+def _rounds(alpha: float, k: int, n: int, seed: int = 0) -> list[int]:
+    """Accepted counts of n rounds of k drafted tokens, each accepted with probability alpha."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a = 0
+        while a < k and rng.random() < alpha:
+            a += 1
+        out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.6, 0.8, 0.9])
+def test_acceptance_estimate_is_unbiased_for_geometric_rounds(alpha):
+    est = Acceptance.prior(0.7)
+    values = []
+    for a in _rounds(alpha, 5, 3000):
+        est.update(5, a)
+        values.append(est.value)
+    mean = sum(values[100:]) / len(values[100:])
+    assert mean == pytest.approx(alpha, abs=0.04)
+    # the per-round ratio a/d that this replaced reads far too low at high acceptance
+    if alpha >= 0.8:
+        naive = [a / 5 if a < 5 else 1.0 for a in _rounds(alpha, 5, 3000)]
+        assert sum(naive) / len(naive) < alpha - 0.1
+
+
+def test_one_early_rejection_does_not_stop_drafting():
+    ad = _adaptive(0.7)
+    for _ in range(10):
+        ad.observe(5, 5)
+    ad.observe(5, 0)  # one block rejected at its first token
+    assert ad.alpha.value > 0.8
+    costs = _costs(draft_step=0.003, verify={0: 0.010, 5: 0.015})  # CPU-like: a draft step is 1/3 of a step
+    assert ad.choose(costs, limit=100) >= 2
+
+
+def test_accepted_probe_resets_the_probe_interval():
+    ad = _adaptive(0.05)
+    costs = _costs(draft_step=0.010, verify={0: 0.010, 5: 0.012})
+    for _ in range(16 + 32):
+        ad.choose(costs, limit=100)
+    assert ad.probe_every == 64
+    ad.observe(1, 0)  # a rejected probe changes nothing
+    assert ad.probe_every == 64
+    ad.observe(1, 1)
+    assert ad.probe_every == 16
