@@ -54,8 +54,14 @@ class CostModel:
         known = sorted(self.verify)
         if not known:
             return None
-        # nearest measured k: verify cost grows slowly with k while memory bound
-        return self.verify[min(known, key=lambda j: abs(j - k))].value
+        lo = [j for j in known if j < k]
+        hi = [j for j in known if j > k]
+        if lo and hi:  # between two measured block lengths: verify cost is close to linear in k
+            a, b = lo[-1], hi[0]
+            ta, tb = self.verify[a].value, self.verify[b].value
+            return ta + (tb - ta) * (k - a) / (b - a)
+        # beyond them: the nearest one (cost grows slowly with k while memory bound)
+        return self.verify[(lo or hi)[-1 if lo else 0]].value
 
     def round_time(self, k: int) -> float | None:
         v = self.verify_time(k)

@@ -100,11 +100,9 @@ def test_observe_tracks_acceptance():
     assert ad.alpha.value == before
 
 
-def test_verify_time_uses_nearest_measured_k():
-    costs = _costs(draft_step=0.001, verify={1: 0.010, 8: 0.020})
-    assert costs.verify_time(2) == pytest.approx(0.010)
-    assert costs.verify_time(7) == pytest.approx(0.020)
-    assert costs.round_time(3) == pytest.approx(0.010 + 3 * 0.001)
+def test_round_time_is_verify_plus_k_draft_steps():
+    costs = _costs(draft_step=0.001, verify={1: 0.010, 8: 0.017})
+    assert costs.round_time(3) == pytest.approx(0.012 + 3 * 0.001)
     assert CostModel().round_time(0) is None
 
 
@@ -192,3 +190,14 @@ def test_accepted_probe_resets_the_probe_interval():
     assert ad.probe_every == 64
     ad.observe(1, 1)
     assert ad.probe_every == 16
+
+
+def test_verify_time_interpolates_between_measured_block_lengths():
+    costs = _costs(draft_step=0.001, verify={0: 0.010, 5: 0.020})
+    assert costs.verify_time(0) == 0.010 and costs.verify_time(5) == 0.020
+    assert costs.verify_time(2) == pytest.approx(0.014)  # not the nearest (0.010)
+    assert costs.verify_time(4) == pytest.approx(0.018)
+    assert costs.verify_time(8) == 0.020  # beyond the measured range: the nearest
+    only_high = _costs(draft_step=0.001, verify={3: 0.012})
+    assert only_high.verify_time(1) == 0.012 and only_high.verify_time(5) == 0.012
+    assert CostModel().verify_time(3) is None
