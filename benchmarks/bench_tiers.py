@@ -133,7 +133,7 @@ def tier_stats(handle: Any, runner: Any, since: dict[str, float] | None = None) 
     reg = handle.metrics.registry
     graphs = getattr(runner, "graphs", None)
     raw = {"steps": reg.get_sample_value("specsplit_steps_total") or 0.0,
-           "graphs": float(len(graphs.graphs)) if graphs is not None else 0.0,  # captured so far (max 96)
+           "graphs": float(len(graphs.graphs)) if graphs is not None else 0.0,  # captured so far (max 256)
            "graph_replays": float(graphs.replays) if graphs is not None else 0.0,
            "batch_sum": reg.get_sample_value("specsplit_batch_size_sum") or 0.0,
            "seconds_sum": reg.get_sample_value("specsplit_step_seconds_sum") or 0.0}

@@ -351,11 +351,9 @@ class CompletionLoop:
                         if prop is not None:
                             self.draft_valid = len(seq.all_ids)
                             block, q = list(prop.token_ids), list(prop.q)
-                            steps = max(1, len(prop.token_ids))
-                            # only plain draft steps: a catch-up over skipped tokens (after
-                            # rounds with k = 0) would make drafting look dear and keep k at 0
-                            if catch_up <= self.adaptive.k_max + 1:
-                                self.costs.observe_draft((time.perf_counter_ns() - t_prop) / 1e9 / steps)
+                            self.costs.observe_draft_call((time.perf_counter_ns() - t_prop) / 1e9,
+                                                          max(1, len(prop.token_ids)), catch_up,
+                                                          self.adaptive.k_max)
                 t_end = time.perf_counter_ns()
                 self.stats.draft_ns += t_end - t1
                 self.stats.overhead_ns += max(0, (t_end - t_round) - t_verify - (t_end - t1))

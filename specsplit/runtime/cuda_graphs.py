@@ -31,7 +31,7 @@ class CudaGraphs:
 
     def __init__(self, model: Transformer, kv_layers: list[tuple[Tensor, Tensor]], backend: str,
                  device: torch.device, *, context_bucket: int = 256, geometric: bool = False,
-                 max_batch: int = 128, max_query: int = 16, max_graphs: int = 256, compile: bool = False) -> None:
+                 max_graphs: int = 256, compile: bool = False) -> None:
         self.model = model
         # torch.compile fuses the many small ops (norms, rotary, activations) that dominate a
         # 1-token step once launches are gone; dynamic shapes so one compilation serves all keys
@@ -41,8 +41,6 @@ class CudaGraphs:
         self.device = device
         self.context_bucket = context_bucket
         self.geometric = geometric  # buckets double from context_bucket instead of adding to it
-        self.max_batch = max_batch
-        self.max_query = max_query
         self.max_graphs = max_graphs
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}

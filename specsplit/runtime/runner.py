@@ -97,8 +97,7 @@ class ModelRunner:
             self.enable_uniform_steps()
             compile_ = os.environ.get("SPECSPLIT_COMPILE", "0") == "1"
             self.graphs = CudaGraphs(model, self.cache.layers, self.backend, device, compile=compile_,
-                                     context_bucket=256 if self.dense else 2048, geometric=not self.dense,
-                                     max_query=UNIFORM_MAX_QUERY, max_batch=BATCH_BUCKETS[-1])
+                                     context_bucket=256 if self.dense else 2048, geometric=not self.dense)
         log.info("runner: %s on %s, dtype %s, attention %s, linear %s, KV %d blocks x %d tokens",
                  cfg.model_type, device, self.dtype, self.backend, "oneDNN packed" if self.packed else "torch",
                  num_kv_blocks, block_size)
@@ -115,9 +114,9 @@ class ModelRunner:
             return 0
         t0, n = time.perf_counter(), 0
         for b in BATCH_BUCKETS:
-            if b > max_batch or b > self.graphs.max_batch:
+            if b > max_batch:
                 break
-            for q in range(1, min(max_query, self.graphs.max_query) + 1):
+            for q in range(1, min(max_query, UNIFORM_MAX_QUERY) + 1):
                 batch = self._uniform_batch([], b, q)[0]  # padding only: writes go to the scratch slot
                 if batch.key not in self.graphs.graphs:
                     self.graphs.run(batch)
@@ -232,19 +231,24 @@ class ModelRunner:
         for seq_id, n in needs.items():
             cache.reserve(seq_id, n)
         shape = self._uniform_shape(inputs)
-        if shape is not None:
-            batch, logit_rows = self._uniform_batch(inputs, *shape)
-            logits = self.graphs.run(batch) if self.graphs is not None else None
-            rows = torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-            if logits is not None:
-                logits = logits[rows]  # a copy: the graph's output buffer is reused by the next replay
-            else:
-                input_ids, positions, meta = batch.unpack(batch.to_device(self.device))
-                hidden = self.model(input_ids, positions, cache.layers, meta, self.backend)
-                logits = self.model.compute_logits(hidden[rows])
-            for inp in inputs:
-                cache.seqs[inp.seq_id].length += len(inp.token_ids)
-            return logits
+        batch, logit_rows = self._uniform_batch(inputs, *shape) if shape else self._ragged_batch(inputs)
+        rows = None if len(logit_rows) == batch.num_tokens else \
+            torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        logits = self.graphs.run(batch) if shape and self.graphs is not None else None
+        if logits is not None:  # a copy: the graph's output buffer is reused by the next replay
+            logits = logits.clone() if rows is None else logits[rows]
+        else:
+            input_ids, positions, meta = batch.unpack(batch.to_device(self.device))
+            hidden = self.model(input_ids, positions, cache.layers, meta, self.backend)  # [T, H]
+            logits = self.model.compute_logits(hidden if rows is None else hidden[rows])  # [N, V]
+        for inp in inputs:
+            cache.seqs[inp.seq_id].length += len(inp.token_ids)
+        return logits
+
+    def _ragged_batch(self, inputs: list[StepInput]) -> tuple[StepBatch, list[int]]:
+        """The step as it is (prefill chunks, or uniform steps turned off); returns the batch
+        and the rows of its tokens that want logits."""
+        cache = self.cache
         query_lens, seq_lens, tables, ids, logit_rows = [], [], [], [], []
         offset = 0
         for inp in inputs:
@@ -256,15 +260,7 @@ class ModelRunner:
             ids.extend(inp.token_ids)
             logit_rows.extend(range(offset + n - inp.num_logits, offset + n))
             offset += n
-        batch = StepBatch.build(ids, query_lens, seq_lens, tables, cache.block_size, dense=self.dense)
-        input_ids, positions, meta = batch.unpack(batch.to_device(self.device))
-        hidden = self.model(input_ids, positions, cache.layers, meta, self.backend)  # [T, H]
-        if len(logit_rows) != len(ids):
-            hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)]
-        logits = self.model.compute_logits(hidden)  # [N, V]
-        for inp in inputs:
-            cache.seqs[inp.seq_id].length += len(inp.token_ids)
-        return logits
+        return StepBatch.build(ids, query_lens, seq_lens, tables, cache.block_size, dense=self.dense), logit_rows
 
     def _uniform_shape(self, inputs: list[StepInput]) -> tuple[int, int] | None:
         """(batch bucket, query length) if this step runs padded to uniform shapes, else None.
@@ -286,7 +282,8 @@ class ModelRunner:
         of the real tokens' results; their keys/values go to the scratch slot, so the cache
         is untouched past each sequence's real end. Returns the batch and the logit rows.
         """
-        cache = self.cache
+        cache, scratch = self.cache, self.scratch_slot
+        assert scratch is not None, "enable_uniform_steps() first"
         ids: list[int] = []
         seq_lens, tables, write_lens, rows = [], [], [], []
         for i, inp in enumerate(inputs):
@@ -305,7 +302,7 @@ class ModelRunner:
             write_lens.append(0)
         pad = self.graphs.bucket(max(seq_lens)) if self.graphs is not None else None
         batch = StepBatch.build(ids, [q] * b, seq_lens, tables, cache.block_size, pad, dense=self.dense,
-                                write_lens=write_lens, scratch_slot=self.scratch_slot or 0)
+                                write_lens=write_lens, scratch_slot=scratch)
         return batch, rows
 
 

@@ -128,12 +128,8 @@ class SpecEngine:
                             self.drafter.close(r.seq.seq_id)
                     self._preempt_one()
                     return self._reap()
-                steps = max(q.k for q in reqs)
-                # a draft that first catches up on tokens it skipped (rounds with k = 0, a
-                # fresh prefill) is not a draft step's cost: counting it would make drafting
-                # look dear, keep k at 0 and never measure it again
-                if steps and max(len(q.new_tokens) for q in reqs) <= self.k_max + 1:
-                    self.costs.observe_draft((time.perf_counter() - t0) / steps)
+                self.costs.observe_draft_call(time.perf_counter() - t0, max(q.k for q in reqs),
+                                              max(len(q.new_tokens) for q in reqs), self.k_max)
                 for q, p in zip(reqs, props, strict=True):
                     drafts[q.seq_id] = p
                     run = next(r for r in self.running if r.seq.seq_id == q.seq_id)

@@ -117,16 +117,21 @@ def target_messages(draw: st.DrawFn) -> Any:
         round_id=draw(st.integers(0, 2**64 - 1)), draft_ids=block, q=q))
 
 
+def _session(draw: st.DrawFn, messages: st.SearchStrategy[Any], open_message: Any) -> list[Any]:
+    """Usually a valid open first, then rounds; sometimes any order."""
+    rest = draw(st.lists(messages, max_size=5))
+    if draw(mostly(st.just(True), st.just(False))):
+        rest.insert(0, open_message(token_ids=draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=20)),
+                                    params=draw(open_params())))
+    return rest
+
+
 @st.composite
 def target_sessions(draw: st.DrawFn) -> list[Any]:
-    """Usually a valid open first, then rounds; sometimes any order."""
     from specsplit.proto.v1 import target_pb2
 
-    rest = draw(st.lists(target_messages(), max_size=5))
-    if draw(mostly(st.just(True), st.just(False))):
-        rest.insert(0, target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(
-            token_ids=draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=20)), params=draw(open_params()))))
-    return rest
+    return _session(draw, target_messages(),
+                    lambda **kw: target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(**kw)))
 
 
 @st.composite
@@ -141,11 +146,7 @@ def draft_messages(draw: st.DrawFn) -> Any:
 
 @st.composite
 def draft_sessions(draw: st.DrawFn) -> list[Any]:
-    rest = draw(st.lists(draft_messages(), max_size=5))
-    if draw(mostly(st.just(True), st.just(False))):
-        rest.insert(0, draft_pb2.DraftClientMessage(open=draft_pb2.DraftOpen(
-            token_ids=draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=20)), params=draw(open_params()))))
-    return rest
+    return _session(draw, draft_messages(), lambda **kw: draft_pb2.DraftClientMessage(open=draft_pb2.DraftOpen(**kw)))
 
 
 def raw(messages: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
