@@ -9,7 +9,7 @@ Each serves the real service code (`start_target`, `start_draft`, `start_gateway
 that it reads JSON commands from stdin, one per line, and answers each with one JSON line.
 EOF on stdin stops it. All other output goes to stderr.
 
-The target has `confident_random_model` weights (see specsplit/spec/oracle.py: its greedy
+The target has `confident_random_model` weights (see benchmarks/oracle.py: its greedy
 continuation cannot flip on rounding), the draft random weights and the benchmark-only
 `OracleDrafter`, whose acceptance rate the parent sets with {"alpha": a}.
 """
@@ -90,7 +90,7 @@ def _sync(device: torch.device) -> None:
 
 def time_target(verifier: Any, ctx: int, k: int, reps: int) -> dict[str, float]:
     """Server-side ms of a 1-token step and a (k+1)-token verify at batch 1, context ~ctx."""
-    from specsplit.spec.target import VerifyItem
+    from specsplit.speculation.target import VerifyItem
 
     v = verifier.vocab_size
     prompt = [(7 * i + 3) % v for i in range(ctx)]
@@ -112,7 +112,7 @@ def time_target(verifier: Any, ctx: int, k: int, reps: int) -> dict[str, float]:
 
 def time_draft(drafter: Any, ctx: int, k: int, reps: int) -> dict[str, float]:
     """Server-side ms of proposing k tokens at batch 1 (k forwards), context ~ctx."""
-    from specsplit.spec.drafters import DraftRequest
+    from specsplit.speculation.drafters import DraftRequest
 
     v = drafter.vocab_size
     drafter.open(-101, [(7 * i + 3) % v for i in range(ctx)], greedy())
@@ -153,9 +153,10 @@ def _device_info(device: torch.device) -> str:
 
 
 async def run_target(a: argparse.Namespace, ch: Channel) -> None:
+    from oracle import confident_random_model
+
     from specsplit.runtime.runner import ModelRunner
-    from specsplit.spec.oracle import confident_random_model
-    from specsplit.spec.target import TargetVerifier
+    from specsplit.speculation.target import TargetVerifier
     from specsplit.testing import random_model
     from target_service.config import TargetServiceConfig
     from target_service.server import start_target
@@ -189,11 +190,12 @@ async def run_target(a: argparse.Namespace, ch: Channel) -> None:
 async def run_draft(a: argparse.Namespace, ch: Channel) -> None:
     from dataclasses import asdict
 
+    from oracle import OracleDrafter, OracleStats
+
     from draft_service.config import DraftServiceConfig
     from draft_service.server import start_draft
     from specsplit.config import SpeculativeConfig
     from specsplit.runtime.runner import ModelRunner
-    from specsplit.spec.oracle import OracleDrafter, OracleStats
     from specsplit.testing import random_model
 
     dev, dtype = torch.device(a.device), DTYPES[a.dtype]

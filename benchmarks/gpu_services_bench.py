@@ -2,7 +2,7 @@
 
 No real large checkpoint reaches the GPU machines, so the models have the real shapes of
 Llama-3.1-8B (target) and Llama-3.2-1B (draft) and random weights, and the acceptance rate is
-set on purpose: a benchmark-only oracle drafter (specsplit/spec/oracle.py) runs the real draft
+set on purpose: a benchmark-only oracle drafter (benchmarks/oracle.py) runs the real draft
 model forward for every token it proposes, so its cost is real, but proposes the target's own
 greedy continuation (recorded from plain decoding through the same gateway), each token
 replaced by a wrong one with probability 1 - alpha. The target's weights are random with one
@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from specsplit.sampling.params import SamplingParams  # noqa: E402
 from specsplit.serving.convert import params_to_pb  # noqa: E402
-from specsplit.spec.adaptive import expected_tokens  # noqa: E402
+from specsplit.speculation.adaptive import expected_tokens  # noqa: E402
 
 SHAPE_NOTE = {"llama8b": "the real shapes of Llama-3.1-8B (target) and Llama-3.2-1B (draft)",
               "tiny": "tiny test shapes (a CPU check of the benchmark itself, not a measurement)"}

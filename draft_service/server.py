@@ -21,8 +21,8 @@ from specsplit.serving.errors import grpc_errors, status_for
 from specsplit.serving.kv import admit, preempting
 from specsplit.serving.metrics import TierMetrics
 from specsplit.serving.tier import TierHandle, start_tier
-from specsplit.spec.drafters import Drafter, DraftRequest, Proposal
-from specsplit.spec.target import SessionError
+from specsplit.speculation.drafters import Drafter, DraftRequest, Proposal
+from specsplit.speculation.target import SessionError
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name

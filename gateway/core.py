@@ -25,8 +25,8 @@ from specsplit.proto.v1 import draft_pb2_grpc, target_pb2_grpc
 from specsplit.sampling.params import SamplingParams
 from specsplit.serving.errors import Overloaded
 from specsplit.serving.metrics import ROUND_BUCKETS
-from specsplit.spec.adaptive import CostModel
-from specsplit.spec.sequence import IncrementalDetokenizer, Sequence
+from specsplit.speculation.adaptive import CostModel
+from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence
 
 log = logging.getLogger(__name__)
 

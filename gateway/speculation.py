@@ -26,8 +26,8 @@ from specsplit.outputs import SpecMetrics
 from specsplit.proto.v1 import common_pb2, draft_pb2, target_pb2
 from specsplit.serving.convert import logprobs_from_pb, params_to_pb
 from specsplit.serving.errors import Overloaded, Unavailable
-from specsplit.spec.adaptive import AdaptiveK, CostModel
-from specsplit.spec.sequence import Sequence
+from specsplit.speculation.adaptive import AdaptiveK, CostModel
+from specsplit.speculation.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import torch
 
 from specsplit.config import SpeculativeConfig
 from specsplit.runtime.runner import ModelRunner
-from specsplit.spec.drafters import Drafter, DraftModelDrafter, NgramDrafter
-from specsplit.spec.target import TargetVerifier
+from specsplit.speculation.drafters import Drafter, DraftModelDrafter, NgramDrafter
+from specsplit.speculation.target import TargetVerifier
 
 log = logging.getLogger(__name__)
 

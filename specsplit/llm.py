@@ -12,7 +12,7 @@ from specsplit.config import SpeculativeConfig
 from specsplit.factory import default_device, load_drafter, load_target
 from specsplit.outputs import RequestOutput
 from specsplit.sampling.params import SamplingParams
-from specsplit.spec.engine import SpecEngine
+from specsplit.speculation.engine import SpecEngine
 
 PromptType = str | dict[str, Any]
 

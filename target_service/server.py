@@ -22,7 +22,7 @@ from specsplit.serving.errors import grpc_errors, status_for
 from specsplit.serving.kv import admit, preempting
 from specsplit.serving.metrics import TierMetrics
 from specsplit.serving.tier import TierHandle, start_tier
-from specsplit.spec.target import SessionError, TargetVerifier, VerifyItem, VerifyResult
+from specsplit.speculation.target import SessionError, TargetVerifier, VerifyItem, VerifyResult
 from target_service.config import TargetServiceConfig
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from specsplit.runtime.kv_cache import OutOfKVMemory
-from specsplit.spec.target import UnknownSession
+from specsplit.speculation.target import UnknownSession
 
 log = logging.getLogger(__name__)
 

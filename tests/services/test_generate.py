@@ -145,7 +145,7 @@ def test_adaptive_k_does_not_count_a_draft_catch_up_as_draft_cost(cluster: Clust
     import asyncio
 
     from gateway.speculation import CompletionLoop
-    from specsplit.spec.adaptive import AdaptiveK, CostModel
+    from specsplit.speculation.adaptive import AdaptiveK, CostModel
 
     gw = cluster.gateway("draft_model", pipeline=False, adaptive=True)
     plan = iter([0] * 8 + [1] * 100)  # 8 rounds without drafting, then drafting resumes

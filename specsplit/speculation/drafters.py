@@ -26,7 +26,7 @@ from specsplit.sampling.logits import (
     topk_truncate,
 )
 from specsplit.sampling.params import SamplingParams
-from specsplit.spec.target import SessionError, UnknownSession
+from specsplit.speculation.target import SessionError, UnknownSession
 
 
 @dataclass

@@ -7,7 +7,7 @@ import torch
 
 from specsplit.runtime.runner import ModelRunner
 from specsplit.sampling.params import SamplingParams
-from specsplit.spec.target import SessionError, TargetVerifier, UnknownSession, VerifyItem
+from specsplit.speculation.target import SessionError, TargetVerifier, UnknownSession, VerifyItem
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -19,10 +19,10 @@ from typing import Any
 from specsplit.outputs import CompletionOutput, Logprob, RequestOutput, SpecMetrics
 from specsplit.runtime.kv_cache import OutOfKVMemory
 from specsplit.sampling.params import SamplingParams
-from specsplit.spec.adaptive import AdaptiveK, CostModel
-from specsplit.spec.drafters import Drafter, DraftRequest
-from specsplit.spec.sequence import IncrementalDetokenizer, Sequence
-from specsplit.spec.target import TargetVerifier, VerifyItem
+from specsplit.speculation.adaptive import AdaptiveK, CostModel
+from specsplit.speculation.drafters import Drafter, DraftRequest
+from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence
+from specsplit.speculation.target import TargetVerifier, VerifyItem
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from specsplit import SamplingParams
-from specsplit.spec.engine import SpecEngine
-from specsplit.spec.sequence import Sequence
+from specsplit.speculation.engine import SpecEngine
+from specsplit.speculation.sequence import Sequence
 from tests.conftest import with_eos
 
 PROMPTS = [

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from specsplit.sampling.params import SamplingParams
-from specsplit.spec.sequence import IncrementalDetokenizer, Sequence
+from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence
 
 EOS = 0
 TEXT = "The quick brown fox jumps"

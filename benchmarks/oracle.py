@@ -31,8 +31,8 @@ import torch
 
 from specsplit.runtime.runner import ModelRunner, StepInput
 from specsplit.sampling.logits import SamplingBatch, process_logits
-from specsplit.spec.drafters import DraftModelDrafter, DraftRequest, Proposal
-from specsplit.spec.target import SessionError
+from specsplit.speculation.drafters import DraftModelDrafter, DraftRequest, Proposal
+from specsplit.speculation.target import SessionError
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 import pytest
 
-from specsplit.spec.adaptive import Acceptance, AdaptiveK, CostModel, expected_tokens
+from specsplit.speculation.adaptive import Acceptance, AdaptiveK, CostModel, expected_tokens
 
 
 def _costs(draft_step: float, verify: dict[int, float]) -> CostModel:
