@@ -36,7 +36,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from gateway.speculation import Delta
+from specsplit.serving.completion_loop import Delta
 from specsplit.serving.errors import RateLimited, Unauthenticated
 
 log = logging.getLogger(__name__)

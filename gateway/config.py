@@ -32,6 +32,9 @@ class GatewayConfig:
     max_prompt_tokens: int | None = None  # default: the model's context minus one
     max_tokens_limit: int = 8192  # largest max_tokens a request may ask for
     pipeline: bool = True  # draft block i+1 while block i is verified
+    # direct: the target tier drives the rounds and streams to the draft tier itself (one network
+    # hop per round instead of four through the gateway); gateway: the gateway drives them
+    round_mode: str = "direct"
     round_timeout_s: float = 30.0  # a round slower than this counts as a failed replica
     kv_wait_s: float = 30.0  # how long a session waits for KV memory on the target tier before 429
     request_timeout_s: float = 600.0  # deadline of a request without a client deadline
@@ -50,6 +53,8 @@ class GatewayConfig:
     extra: dict = field(default_factory=dict)  # reserved for forward-compatible options
 
     def __post_init__(self) -> None:
+        if self.round_mode not in ("direct", "gateway"):
+            raise ValueError(f"round_mode must be 'direct' or 'gateway', got {self.round_mode!r}")
         if self.discovery not in DISCOVERY_MODES:
             raise ValueError(f"discovery must be one of {DISCOVERY_MODES}, got {self.discovery!r}")
         if self.discovery == "static" and not self.target_addresses:

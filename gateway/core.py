@@ -19,12 +19,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from gateway.config import GatewayConfig
-from gateway.speculation import CompletionLoop, Delta, LoopOptions, LoopStats
-from gateway.tiers import ReplicaPool
+from gateway.direct import DirectLoop
 from specsplit.proto.v1 import draft_pb2_grpc, target_pb2_grpc
 from specsplit.sampling.params import SamplingParams
+from specsplit.serving.completion_loop import CompletionLoop, Delta, LoopOptions, LoopStats
 from specsplit.serving.errors import Overloaded
 from specsplit.serving.metrics import ROUND_BUCKETS
+from specsplit.serving.replicas import ReplicaPool
 from specsplit.speculation.adaptive import CostModel
 from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence
 
@@ -208,7 +209,8 @@ class GatewayCore:
         p = params if params.seed is None or index == 0 else dataclasses.replace(params, seed=params.seed + index)
         seq = Sequence(next(self._ids), list(prompt.token_ids), p, self.eos_ids, self.max_model_len,
                        IncrementalDetokenizer(self.tokenizer, prompt.token_ids), index=index)
-        loop = CompletionLoop(seq, self.targets, self.drafts, self.costs, self.opts)
+        loop: CompletionLoop | DirectLoop = DirectLoop(seq, self.targets, self.drafts, self.opts) \
+            if self.cfg.round_mode == "direct" else CompletionLoop(seq, self.targets, self.drafts, self.costs, self.opts)
         try:
             async for delta in loop.run():
                 self.metrics.tokens.labels("completion").inc(len(delta.token_ids))

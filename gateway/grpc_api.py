@@ -9,8 +9,8 @@ import grpc
 
 from gateway.auth import ApiKey, ApiKeys, authorization_from_metadata
 from gateway.core import Finished, GatewayCore, Prompt
-from gateway.speculation import Delta
 from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc
+from specsplit.serving.completion_loop import Delta
 from specsplit.serving.convert import logprobs_to_pb, params_from_pb
 from specsplit.serving.errors import grpc_errors
 

@@ -20,8 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.auth import ApiKey, ApiKeys
 from gateway.core import Finished, GatewayCore, Prompt
-from gateway.speculation import Delta
 from specsplit.sampling.params import SamplingParams
+from specsplit.serving.completion_loop import Delta
 from specsplit.serving.errors import Overloaded, Unauthenticated, Unavailable, retry_after
 
 log = logging.getLogger(__name__)

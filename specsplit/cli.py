@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(p, spec=False)
     _add(p, "--tensor-parallel-size", type=int, default=1, help="GPUs to shard the target over")
     _server_flags(p, 50052)
+    _add(p, "--draft-tls-ca", help="direct rounds: dial draft replicas over TLS, trusting this CA")
+    _add(p, "--draft-tls-cert", help="direct rounds: client certificate for draft replicas (mutual TLS)")
+    _add(p, "--draft-tls-key", help="private key of --draft-tls-cert")
+    _add(p, "--draft-tls-server-name", help="name the draft replicas' certificates carry")
+    _add(p, "--round-timeout", type=float, default=30.0, help="direct rounds: seconds a draft replica may take "
+         "for one block before the completion goes on without it")
 
     p = sub.add_parser("draft", help="run the draft service")
     _model_arg(p)
@@ -111,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--max-queued-requests", type=int, default=1024, help="waiting requests before 429")
     _add(p, "--no-pipeline", type=_bool, default=False, help="disable drafting block i+1 during verify", nargs="?",
          const=True)
+    _add(p, "--round", default="direct", choices=("direct", "gateway"), help="who drives the rounds: direct = the "
+         "target tier, streaming to the draft tier itself (fewer hops); gateway = the gateway, between the tiers")
     _add(p, "--max-model-len", type=int, help="context limit (default: the model's)")
     _add(p, "--max-prompt-tokens", type=int, help="longest prompt accepted (default: the context minus one)")
     _add(p, "--max-tokens-limit", type=int, default=8192, help="largest max_tokens a request may ask for")
@@ -179,7 +187,8 @@ def run_target(a: argparse.Namespace) -> int:
     cfg = TargetServiceConfig(
         a.model, a.host, a.grpc_port, a.metrics_port, a.dtype, a.tensor_parallel_size, a.max_model_len,
         a.gpu_memory_utilization, a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds, a.enforce_eager,
-        **_tier_tls(a))
+        **_tier_tls(a), draft_tls_ca=a.draft_tls_ca, draft_tls_cert=a.draft_tls_cert, draft_tls_key=a.draft_tls_key,
+        draft_tls_server_name=a.draft_tls_server_name, round_timeout_s=a.round_timeout)
     return _serve(lambda: start_target(cfg), cfg.shutdown_grace_seconds)
 
 
@@ -212,7 +221,7 @@ def run_gateway(a: argparse.Namespace) -> int:
         target_addresses=_addresses(a.target_addresses), draft_service=a.draft_service,
         target_service=a.target_service, namespace=a.namespace, draft_port=a.draft_port,
         target_port=a.target_port, max_concurrent_requests=a.max_concurrent_requests,
-        max_queued_requests=a.max_queued_requests, pipeline=not a.no_pipeline,
+        max_queued_requests=a.max_queued_requests, pipeline=not a.no_pipeline, round_mode=a.round,
         shutdown_grace_seconds=a.shutdown_grace_seconds, max_prompt_tokens=a.max_prompt_tokens,
         max_tokens_limit=a.max_tokens_limit, round_timeout_s=a.round_timeout, request_timeout_s=a.request_timeout,
         kv_wait_s=a.kv_wait, api_key_file=a.api_key_file,

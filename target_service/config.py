@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specsplit.serving.tls import ServerTLS
+from specsplit.serving.tls import ClientTLS, ServerTLS
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,12 @@ class TargetServiceConfig:
     tls_key: str | None = None  # PEM private key of tls_cert
     tls_client_ca: str | None = None  # PEM CA: require client certificates it signed (mTLS)
     health_port: int | None = None  # plaintext grpc.health.v1-only port for kubelet probes
+    # direct rounds (target_service/generate.py): this tier dials the draft replicas itself
+    draft_tls_ca: str | None = None  # dial draft replicas over TLS, trusting this CA
+    draft_tls_cert: str | None = None  # client certificate for draft replicas that require mTLS
+    draft_tls_key: str | None = None  # its private key
+    draft_tls_server_name: str | None = None  # name the draft replicas' certificates carry
+    round_timeout_s: float = 30.0  # a draft round slower than this counts as a failed draft replica
 
     def __post_init__(self) -> None:
         ServerTLS.from_flags(self.tls_cert, self.tls_key, self.tls_client_ca)  # fail early
@@ -36,6 +42,12 @@ class TargetServiceConfig:
             raise ValueError("max_batch must be >= 1")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be >= 1")
+
+    @property
+    def draft_tls(self) -> ClientTLS | None:
+        """How to dial draft replicas in direct rounds; None: plaintext."""
+        return ClientTLS.from_flags(self.draft_tls_ca, self.draft_tls_cert, self.draft_tls_key,
+                                    self.draft_tls_server_name)
 
     @property
     def tls(self) -> ServerTLS | None:

@@ -22,8 +22,10 @@ from specsplit.serving.errors import grpc_errors, status_for
 from specsplit.serving.kv import admit, preempting
 from specsplit.serving.metrics import TierMetrics
 from specsplit.serving.tier import TierHandle, start_tier
+from specsplit.speculation.adaptive import CostModel
 from specsplit.speculation.target import SessionError, TargetVerifier, VerifyItem, VerifyResult
 from target_service.config import TargetServiceConfig
+from target_service.generate import DraftPools, LocalTarget, run_generate, start_to_sequence
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
@@ -38,6 +40,9 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         self.metrics = metrics
         self._ids = itertools.count(1)
         self.handle: TierHandle | None = None
+        self.drafts = DraftPools(None)  # draft replicas of direct rounds (start_target sets TLS)
+        self.costs = CostModel()  # step costs measured here steer adaptive k of direct rounds
+        self.round_timeout_s = 30.0
 
     def on_internal_error(self, exc: BaseException) -> None:
         if self.handle is not None and self.batcher.failed is not None:
@@ -77,6 +82,25 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
         finally:
             # runs on close and on client cancel; scheduled so cancellation cannot skip it
             asyncio.ensure_future(self._close(seq_id))
+
+    @grpc_errors
+    async def Generate(
+        self, request_iterator: AsyncIterator[target_pb2.GenerateClientMessage], context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[target_pb2.GenerateServerMessage]:
+        """The direct round (target_service/generate.py): this tier drives the completion."""
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        try:
+            if first.WhichOneof("kind") != "start":
+                raise SessionError("the first message of a Generate stream must be 'start'")
+            seq = start_to_sequence(first.start, params_from_pb(first.start.params), self.verifier.runner.max_model_len)
+            link = LocalTarget(self.verifier, self.batcher, next(self._ids), seq, self._open, self._close_now)
+            async for msg in run_generate(first.start, link, seq, self.drafts, self.costs, self.round_timeout_s):
+                yield msg
+        except Exception as exc:
+            self.metrics.errors.labels(status_for(exc)[0].name).inc()
+            raise
 
     def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams) -> None:
         self.verifier.open(seq_id, token_ids, params)  # validates first: bad input stays INVALID_ARGUMENT
@@ -131,6 +155,8 @@ async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None
     metrics = TierMetrics("target")
     batcher: StepBatcher[VerifyItem, VerifyResult] = StepBatcher(_step(verifier, metrics), max_batch=cfg.max_batch, name="target")
     servicer = TargetServicer(verifier, batcher, metrics)
+    servicer.drafts = DraftPools(cfg.draft_tls)
+    servicer.round_timeout_s = cfg.round_timeout_s
     metrics.bind(lambda: batcher.queue_depth, lambda: verifier.runner.cache.usage, lambda: len(verifier.sessions))
 
     async def warmup() -> None:
@@ -150,6 +176,7 @@ async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None
     servicer.handle = handle
     holder["h"] = handle
     handle.on_stop.append(verifier.runner.shutdown)
+    handle.on_close.append(servicer.drafts.close)
     return handle
 
 

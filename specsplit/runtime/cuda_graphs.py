@@ -51,8 +51,11 @@ class CudaGraphs:
             return max(self.context_bucket, 1 << (max_seq_len - 1).bit_length())
         return -(-max_seq_len // self.context_bucket) * self.context_bucket
 
-    def run(self, batch: StepBatch) -> Tensor | None:
-        """Replay (capturing first if needed); None if the graph budget is used up."""
+    def run(self, batch: StepBatch, device_ids: Tensor | None = None) -> Tensor | None:
+        """Replay (capturing first if needed); None if the graph budget is used up.
+
+        `device_ids` # [n] replaces the first n input ids on the device (see ModelRunner.forward).
+        """
         entry = self.graphs.get(batch.key)
         if entry is None:
             if len(self.graphs) >= self.max_graphs:
@@ -61,6 +64,8 @@ class CudaGraphs:
             self.graphs[batch.key] = entry
         graph, static, out = entry
         batch.to_device(self.device, out=static)
+        if device_ids is not None:
+            static[: device_ids.shape[0]].copy_(device_ids)
         graph.replay()
         self.replays += 1
         return out

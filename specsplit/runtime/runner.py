@@ -221,11 +221,17 @@ class ModelRunner:
         return needs
 
     @torch.inference_mode()
-    def forward(self, inputs: list[StepInput]) -> Tensor:
+    def forward(self, inputs: list[StepInput], device_ids: Tensor | None = None) -> Tensor:
         """Append each input's tokens and return logits [sum(num_logits), vocab] float32.
 
+        `device_ids` # [len(inputs)] int64 on the device: the token of each one-token input,
+        taken from the device instead of `token_ids` (placeholders then). A drafter feeds its
+        own argmax or sample back this way, so drafting a block needs no host round trip.
         Raises OutOfKVMemory (nothing changed) when the pool cannot hold the new tokens.
         """
+        if device_ids is not None and (device_ids.shape != (len(inputs),)
+                                       or any(len(i.token_ids) != 1 for i in inputs)):
+            raise ValueError("device_ids needs exactly one token per input")
         cache = self.cache
         needs = self.check(inputs)
         for seq_id, n in needs.items():
@@ -234,11 +240,15 @@ class ModelRunner:
         batch, logit_rows = self._uniform_batch(inputs, *shape) if shape else self._ragged_batch(inputs)
         rows = None if len(logit_rows) == batch.num_tokens else \
             torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        logits = self.graphs.run(batch) if shape and self.graphs is not None else None
+        # one-token inputs sit at rows 0..n-1 of the ids in both layouts (uniform: q = 1)
+        logits = self.graphs.run(batch, device_ids) if shape and self.graphs is not None else None
         if logits is not None:  # a copy: the graph's output buffer is reused by the next replay
             logits = logits.clone() if rows is None else logits[rows]
         else:
-            input_ids, positions, meta = batch.unpack(batch.to_device(self.device))
+            buf = batch.to_device(self.device)
+            if device_ids is not None:
+                buf[: len(inputs)].copy_(device_ids)
+            input_ids, positions, meta = batch.unpack(buf)
             hidden = self.model(input_ids, positions, cache.layers, meta, self.backend)  # [T, H]
             logits = self.model.compute_logits(hidden if rows is None else hidden[rows])  # [N, V]
         for inp in inputs:

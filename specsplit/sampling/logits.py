@@ -207,6 +207,12 @@ def extend_seen_with_drafts(seen: Tensor, draft_token_ids: Tensor) -> Tensor:
     return out[:-1].view(b, k + 1, v)
 
 
+def argmax_is_enough(params: SamplingParams) -> bool:
+    """True when the token is the argmax of the raw logits: greedy, and no processor that moves
+    the argmax (the repetition penalty). Lets the hot path skip building probabilities."""
+    return params.greedy and params.repetition_penalty == 1.0
+
+
 def process_logits(logits: Tensor, batch: SamplingBatch, seen: Tensor | None = None) -> Tensor:
     """Turn raw logits into the distribution each row samples from (or verifies against).
 

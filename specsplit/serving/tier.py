@@ -27,6 +27,7 @@ class TierHandle:
     metrics_port: int = 0
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     on_stop: list[Callable[[], None]] = field(default_factory=list)  # e.g. stop TP workers
+    on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # e.g. close client channels
 
     @property
     def port(self) -> int:
@@ -34,6 +35,8 @@ class TierHandle:
 
     async def shutdown(self, grace_s: float) -> None:
         await self.grpc.shutdown(grace_s)
+        for close in self.on_close:
+            await close()
         await self.batcher.stop()
         for fn in self.on_stop:
             fn()

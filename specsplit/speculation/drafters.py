@@ -197,6 +197,51 @@ class DraftModelDrafter(Drafter):
     def _draft(self, reqs: list[DraftRequest]) -> list[Proposal]:
         sessions = [self.sessions[r.seq_id] for r in reqs]
         batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
+        if batch.any_penalty:
+            return self._draft_with_penalty(reqs, sessions, batch)
+        # every token stays on the device until the block is done: the chosen tokens are fed
+        # straight back (ModelRunner.forward's device_ids), one host copy per block, not per token
+        n, kmax = len(reqs), max(r.k for r in reqs)
+        toks = torch.zeros(n, kmax, dtype=torch.int64, device=self.device)  # [n, kmax]
+        sparse: list[tuple[Tensor, Tensor, list[int]]] = []  # per step: ids [m, K], probs [m, K], rows
+        inputs = [StepInput(r.seq_id, s.tokens[self.runner.length(r.seq_id) :]) for r, s in zip(reqs, sessions, strict=True)]
+        live = list(range(n))
+        fed: Tensor | None = None
+        for j in range(kmax):
+            logits = self.runner.forward([inputs[i] for i in live], fed)  # [len(live), V]
+            sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < n else batch
+            if sub.all_greedy:
+                step = logits.argmax(-1)  # [m]: the argmax of the processed distribution too
+            else:
+                ids, p = topk_truncate(process_logits(logits, sub), self.top_k)  # [m, K]
+                step = sample_sparse(ids, p, sub)
+                sparse.append((ids, p, live))
+            rows = torch.tensor(live, device=self.device) if len(live) < n else None
+            if rows is None:
+                toks[:, j] = step
+            else:
+                toks[rows, j] = step
+            keep = [x for x, i in enumerate(live) if reqs[i].k > j + 1]
+            live = [live[x] for x in keep]
+            if not live:
+                break
+            fed = step if len(keep) == len(step) else step[torch.tensor(keep, device=self.device)]
+            for i in live:
+                inputs[i] = StepInput(reqs[i].seq_id, [0])  # placeholder: the id comes from `fed`
+        blocks = toks.tolist()
+        out = []
+        for i, (r, s) in enumerate(zip(reqs, sessions, strict=True)):
+            if s.params.greedy:
+                out.append(Proposal(blocks[i][: r.k]))
+                continue
+            q_ids = torch.stack([ids[rows.index(i)] for ids, _, rows in sparse[: r.k]])
+            q_probs = torch.stack([p[rows.index(i)] for _, p, rows in sparse[: r.k]])
+            out.append(Proposal(blocks[i][: r.k], q_ids, q_probs))
+        return out
+
+    def _draft_with_penalty(self, reqs: list[DraftRequest], sessions: list[DraftSession],
+                            batch: SamplingBatch) -> list[Proposal]:
+        """The repetition penalty needs each token on the host to update what was seen."""
         blocks: list[list[int]] = [[] for _ in reqs]
         q_ids: list[list[Tensor]] = [[] for _ in reqs]
         q_probs: list[list[Tensor]] = [[] for _ in reqs]
@@ -206,9 +251,7 @@ class DraftModelDrafter(Drafter):
         for _ in range(max(r.k for r in reqs)):
             logits = self.runner.forward([inputs[i] for i in live])  # [len(live), V]
             sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < len(reqs) else batch
-            seen = None
-            if sub.any_penalty:
-                seen = seen_mask([torch.tensor(sessions[i].tokens + blocks[i]) for i in live], self.vocab_size, self.device)
+            seen = seen_mask([torch.tensor(sessions[i].tokens + blocks[i]) for i in live], self.vocab_size, self.device)
             probs = process_logits(logits, sub, seen)  # [n, V]
             if sub.all_greedy:
                 toks = probs.argmax(-1).tolist()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.auth import ApiKeys, KeyLimits, authorization_from_metadata, bearer, parse_keys
-from gateway.speculation import Delta
+from specsplit.serving.completion_loop import Delta
 from specsplit.serving.errors import RateLimited, Unauthenticated, retry_after
 
 SECRET = "sk-0123456789abcdef"

@@ -144,7 +144,7 @@ def test_adaptive_k_does_not_count_a_draft_catch_up_as_draft_cost(cluster: Clust
     must not be recorded as the cost of a draft step, or k would stay at 0 for good."""
     import asyncio
 
-    from gateway.speculation import CompletionLoop
+    from specsplit.serving.completion_loop import CompletionLoop
     from specsplit.speculation.adaptive import AdaptiveK, CostModel
 
     gw = cluster.gateway("draft_model", pipeline=False, adaptive=True)

@@ -107,3 +107,28 @@ def test_sessions_are_validated(verifier):
     for s in (30, 33):
         verifier.close(s)
     assert not verifier.runner.cache.seqs
+
+
+def test_greedy_fast_path_matches_general_path():
+    """The argmax shortcut for plain greedy rows decides exactly as the full processing does."""
+    from specsplit.speculation.target import TargetSession
+
+    torch.manual_seed(0)
+    v = TargetVerifier.__new__(TargetVerifier)
+    v.vocab_size = 50
+    ks = [0, 3, 5, 1]
+    logits = torch.randn(sum(k + 1 for k in ks), 50)  # [sum(k_i + 1), V]
+    best = logits.argmax(-1).tolist()
+    items, row = [], 0
+    for i, k in enumerate(ks):
+        drafts = best[row : row + k]
+        if k >= 3:  # a mismatch inside the block
+            drafts[2] = (drafts[2] + 1) % 50
+        items.append(VerifyItem(i, drafts))
+        row += k + 1
+    fast = TargetVerifier._accept_greedy(items, logits)
+    # asking for logprobs (0 alternatives) takes the general path
+    general = TargetVerifier._accept(v, items, [TargetSession(i, GREEDY, None, [1], [1], 0) for i in range(len(ks))],
+                                     logits)
+    assert [(r.num_accepted, r.emitted) for r in fast] == [(r.num_accepted, r.emitted) for r in general]
+    assert [r.num_accepted for r in fast] == [0, 2, 2, 1]

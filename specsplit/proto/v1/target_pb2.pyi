@@ -54,3 +54,75 @@ class TargetServerMessage(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     result: VerifyResult
     def __init__(self, result: _Optional[_Union[VerifyResult, _Mapping]] = ...) -> None: ...
+
+class Stopping(_message.Message):
+    __slots__ = ("max_new_tokens", "end_token_ids")
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    END_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    max_new_tokens: int
+    end_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, max_new_tokens: _Optional[int] = ..., end_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class GenerateStart(_message.Message):
+    __slots__ = ("token_ids", "params", "stopping", "draft_address", "num_speculative_tokens", "adaptive", "pipeline")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    STOPPING_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    params: _common_pb2.SamplingParams
+    stopping: Stopping
+    draft_address: str
+    num_speculative_tokens: int
+    adaptive: bool
+    pipeline: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., draft_address: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: bool = ..., pipeline: bool = ...) -> None: ...
+
+class GenerateClientMessage(_message.Message):
+    __slots__ = ("start",)
+    START_FIELD_NUMBER: _ClassVar[int]
+    start: GenerateStart
+    def __init__(self, start: _Optional[_Union[GenerateStart, _Mapping]] = ...) -> None: ...
+
+class RoundTiming(_message.Message):
+    __slots__ = ("round_ns", "verify_ns", "verify_queue_ns", "draft_wait_ns", "draft_ns", "draft_queue_ns")
+    ROUND_NS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_WAIT_NS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_NS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    round_ns: int
+    verify_ns: int
+    verify_queue_ns: int
+    draft_wait_ns: int
+    draft_ns: int
+    draft_queue_ns: int
+    def __init__(self, round_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., verify_queue_ns: _Optional[int] = ..., draft_wait_ns: _Optional[int] = ..., draft_ns: _Optional[int] = ..., draft_queue_ns: _Optional[int] = ...) -> None: ...
+
+class GenerateDelta(_message.Message):
+    __slots__ = ("token_ids", "logprobs", "drafted", "accepted", "pipelined", "timing", "draft_failure")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    PIPELINED_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
+    drafted: int
+    accepted: int
+    pipelined: bool
+    timing: RoundTiming
+    draft_failure: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., pipelined: bool = ..., timing: _Optional[_Union[RoundTiming, _Mapping]] = ..., draft_failure: _Optional[str] = ...) -> None: ...
+
+class GenerateServerMessage(_message.Message):
+    __slots__ = ("delta",)
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    delta: GenerateDelta
+    def __init__(self, delta: _Optional[_Union[GenerateDelta, _Mapping]] = ...) -> None: ...

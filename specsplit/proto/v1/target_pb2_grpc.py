@@ -41,6 +41,11 @@ class TargetServiceStub(object):
                 request_serializer=specsplit_dot_v1_dot_target__pb2.TargetClientMessage.SerializeToString,
                 response_deserializer=specsplit_dot_v1_dot_target__pb2.TargetServerMessage.FromString,
                 _registered_method=True)
+        self.Generate = channel.stream_stream(
+                '/specsplit.v1.TargetService/Generate',
+                request_serializer=specsplit_dot_v1_dot_target__pb2.GenerateClientMessage.SerializeToString,
+                response_deserializer=specsplit_dot_v1_dot_target__pb2.GenerateServerMessage.FromString,
+                _registered_method=True)
 
 
 class TargetServiceServicer(object):
@@ -56,6 +61,18 @@ class TargetServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request_iterator, context):
+        """A whole completion driven by the target tier (the direct round): the first and only
+        client message is `start`; the tier runs the rounds itself, asking the draft replica
+        named in `start` for blocks over its own stream, and sends every committed token as soon
+        as it is verified. The caller keeps the ground truth: after a failure it starts again,
+        elsewhere, with every token it received. Closing the stream stops the completion (the
+        caller found a stop string) and frees both tiers' KV caches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TargetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -63,6 +80,11 @@ def add_TargetServiceServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=specsplit_dot_v1_dot_target__pb2.TargetClientMessage.FromString,
                     response_serializer=specsplit_dot_v1_dot_target__pb2.TargetServerMessage.SerializeToString,
+            ),
+            'Generate': grpc.stream_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=specsplit_dot_v1_dot_target__pb2.GenerateClientMessage.FromString,
+                    response_serializer=specsplit_dot_v1_dot_target__pb2.GenerateServerMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -93,6 +115,33 @@ class TargetService(object):
             '/specsplit.v1.TargetService/Session',
             specsplit_dot_v1_dot_target__pb2.TargetClientMessage.SerializeToString,
             specsplit_dot_v1_dot_target__pb2.TargetServerMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/specsplit.v1.TargetService/Generate',
+            specsplit_dot_v1_dot_target__pb2.GenerateClientMessage.SerializeToString,
+            specsplit_dot_v1_dot_target__pb2.GenerateServerMessage.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,9 +1,14 @@
-"""The speculation loop of one completion, run by the gateway against remote tiers.
+"""The speculation loop of one completion: draft a block, verify it, commit, repeat.
 
-The gateway owns the ground truth (`Sequence`: prompt + committed tokens), so the tiers'
-KV caches are soft state: when a replica fails mid-generation, the session is re-opened on
-another replica with every committed token and the round is re-run; the client sees
-neither a gap nor a duplicate because only committed tokens are ever emitted.
+One loop, two places (docs/architecture.md, "The round"):
+- the target tier runs it for the direct round (`LocalTarget`: its own batcher; the draft
+  replica is a stream of its own), streaming each round's tokens to the gateway;
+- the gateway runs it for the gateway-driven round (`RemoteTarget`: a stream to a target
+  replica, with failover).
+Whoever calls it owns the ground truth (`Sequence`: prompt + committed tokens), so the
+tiers' KV caches are soft state: when a replica fails mid-generation, the session is
+re-opened on another replica with every committed token and the round is re-run; nothing
+is lost or duplicated because only committed tokens are ever emitted.
 
 Pipelining (DESIGN.md): while the target verifies block i, the draft already proposes
 block i+1 assuming block i is fully accepted; its first proposed token is its guess of
@@ -16,16 +21,17 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
 
-from gateway.tiers import NoReplica, ReplicaPool, TierFailure, TierSession
 from specsplit.outputs import SpecMetrics
 from specsplit.proto.v1 import common_pb2, draft_pb2, target_pb2
 from specsplit.serving.convert import logprobs_from_pb, params_to_pb
 from specsplit.serving.errors import Overloaded, Unavailable
+from specsplit.serving.replicas import NoReplica, ReplicaPool, TierFailure, TierSession
 from specsplit.speculation.adaptive import AdaptiveK, CostModel
 from specsplit.speculation.sequence import Sequence
 
@@ -53,6 +59,19 @@ class LoopOptions:
 
 
 @dataclass
+class RoundTiming:
+    """Where one round's wall time went (ns), as the loop that ran it saw it."""
+
+    round_ns: int = 0  # choosing the block .. tokens committed and the next block in hand
+    verify_ns: int = 0  # the batched verify step that served it (the tier's own measure)
+    verify_wait_ns: int = 0  # the loop waiting for the verdict (step + queue + transit)
+    verify_queue_ns: int = 0  # the verify waiting for its batch to start
+    draft_wait_ns: int = 0  # the loop waiting for a block after the verify (0: drafted ahead)
+    draft_ns: int = 0  # the draft tier's own step time for that block
+    draft_queue_ns: int = 0
+
+
+@dataclass
 class Delta:
     """What a completion adds in one round (sent to the client as one message)."""
 
@@ -62,6 +81,38 @@ class Delta:
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    drafted: int = 0  # block length verified in this round
+    accepted: int = 0
+    pipelined: bool = False
+    timing: RoundTiming | None = None
+    draft_failure: str = ""  # the draft replica failed in this round (the loop went on plainly)
+
+
+@dataclass
+class Verdict:
+    """The target's answer to one block."""
+
+    num_accepted: int
+    next_token: int  # recovered (after a rejection) or bonus
+    logprobs: list[dict[int, float]] | None  # per emitted token (accepted + next)
+    verify_ns: int = 0
+    queue_ns: int = 0
+
+
+class TargetLink(ABC):
+    """The target side of one completion: a local session or a stream to a replica."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Start the session with every committed token (prefilled by the first verify)."""
+
+    @abstractmethod
+    async def verify(self, block: list[int], q: list[common_pb2.SparseDistribution]) -> Verdict:
+        """Verify `block` after the committed tokens (may be empty: a plain step)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Free the session (idempotent)."""
 
 
 @dataclass
@@ -74,6 +125,11 @@ class LoopStats:
     failovers: int = 0
     preemptions: int = 0  # sessions a tier dropped for lack of KV memory, re-opened later
     draft_fallback: bool = False
+    timing: RoundTiming = field(default_factory=RoundTiming)  # sums over the rounds
+
+    def add_timing(self, t: RoundTiming) -> None:
+        for f in t.__dataclass_fields__:
+            setattr(self.timing, f, getattr(self.timing, f) + getattr(t, f))
 
     def to_pb(self) -> common_pb2.SpecStats:
         m = self.metrics
@@ -98,11 +154,121 @@ def check_proposal(prop: draft_pb2.DraftProposal, k: int, vocab_size: int, addre
                           f"ids must be in [0, {vocab_size})): the draft replica is faulty")
 
 
+class Failover:
+    """Which target replica a completion uses next, and when to give up.
+
+    A broken session moves to another replica (a failover); a replica out of KV memory is not
+    broken: the session waits and re-opens (a preemption). Shared by both kinds of round.
+    """
+
+    def __init__(self, pool: ReplicaPool, opts: LoopOptions, stats: LoopStats) -> None:
+        self.pool, self.opts, self.stats = pool, opts, stats
+        self._bad: set[str] = set()
+        self._failures_in_row = 0  # failovers since the last good round
+        self._kv_wait_since: float | None = None  # first KV refusal since the last good round
+        self._kv_refusals = 0  # KV refusals since the last good round
+
+    def acquire(self) -> str:
+        try:
+            return self.pool.acquire(self._bad)
+        except NoReplica as e:
+            raise Unavailable(str(e)) from None
+
+    def succeeded(self) -> None:
+        self._failures_in_row = self._kv_refusals = 0
+        self._kv_wait_since = None
+
+    async def failed(self, f: TierFailure) -> None:
+        """Wait as long as `f` asks before the next open, or raise when the request is lost."""
+        if f.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            await self._wait_for_kv(f)
+            return
+        if not f.retryable:
+            if f.code in CALLER_ERRORS:
+                raise ValueError(str(f)) from None
+            raise Unavailable(str(f)) from None
+        self.stats.failovers += 1
+        log.warning("%s; re-opening the session on another replica", f)
+        self.pool.mark_failed(f.address)
+        self._bad.add(f.address)
+        self._failures_in_row += 1
+        if self._failures_in_row > self.opts.max_failovers:
+            raise Unavailable(f"gave up after {self._failures_in_row} failed attempts; last: {f}") from None
+        if not self.pool.healthy(self._bad):
+            # every replica failed once: retry them all (one may be back) after a backoff, so a
+            # tier that is down costs a few seconds of retries and then UNAVAILABLE, never a hang
+            self._bad.clear()
+            await asyncio.sleep(backoff_s(self._failures_in_row))
+
+    async def _wait_for_kv(self, f: TierFailure) -> None:
+        """Not a replica failure: the replica stays in rotation and no failover is counted. The
+        re-open re-sends prompt + committed tokens, so a preempted session resumes where it was."""
+        self.stats.preemptions += 1
+        self._kv_refusals += 1
+        now = time.monotonic()
+        if self._kv_wait_since is None:
+            self._kv_wait_since = now
+        if now - self._kv_wait_since > self.opts.kv_wait_s:
+            raise Overloaded(f"no target replica had KV memory for this request within "
+                             f"{self.opts.kv_wait_s:.0f}s; retry later ({f.details})")
+        log.info("%s; re-opening the session after a backoff", f)
+        await asyncio.sleep(backoff_s(self._kv_refusals, cap_s=2.0))
+
+
+class RemoteTarget(TargetLink):
+    """A session stream to a target replica (the gateway-driven round)."""
+
+    def __init__(self, pool: ReplicaPool, all_ids: Callable[[], list[int]], params_pb: common_pb2.SamplingParams,
+                 opts: LoopOptions, stats: LoopStats) -> None:
+        self.pool = pool
+        self.all_ids = all_ids  # the ground truth a re-opened session is prefilled with
+        self.params_pb = params_pb
+        self.opts = opts
+        self.failover = Failover(pool, opts, stats)
+        self.session: TierSession | None = None
+        self._round = 0
+
+    async def open(self) -> None:
+        while True:
+            s = TierSession(self.pool, self.failover.acquire(), self.opts.session_timeout_s)
+            try:
+                await s.send(target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(
+                    token_ids=self.all_ids(), params=self.params_pb)))
+                self.session = s
+                return
+            except TierFailure as f:
+                await s.close()
+                await self.failover.failed(f)
+
+    async def verify(self, block: list[int], q: list[common_pb2.SparseDistribution]) -> Verdict:
+        while True:
+            if self.session is None:
+                await self.open()
+            self._round += 1
+            msg = target_pb2.TargetClientMessage(verify=target_pb2.TargetVerify(
+                round_id=self._round, draft_ids=block, q=q))
+            try:
+                res = (await self.session.request(msg, self.opts.round_timeout_s)).result  # type: ignore[union-attr]
+                self.failover.succeeded()
+                emitted = list(block[: res.num_accepted]) + [res.next_token]
+                return Verdict(res.num_accepted, res.next_token, logprobs_from_pb(list(res.logprobs), emitted),
+                               res.verify_ns, res.queue_ns)
+            except TierFailure as f:
+                s, self.session = self.session, None
+                await s.close()  # type: ignore[union-attr]
+                await self.failover.failed(f)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
 class CompletionLoop:
-    def __init__(self, seq: Sequence, targets: ReplicaPool, drafts: ReplicaPool | None, costs: CostModel,
-                 opts: LoopOptions) -> None:
+    """Rounds of one completion against a target link and (optionally) a draft replica pool."""
+
+    def __init__(self, seq: Sequence, target: TargetLink | ReplicaPool, drafts: ReplicaPool | None,
+                 costs: CostModel, opts: LoopOptions) -> None:
         self.seq = seq
-        self.targets = targets
         self.drafts = drafts
         self.costs = costs
         self.opts = opts
@@ -111,35 +277,18 @@ class CompletionLoop:
         self.adaptive = AdaptiveK(opts.num_speculative_tokens if drafts is not None else 0,
                                   opts.adaptive and seq.params.seed is None)
         self.stats = LoopStats()
-        self.target: TierSession | None = None
+        self._params_pb = params_to_pb(seq.params)
+        self.target: TargetLink = target if isinstance(target, TargetLink) else \
+            RemoteTarget(target, lambda: self.seq.all_ids, self._params_pb, opts, self.stats)
         self.draft: TierSession | None = None
         self.draft_valid = 0  # committed tokens the draft session holds
         self._round = 0
-        self._bad_targets: set[str] = set()
         self._bad_drafts: set[str] = set()
-        self._params_pb = params_to_pb(seq.params)
-        self._failures_in_row = 0  # target failovers since the last good round
-        self._kv_wait_since: float | None = None  # first KV refusal since the last good round
-        self._kv_refusals = 0  # KV refusals since the last good round
         self._draft_pauses = 0  # draft KV refusals in a row
         self._draft_retry_at = 0.0  # monotonic time before which no draft session is re-opened
+        self._draft_failure = ""  # reported with the next delta
 
-    # ---- sessions --------------------------------------------------------------------------
-    async def _open_target(self) -> None:
-        while True:
-            try:
-                addr = self.targets.acquire(self._bad_targets)
-            except NoReplica as e:
-                raise Unavailable(str(e)) from None
-            s = TierSession(self.targets, addr, self.opts.session_timeout_s)
-            try:
-                await s.send(target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(
-                    token_ids=self.seq.all_ids, params=self._params_pb)))
-                self.target = s
-                return
-            except TierFailure as f:
-                await self._drop(s, f, self.targets, self._bad_targets)
-
+    # ---- the draft session -----------------------------------------------------------------
     async def _open_draft(self) -> bool:
         """Open a draft session; False (plain decoding from now on) when no draft replica is left."""
         while self.drafts is not None:
@@ -156,7 +305,7 @@ class CompletionLoop:
                 self.draft_valid = len(self.seq.all_ids)
                 return True
             except TierFailure as f:
-                await self._drop(s, f, self.drafts, self._bad_drafts)
+                await self._drop_draft(s, f)
         return False
 
     def _fall_back(self, why: str) -> None:
@@ -167,53 +316,22 @@ class CompletionLoop:
         self.draft = None
         self.adaptive.k_max = 0
 
-    async def _drop(self, s: TierSession, f: TierFailure, pool: ReplicaPool, bad: set[str]) -> None:
-        """A session broke: close it and decide where (and when) it is re-opened, or give up."""
+    async def _drop_draft(self, s: TierSession, f: TierFailure) -> None:
+        """A draft session broke: try another replica (the next open), or decode plainly."""
         await s.close()
+        self._draft_failure = str(f)
         if not f.retryable:
-            if pool.tier == "draft":
-                self._fall_back(f"the draft tier refused the session ({f})")
-                return
-            if f.code in CALLER_ERRORS:
-                raise ValueError(str(f)) from None
-            raise Unavailable(str(f)) from None
+            self._fall_back(f"the draft tier refused the session ({f})")
+            return
         self.stats.failovers += 1
-        log.warning("%s; re-opening the session on another replica", f)
-        pool.mark_failed(f.address)
-        bad.add(f.address)
-        if pool.tier == "draft":
-            return  # optional tier: once every replica failed, _open_draft falls back to plain decoding
-        self._failures_in_row += 1
-        if self._failures_in_row > self.opts.max_failovers:
-            raise Unavailable(f"gave up after {self._failures_in_row} failed attempts; last: {f}") from None
-        if not pool.healthy(bad):
-            # every replica failed once: retry them all (one may be back) after a backoff, so a
-            # tier that is down costs a few seconds of retries and then UNAVAILABLE, never a hang
-            bad.clear()
-            await asyncio.sleep(backoff_s(self._failures_in_row))
-
-    async def _wait_for_kv(self, s: TierSession, f: TierFailure) -> None:
-        """The target had no KV memory for this session (new, or preempted): re-open it later.
-
-        Not a replica failure: the replica stays in rotation and no failover is counted. The
-        re-open re-sends prompt + committed tokens, so a preempted session resumes where it was.
-        """
-        await s.close()
-        self.stats.preemptions += 1
-        self._kv_refusals += 1
-        now = time.monotonic()
-        if self._kv_wait_since is None:
-            self._kv_wait_since = now
-        if now - self._kv_wait_since > self.opts.kv_wait_s:
-            raise Overloaded(f"no target replica had KV memory for this request within "
-                             f"{self.opts.kv_wait_s:.0f}s; retry later ({f.details})")
-        log.info("%s; re-opening the session after a backoff", f)
-        await asyncio.sleep(backoff_s(self._kv_refusals, cap_s=2.0))
+        log.warning("%s; re-opening the draft session on another replica", f)
+        self.drafts.mark_failed(f.address)  # type: ignore[union-attr]
+        self._bad_drafts.add(f.address)
 
     async def close(self) -> None:
-        for s in (self.target, self.draft):
-            if s is not None:
-                await s.close()
+        await self.target.close()
+        if self.draft is not None:
+            await self.draft.close()
 
     # ---- rounds ----------------------------------------------------------------------------
     async def _propose(self, prefix_len: int, new_tokens: list[int], k: int,
@@ -245,30 +363,11 @@ class CompletionLoop:
                     self._draft_pauses += 1
                     self._draft_retry_at = time.monotonic() + backoff_s(self._draft_pauses, cap_s=2.0)
                     return None
-                await self._drop(s, f, self.drafts, self._bad_drafts)  # type: ignore[arg-type]
+                await self._drop_draft(s, f)
                 if speculative or not await self._open_draft():
                     return None
                 prefix_len, new_tokens = len(self.seq.all_ids), []  # the new session holds these
         return None
-
-    async def _verify(self, block: list[int], q: list[common_pb2.SparseDistribution]) -> target_pb2.VerifyResult:
-        while True:
-            if self.target is None:
-                await self._open_target()
-            self._round += 1
-            msg = target_pb2.TargetClientMessage(verify=target_pb2.TargetVerify(
-                round_id=self._round, draft_ids=block, q=q))
-            try:
-                resp = await self.target.request(msg, self.opts.round_timeout_s)  # type: ignore[union-attr]
-                self._failures_in_row = self._kv_refusals = 0
-                self._kv_wait_since = None
-                return resp.result
-            except TierFailure as f:
-                s, self.target = self.target, None
-                if f.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    await self._wait_for_kv(s, f)  # type: ignore[arg-type]
-                else:
-                    await self._drop(s, f, self.targets, self._bad_targets)  # type: ignore[arg-type]
 
     def _room(self) -> int:
         """The longest block worth verifying: the round's own token must still fit after it."""
@@ -281,13 +380,17 @@ class CompletionLoop:
     async def run(self) -> AsyncIterator[Delta]:
         """Generate until the sequence finishes, yielding each round's committed delta."""
         seq = self.seq
-        await self._open_target()
+        await self.target.open()
         if self.drafts is not None:
             await self._open_draft()
         block: list[int] = []
         q: list[common_pb2.SparseDistribution] = []
         spec: asyncio.Task | None = None
         spec_k = 0
+        pipelined = False
+        timing = RoundTiming()
+        pending: Delta | None = None  # the last round's tokens, sent once the next verify is under way
+        verify: asyncio.Future | None = None
         # first round: prefill with no block; the draft guesses [first token] + block meanwhile
         k = self._choose_k()
         if self.drafts is not None and self.opts.pipeline and k > 0:
@@ -297,19 +400,23 @@ class CompletionLoop:
             while not seq.finished:
                 t_round = time.perf_counter_ns()
                 before = len(seq.all_ids)
-                verify = asyncio.ensure_future(self._verify(block, q))
+                verify = asyncio.ensure_future(self.target.verify(block, q))
                 if spec is None and self.opts.pipeline and self.draft is not None and block:
                     k_next = self._choose_k()
                     if k_next > 0:
                         spec = asyncio.ensure_future(self._propose(before + len(block), [], k_next + 1, speculative=True))
                         spec_k = k_next
+                if pending is not None:  # streaming the last round overlaps this round's verify
+                    yield pending
+                    pending = None
                 t0 = time.perf_counter_ns()
                 res = await verify
                 t_verify = time.perf_counter_ns() - t0
+                timing.verify_wait_ns, timing.verify_ns, timing.verify_queue_ns = t_verify, res.verify_ns, res.queue_ns
                 self.stats.verify_ns += t_verify
                 a = res.num_accepted
                 emitted = list(block[:a]) + [res.next_token]
-                lps = logprobs_from_pb(list(res.logprobs), emitted)
+                lps = res.logprobs
                 kept, text = seq.commit(emitted, lps)
                 m = self.stats.metrics
                 m.num_drafted_tokens += len(block)
@@ -320,9 +427,9 @@ class CompletionLoop:
                     self.adaptive.observe(len(block), a)
                 self.costs.observe_verify(len(block), t_verify / 1e9)
                 drafted_block = block
-                yield Delta(seq.index, kept, text, lps[: len(kept)] if lps else None,
-                            seq.finish_reason, seq.stop_reason)
                 if seq.finished:
+                    timing.round_ns = time.perf_counter_ns() - t_round
+                    yield self._delta(kept, text, lps, len(drafted_block), a, pipelined, timing)
                     break
                 if drafted_block:
                     self.draft_valid = before + a
@@ -342,6 +449,7 @@ class CompletionLoop:
                         q = list(prop.q[1 : n + 1])
                         self.draft_valid = len(seq.all_ids)
                         self.stats.pipelined_rounds += 1
+                        timing.draft_ns, timing.draft_queue_ns = prop.draft_ns, prop.queue_ns
                 if not hit and self.drafts is not None:
                     k = self._choose_k()
                     if k > 0:
@@ -351,12 +459,27 @@ class CompletionLoop:
                         if prop is not None:
                             self.draft_valid = len(seq.all_ids)
                             block, q = list(prop.token_ids), list(prop.q)
+                            timing.draft_ns, timing.draft_queue_ns = prop.draft_ns, prop.queue_ns
                             self.costs.observe_draft_call((time.perf_counter_ns() - t_prop) / 1e9,
                                                           max(1, len(prop.token_ids)), catch_up,
                                                           self.adaptive.k_max)
                 t_end = time.perf_counter_ns()
+                timing.draft_wait_ns = t_end - t1
+                timing.round_ns = t_end - t_round
                 self.stats.draft_ns += t_end - t1
                 self.stats.overhead_ns += max(0, (t_end - t_round) - t_verify - (t_end - t1))
+                # sent once the next verify is under way: the caller's streaming is off the round's path
+                pending = self._delta(kept, text, lps, len(drafted_block), a, pipelined, timing)
+                pipelined, timing = hit, RoundTiming()
         finally:
-            if spec is not None:
-                spec.cancel()
+            for task in (spec, verify):
+                if task is not None and not task.done():
+                    task.cancel()
+
+    def _delta(self, kept: list[int], text: str, lps: list[dict[int, float]] | None, drafted: int, accepted: int,
+               pipelined: bool, timing: RoundTiming) -> Delta:
+        self.stats.add_timing(timing)
+        failure, self._draft_failure = self._draft_failure, ""
+        seq = self.seq
+        return Delta(seq.index, kept, text, lps[: len(kept)] if lps else None, seq.finish_reason, seq.stop_reason,
+                     drafted, min(accepted, len(kept)), pipelined, timing, failure)

@@ -1,0 +1,135 @@
+"""The gateway's side of the direct round: one `Generate` stream per completion.
+
+The target tier runs the rounds (target_service/generate.py) and talks to the draft replica
+itself; the gateway picks both replicas, relays the committed tokens into its `Sequence` (the
+ground truth: stop strings, text, logprobs) and, when the target replica fails, starts the
+completion again on another one with every token it has received. What it has received is
+exactly what the client has seen, so no token is lost or sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from specsplit.proto.v1 import target_pb2
+from specsplit.serving.completion_loop import Delta, Failover, LoopOptions, LoopStats, RoundTiming
+from specsplit.serving.convert import logprobs_from_pb, params_to_pb
+from specsplit.serving.replicas import NoReplica, ReplicaPool, TierFailure
+from specsplit.speculation.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class DirectLoop:
+    """Relays one completion from a target replica that drives its own rounds."""
+
+    def __init__(self, seq: Sequence, targets: ReplicaPool, drafts: ReplicaPool | None, opts: LoopOptions) -> None:
+        self.seq = seq
+        self.targets = targets
+        self.drafts = drafts
+        self.opts = opts
+        self.stats = LoopStats()
+        self.failover = Failover(targets, opts, self.stats)
+        self._params_pb = params_to_pb(seq.params)
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._bad_drafts: set[str] = set()
+
+    def _end_ids(self) -> list[int]:
+        p = self.seq.params
+        ends = set(p.stop_token_ids or ())
+        if not p.ignore_eos:
+            ends.update(self.seq.eos_token_ids)
+        return sorted(ends)
+
+    def _draft_address(self) -> str:
+        if self.drafts is None or self.opts.num_speculative_tokens == 0:
+            return ""
+        try:
+            return self.drafts.acquire(self._bad_drafts)
+        except NoReplica:
+            if not self.stats.draft_fallback:
+                log.warning("no draft replica left: completing with plain target decoding")
+            self.stats.draft_fallback = True
+            return ""
+
+    async def run(self) -> AsyncIterator[Delta]:
+        seq = self.seq
+        while not seq.finished:
+            target = self.failover.acquire()
+            draft = self._draft_address()
+            start = target_pb2.GenerateStart(
+                token_ids=seq.all_ids, params=self._params_pb,
+                stopping=target_pb2.Stopping(max_new_tokens=seq.max_new_tokens(), end_token_ids=self._end_ids()),
+                draft_address=draft, num_speculative_tokens=self.opts.num_speculative_tokens if draft else 0,
+                adaptive=self.opts.adaptive and seq.params.seed is None, pipeline=self.opts.pipeline,
+            )
+            try:
+                async for delta in self._stream(target, draft, start):
+                    yield delta
+                    if seq.finished:
+                        break
+            except TierFailure as f:
+                await self.failover.failed(f)
+            finally:
+                self.targets.release(target)
+                if draft:
+                    self.drafts.release(draft)  # type: ignore[union-attr]
+                await self.close()
+
+    async def _stream(self, target: str, draft: str, start: target_pb2.GenerateStart) -> AsyncIterator[Delta]:
+        seq, stats = self.seq, self.stats
+        call = self._call = self.targets.stub(target).Generate(timeout=self.opts.session_timeout_s,
+                                                                wait_for_ready=False)
+        try:
+            await call.write(target_pb2.GenerateClientMessage(start=start))
+            while not seq.finished:
+                try:
+                    msg = await asyncio.wait_for(call.read(), self.opts.round_timeout_s)
+                except asyncio.TimeoutError:
+                    raise TierFailure("target", target, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      f"no round within {self.opts.round_timeout_s:.1f}s") from None
+                if msg is grpc.aio.EOF:
+                    code = await call.code()
+                    details = await call.details()
+                    if code == grpc.StatusCode.OK:
+                        code, details = grpc.StatusCode.UNAVAILABLE, "the completion ended early"
+                    raise TierFailure("target", target, code, details or "")
+                d = msg.delta
+                self.failover.succeeded()
+                ids = list(d.token_ids)
+                lps = logprobs_from_pb(list(d.logprobs), ids)
+                kept, text = seq.commit(ids, lps)
+                m = stats.metrics
+                m.num_drafted_tokens += d.drafted
+                m.num_accepted_tokens += min(d.accepted, len(kept))
+                m.num_rounds += 1
+                m.num_emitted_tokens += len(kept)
+                stats.pipelined_rounds += int(d.pipelined)
+                t = d.timing
+                timing = RoundTiming(t.round_ns, t.verify_ns, 0, t.verify_queue_ns, t.draft_wait_ns, t.draft_ns,
+                                     t.draft_queue_ns)
+                stats.add_timing(timing)
+                stats.verify_ns += t.verify_ns + t.verify_queue_ns
+                stats.draft_ns += t.draft_wait_ns
+                if d.draft_failure:
+                    log.warning("draft replica %s failed (%s): the target tier goes on with plain decoding",
+                                draft, d.draft_failure)
+                    stats.draft_fallback = True
+                    if self.drafts is not None:
+                        self.drafts.mark_failed(draft)
+                        self._bad_drafts.add(draft)
+                yield Delta(seq.index, kept, text, lps[: len(kept)] if lps else None, seq.finish_reason,
+                            seq.stop_reason, d.drafted, min(d.accepted, len(kept)), d.pipelined, timing,
+                            d.draft_failure)
+        except grpc.aio.AioRpcError as e:
+            raise TierFailure("target", target, e.code(), e.details() or "") from None
+
+    async def close(self) -> None:
+        """Cancel the stream: the target tier closes both sessions and frees their KV."""
+        call, self._call = self._call, None
+        if call is not None and not call.done():
+            call.cancel()

@@ -1,0 +1,125 @@
+"""The direct round: the target tier runs a completion's rounds itself.
+
+The gateway opens one `Generate` stream per completion and names a draft replica; the tier
+asks that replica for blocks over a stream of its own, verifies them in its batched step
+(`LocalTarget`), and sends each round's committed tokens straight back. Per round, only the
+draft's block crosses the network on the critical path (none when it was drafted ahead), and
+the gateway's streaming to the client runs beside the next round instead of between rounds.
+The round itself is `CompletionLoop`, the same one the gateway runs in gateway-driven mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from specsplit.proto.v1 import common_pb2, draft_pb2_grpc, target_pb2
+from specsplit.sampling.params import SamplingParams
+from specsplit.serving.batcher import StepBatcher
+from specsplit.serving.completion_loop import (
+    CompletionLoop,
+    Delta,
+    LoopOptions,
+    TargetLink,
+    Verdict,
+)
+from specsplit.serving.convert import logprobs_to_pb, sparse_from_pb
+from specsplit.serving.replicas import ReplicaPool
+from specsplit.serving.tls import ClientTLS
+from specsplit.speculation.adaptive import CostModel
+from specsplit.speculation.sequence import Sequence
+from specsplit.speculation.target import SessionError, TargetVerifier, VerifyItem, VerifyResult
+
+log = logging.getLogger(__name__)
+MAX_BLOCK = 32  # longest draft block, as in a Session's verify
+
+
+class LocalTarget(TargetLink):
+    """The completion's session in this tier's own verifier, stepped through the batcher."""
+
+    def __init__(self, verifier: TargetVerifier, batcher: StepBatcher[VerifyItem, VerifyResult], seq_id: int,
+                 seq: Sequence, open_fn: Any, close_fn: Any) -> None:
+        self.verifier, self.batcher, self.seq_id, self.seq = verifier, batcher, seq_id, seq
+        self._open_fn, self._close_fn = open_fn, close_fn
+        self.opened = False
+
+    async def open(self) -> None:
+        await self.batcher.call(self._open_fn, self.seq_id, self.seq.all_ids, self.seq.params)
+        self.opened = True
+
+    async def verify(self, block: list[int], q: list[common_pb2.SparseDistribution]) -> Verdict:
+        q_ids, q_probs = sparse_from_pb(q, len(block), self.verifier.vocab_size)
+        res, queue_ns = await self.batcher.submit(VerifyItem(self.seq_id, list(block), q_ids, q_probs))
+        return Verdict(res.num_accepted, res.emitted[-1], res.logprobs, res.verify_ns, queue_ns)
+
+    async def close(self) -> None:
+        if self.opened:
+            self.opened = False
+            await self.batcher.call(self._close_fn, self.seq_id)
+
+
+class DraftPools:
+    """One channel per draft replica this tier was asked to draft with, shared by sessions."""
+
+    def __init__(self, tls: ClientTLS | None) -> None:
+        self.tls = tls
+        self._pools: dict[str, ReplicaPool] = {}
+
+    def get(self, address: str) -> ReplicaPool:
+        pool = self._pools.get(address)
+        if pool is None:
+            pool = self._pools[address] = ReplicaPool("draft", draft_pb2_grpc.DraftServiceStub, tls=self.tls)
+            pool.set_addresses([address])
+        return pool
+
+    async def close(self) -> None:
+        for p in self._pools.values():
+            await p.close()
+
+
+def start_to_sequence(start: target_pb2.GenerateStart, params: SamplingParams, max_model_len: int) -> Sequence:
+    """The tier's view of the completion: ends on the given end tokens or after max_new_tokens;
+    stop strings are the caller's (it closes the stream when it sees one)."""
+    ids = list(start.token_ids)
+    if not ids:
+        raise SessionError("the prompt is empty")
+    if start.num_speculative_tokens > MAX_BLOCK:
+        raise SessionError(f"num_speculative_tokens={start.num_speculative_tokens} exceeds {MAX_BLOCK}")
+    if start.stopping.max_new_tokens < 1:
+        raise SessionError("stopping.max_new_tokens must be >= 1")
+    tier_params = SamplingParams(
+        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+        seed=params.seed, logprobs=params.logprobs, repetition_penalty=params.repetition_penalty,
+        max_tokens=int(start.stopping.max_new_tokens), stop_token_ids=list(start.stopping.end_token_ids),
+        ignore_eos=True,  # EOS is among end_token_ids unless the request ignores it
+    )
+    return Sequence(0, ids, tier_params, (), max_model_len)
+
+
+def delta_to_pb(d: Delta) -> target_pb2.GenerateServerMessage:
+    t = d.timing
+    timing = target_pb2.RoundTiming(
+        round_ns=t.round_ns, verify_ns=t.verify_ns, verify_queue_ns=t.verify_queue_ns,
+        draft_wait_ns=t.draft_wait_ns, draft_ns=t.draft_ns, draft_queue_ns=t.draft_queue_ns,
+    ) if t is not None else None
+    return target_pb2.GenerateServerMessage(delta=target_pb2.GenerateDelta(
+        token_ids=d.token_ids, logprobs=logprobs_to_pb(d.logprobs, d.token_ids), drafted=d.drafted,
+        accepted=d.accepted, pipelined=d.pipelined, timing=timing, draft_failure=d.draft_failure,
+    ))
+
+
+async def run_generate(start: target_pb2.GenerateStart, link: LocalTarget,
+                       seq: Sequence, drafts: DraftPools, costs: CostModel,
+                       round_timeout_s: float) -> AsyncIterator[target_pb2.GenerateServerMessage]:
+    """Run the completion's rounds; one message per round."""
+    pool = drafts.get(start.draft_address) if start.draft_address else None
+    opts = LoopOptions(num_speculative_tokens=int(start.num_speculative_tokens), adaptive=start.adaptive,
+                       pipeline=start.pipeline, round_timeout_s=round_timeout_s, vocab_size=link.verifier.vocab_size)
+    loop = CompletionLoop(seq, link, pool if start.num_speculative_tokens > 0 else None, costs, opts)
+    try:
+        async for delta in loop.run():
+            yield delta_to_pb(delta)
+    finally:
+        await asyncio.shield(loop.close())  # a cancelled caller must still free both tiers' KV
