@@ -107,7 +107,48 @@ def time_target(verifier: Any, ctx: int, k: int, reps: int) -> dict[str, float]:
             dt = (time.perf_counter() - t) / reps * 1000
             verifier.close(sid)
         out[name] = dt
+    # the same runner's bare step (forward + argmax to the host), as gpu_bench times the engine
+    from specsplit.runtime.runner import StepInput
+
+    runner = verifier.runner
+    runner.add(-103)
+    tok = int(runner.forward([StepInput(-103, prompt)]).argmax(-1)[0])
+    for _pass in ("capture", "timed"):
+        runner.truncate(-103, ctx)
+        _sync(runner.device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            tok = runner.forward([StepInput(-103, [tok])]).argmax(-1).tolist()[0]
+        dt = (time.perf_counter() - t) / reps * 1000
+    runner.free(-103)
+    out["engine_step_ms"] = dt
     return out
+
+
+def inprocess_plain(verifier: Any, prompt_len: int, max_tokens: int, passes: int = 3) -> dict[str, float]:
+    """The baseline of every speed claim: our engine decoding plainly, in this process, on this GPU.
+
+    `SpecEngine` without a drafter (what `LLM(...)` runs), greedy, batch 1; the best of `passes`
+    (the first also captures the CUDA graphs of the context buckets on the way).
+    """
+    from specsplit.sampling.params import SamplingParams
+    from specsplit.speculation.engine import SpecEngine
+
+    v = verifier.vocab_size
+    engine = SpecEngine(verifier, None, None, max_num_seqs=1)
+    best = float("inf")
+    for i in range(passes):
+        engine.add_request(f"plain-{i}", None, [(11 * j + 5) % v for j in range(prompt_len)],
+                           SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        out = []
+        _sync(verifier.runner.device)
+        t = time.perf_counter()
+        while engine.has_unfinished():
+            out += engine.step()
+        dt = time.perf_counter() - t
+        n = len(out[0].outputs[0].token_ids)
+        best = min(best, dt / n * 1000)
+    return {"inprocess_plain_ms_per_token": best, "inprocess_plain_tok_s": 1000 / best}
 
 
 def time_draft(drafter: Any, ctx: int, k: int, reps: int) -> dict[str, float]:
@@ -144,6 +185,23 @@ def tier_stats(handle: Any, runner: Any, since: dict[str, float] | None = None) 
             "mean_step_ms": 1000 * d["seconds_sum"] / n if n else 0.0}
 
 
+def copy_rate(dev: torch.device) -> float:
+    """Bytes per second a large device-to-device copy reads (the rate a weight-bound step can reach)."""
+    n = 2**30
+    x = torch.empty(n, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    _sync(dev)
+    bw = 2 * n * 20 / (time.perf_counter() - t)  # read + written per second, as gpu_bench measures it
+    del x, y
+    return bw
+
+
 def _device_info(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -172,6 +230,7 @@ async def run_target(a: argparse.Namespace, ch: Channel) -> None:
                                     kv_cache_bytes=int(a.kv_gib * 2**30), enforce_eager=a.eager)
     verifier = TargetVerifier(runner)
     timing = time_target(verifier, a.ctx, a.k, a.reps)
+    timing.update(inprocess_plain(verifier, a.ctx, a.plain_tokens))
     print(f"[target] built in {time.perf_counter() - t0:.0f}s; {timing}", file=sys.stderr, flush=True)
     handle = await start_target(TargetServiceConfig(model="random", host="127.0.0.1", grpc_port=0, metrics_port=0,
                                                     max_batch=a.max_batch), verifier=verifier)
@@ -204,6 +263,10 @@ async def run_draft(a: argparse.Namespace, ch: Channel) -> None:
                                     kv_cache_bytes=int(a.kv_gib * 2**30), enforce_eager=a.eager)
     drafter = OracleDrafter(runner, alpha=1.0, seed=a.seed)
     timing = time_draft(drafter, a.ctx, a.k, a.reps)
+    if dev.type == "cuda":  # bandwidth bound of one draft token: read every weight once
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        timing["draft_bound_ms"] = weight_bytes / copy_rate(dev) * 1000
+        timing["draft_weight_gb"] = weight_bytes / 1e9
     timing.update({k: v for k, v in time_draft(drafter, a.ctx, a.k + 1, a.reps).items() if k != "draft_token_ms"})
     print(f"[draft] {timing}", file=sys.stderr, flush=True)
     scfg = SpeculativeConfig(method="draft_model", model="oracle (benchmark only)", num_speculative_tokens=a.k)
@@ -243,14 +306,20 @@ async def run_gateways(a: argparse.Namespace, ch: Channel) -> None:
     modes = {"plain": (None, False), "sequential": (spec(False), False), "pipelined": (spec(False), True),
              "adaptive": (spec(True), True), "adaptive-sequential": (spec(True), False)}
     handles = {}
-    for name, (sc, pipe) in modes.items():
-        cfg = GatewayConfig(model=a.folder, speculative=sc, host="127.0.0.1", port=0, grpc_port=0,
-                            target_addresses=(a.target,), draft_addresses=(a.draft,) if sc else (), pipeline=pipe,
-                            max_concurrent_requests=1024)
-        handles[name] = await start_gateway(cfg, max_model_len=a.max_model_len)
+    for round_mode in ("gateway", "direct"):  # who drives the rounds (gateway/config.py)
+        for name, (sc, pipe) in modes.items():
+            cfg = GatewayConfig(model=a.folder, speculative=sc, host="127.0.0.1", port=0, grpc_port=0,
+                                target_addresses=(a.target,), draft_addresses=(a.draft,) if sc else (),
+                                pipeline=pipe, max_concurrent_requests=1024, round_mode=round_mode)
+            handles[name if round_mode == "gateway" else f"direct-{name}"] = \
+                await start_gateway(cfg, max_model_len=a.max_model_len)
     ch.send({"ready": True, "ports": {n: h.port for n, h in handles.items()}})
     async for cmd in ch.commands():
-        ch.send({"error": f"unknown command {cmd}"})
+        if "timeline" in cmd:  # round timing sums of one gateway since the last call, then reset
+            core = handles[cmd["timeline"]].core
+            ch.send(core.take_timeline())
+        else:
+            ch.send({"error": f"unknown command {cmd}"})
     for h in handles.values():
         await h.shutdown(2.0)
 
@@ -271,6 +340,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("-k", type=int, default=5)
+    ap.add_argument("--plain-tokens", type=int, default=128, help="target: tokens of the in-process plain baseline")
     ap.add_argument("--folder", help="gateways: model folder (config + tokenizer)")
     ap.add_argument("--target", help="gateways: target address")
     ap.add_argument("--draft", help="gateways: draft address")

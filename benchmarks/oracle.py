@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from specsplit.runtime.runner import ModelRunner, StepInput
-from specsplit.sampling.logits import SamplingBatch, process_logits
 from specsplit.speculation.drafters import DraftModelDrafter, DraftRequest, Proposal
 from specsplit.speculation.target import SessionError
 
@@ -136,24 +135,38 @@ class OracleDrafter(DraftModelDrafter):
         return plan
 
     def _draft(self, reqs: list[DraftRequest]) -> list[Proposal]:
-        """The draft model's real forward for every token, but the oracle's tokens fed and proposed."""
+        """The draft model's real forward for every token, but the oracle's tokens fed and proposed.
+
+        As `DraftModelDrafter._draft`: the tokens stay on the device until the block is done
+        (the plan is known up front; the model's own argmax fills its gaps on the device).
+        """
         sessions = [self.sessions[r.seq_id] for r in reqs]
         plans = [self._plan(r.seq_id, s.tokens, r.k) for r, s in zip(reqs, sessions, strict=True)]
-        batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
-        blocks: list[list[int]] = [[] for _ in reqs]
+        n, kmax = len(reqs), max(r.k for r in reqs)
+        plan = torch.tensor([[-1 if t is None else t for t in p] + [-1] * (kmax - len(p)) for p in plans],
+                            dtype=torch.int64).to(self.device, non_blocking=True)  # [n, kmax], -1: the model's own
+        toks = torch.zeros(n, kmax, dtype=torch.int64, device=self.device)  # [n, kmax]
         inputs = [StepInput(r.seq_id, s.tokens[self.runner.length(r.seq_id) :]) for r, s in zip(reqs, sessions, strict=True)]
-        live = list(range(len(reqs)))
-        while live:
-            logits = self.runner.forward([inputs[i] for i in live])  # [len(live), V]
-            sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < len(reqs) else batch
-            own = process_logits(logits, sub).argmax(-1).tolist()  # the draft's own greedy pick: its real cost
-            for j, i in enumerate(live):
-                want = plans[i][len(blocks[i])]
-                blocks[i].append(own[j] if want is None else want)
-            live = [i for i in live if len(blocks[i]) < reqs[i].k]
+        live = list(range(n))
+        fed: torch.Tensor | None = None
+        for j in range(kmax):
+            logits = self.runner.forward([inputs[i] for i in live], fed)  # [len(live), V]
+            rows = torch.tensor(live, device=self.device) if len(live) < n else None
+            want = plan[:, j] if rows is None else plan[rows, j]  # [m]
+            step = torch.where(want >= 0, want, logits.argmax(-1))  # the draft's own pick: its real cost
+            if rows is None:
+                toks[:, j] = step
+            else:
+                toks[rows, j] = step
+            keep = [x for x, i in enumerate(live) if reqs[i].k > j + 1]
+            live = [live[x] for x in keep]
+            if not live:
+                break
+            fed = step if len(keep) == len(step) else step[torch.tensor(keep, device=self.device)]
             for i in live:
-                inputs[i] = StepInput(reqs[i].seq_id, [blocks[i][-1]])
-        return [Proposal(b) for b in blocks]
+                inputs[i] = StepInput(reqs[i].seq_id, [0])  # placeholder: the id comes from `fed`
+        blocks = toks.tolist()
+        return [Proposal(blocks[i][: r.k]) for i, r in enumerate(reqs)]
 
 
 def confident_random_model(shape: dict, device: torch.device, dtype: torch.dtype, *, seed: int = 0,

@@ -109,6 +109,7 @@ class GatewayCore:
         )
         self.costs = CostModel()
         self.metrics = GatewayMetrics()
+        self._timeline = self._new_timeline()
         self._slots = asyncio.Semaphore(cfg.max_concurrent_requests)
         self._waiting = 0
         self._running = 0
@@ -216,6 +217,7 @@ class GatewayCore:
                 self.metrics.tokens.labels("completion").inc(len(delta.token_ids))
                 out.put_nowait(delta)
             self.metrics.record(loop.stats)
+            self._add_timeline(loop.stats, len(seq.output_ids))
             out.put_nowait(Finished(index, loop.stats, len(prompt.token_ids), len(seq.output_ids),
                                     seq.finish_reason, seq.stop_reason))
         except asyncio.CancelledError:
@@ -226,6 +228,24 @@ class GatewayCore:
             # shielded: `generate` cancels this task as soon as it has read `Finished`, which
             # would otherwise interrupt the close and leave a tier session (and its KV) open
             await asyncio.shield(loop.close())
+
+    def _add_timeline(self, stats: LoopStats, tokens: int) -> None:
+        t = self._timeline
+        t["completions"] += 1
+        t["rounds"] += stats.metrics.num_rounds
+        t["tokens"] += tokens
+        t["relay_ns"] += stats.relay_ns
+        for f in stats.timing.__dataclass_fields__:
+            t[f] = t.get(f, 0) + getattr(stats.timing, f)
+
+    def take_timeline(self) -> dict[str, int]:
+        """Round timing sums of the completions finished since the last call (benchmarks)."""
+        t, self._timeline = self._timeline, self._new_timeline()
+        return t
+
+    @staticmethod
+    def _new_timeline() -> dict[str, int]:
+        return {"completions": 0, "rounds": 0, "tokens": 0, "relay_ns": 0}
 
     async def close(self) -> None:
         await self.targets.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -98,6 +99,7 @@ class DirectLoop:
                     if code == grpc.StatusCode.OK:
                         code, details = grpc.StatusCode.UNAVAILABLE, "the completion ended early"
                     raise TierFailure("target", target, code, details or "")
+                t_relay = time.perf_counter_ns()
                 d = msg.delta
                 self.failover.succeeded()
                 ids = list(d.token_ids)
@@ -110,8 +112,8 @@ class DirectLoop:
                 m.num_emitted_tokens += len(kept)
                 stats.pipelined_rounds += int(d.pipelined)
                 t = d.timing
-                timing = RoundTiming(t.round_ns, t.verify_ns, 0, t.verify_queue_ns, t.draft_wait_ns, t.draft_ns,
-                                     t.draft_queue_ns)
+                timing = RoundTiming(t.round_ns, t.verify_ns, t.verify_wait_ns, t.verify_queue_ns, t.draft_wait_ns,
+                                     t.draft_ns, t.draft_queue_ns)
                 stats.add_timing(timing)
                 stats.verify_ns += t.verify_ns + t.verify_queue_ns
                 stats.draft_ns += t.draft_wait_ns
@@ -122,9 +124,11 @@ class DirectLoop:
                     if self.drafts is not None:
                         self.drafts.mark_failed(draft)
                         self._bad_drafts.add(draft)
-                yield Delta(seq.index, kept, text, lps[: len(kept)] if lps else None, seq.finish_reason,
+                out = Delta(seq.index, kept, text, lps[: len(kept)] if lps else None, seq.finish_reason,
                             seq.stop_reason, d.drafted, min(d.accepted, len(kept)), d.pipelined, timing,
                             d.draft_failure)
+                stats.relay_ns += time.perf_counter_ns() - t_relay
+                yield out
         except grpc.aio.AioRpcError as e:
             raise TierFailure("target", target, e.code(), e.details() or "") from None
 

@@ -126,6 +126,7 @@ class LoopStats:
     preemptions: int = 0  # sessions a tier dropped for lack of KV memory, re-opened later
     draft_fallback: bool = False
     timing: RoundTiming = field(default_factory=RoundTiming)  # sums over the rounds
+    relay_ns: int = 0  # direct rounds: the gateway's own time per delta (commit, detokenize)
 
     def add_timing(self, t: RoundTiming) -> None:
         for f in t.__dataclass_fields__:
@@ -406,10 +407,10 @@ class CompletionLoop:
                     if k_next > 0:
                         spec = asyncio.ensure_future(self._propose(before + len(block), [], k_next + 1, speculative=True))
                         spec_k = k_next
+                t0 = time.perf_counter_ns()
                 if pending is not None:  # streaming the last round overlaps this round's verify
                     yield pending
                     pending = None
-                t0 = time.perf_counter_ns()
                 res = await verify
                 t_verify = time.perf_counter_ns() - t0
                 timing.verify_wait_ns, timing.verify_ns, timing.verify_queue_ns = t_verify, res.verify_ns, res.queue_ns
@@ -448,8 +449,7 @@ class CompletionLoop:
                         block = list(prop.token_ids[1 : n + 1])
                         q = list(prop.q[1 : n + 1])
                         self.draft_valid = len(seq.all_ids)
-                        self.stats.pipelined_rounds += 1
-                        timing.draft_ns, timing.draft_queue_ns = prop.draft_ns, prop.queue_ns
+                        self.stats.pipelined_rounds += 1  # drafted beside the verify: not on the round's path
                 if not hit and self.drafts is not None:
                     k = self._choose_k()
                     if k > 0:

@@ -20,9 +20,10 @@ PROMPTS = ["def fibonacci(n):", "The quick brown fox", "for i in range(10):\n   
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed_k", "adaptive_k"])
 @pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "sequential"])
 @pytest.mark.parametrize("method", ["draft_model", "ngram"])
+@pytest.mark.parametrize("round_mode", ["direct", "gateway"])
 def test_greedy_equals_plain_decoding(cluster: Cluster, reference: Reference, method: str, pipeline: bool,
-                                      adaptive: bool) -> None:
-    gw = cluster.gateway(method, pipeline, adaptive)
+                                      adaptive: bool, round_mode: str) -> None:
+    gw = cluster.gateway(method, pipeline, adaptive, round_mode=round_mode)
     drafted = accepted = pipelined = 0
     for prompt in PROMPTS:
         ref = reference.greedy(prompt, 48)
