@@ -163,8 +163,10 @@ class SecureCluster:
 @pytest.fixture(scope="package")
 def secure(aio: LoopThread, models: TinyModels, pki: Pki) -> Iterator[SecureCluster]:
     tls = {"tls_cert": pki.tier.cert, "tls_key": pki.tier.key, "tls_client_ca": pki.ca, "health_port": 0}
+    # in the direct round the target tier dials the draft tier itself, as a client of its mTLS
     target = aio.run(start_target(TargetServiceConfig(
-        str(models.target), host="127.0.0.1", grpc_port=0, metrics_port=0, kv_cache_memory_bytes=KV_BYTES, **tls)))
+        str(models.target), host="127.0.0.1", grpc_port=0, metrics_port=0, kv_cache_memory_bytes=KV_BYTES,
+        draft_tls_ca=pki.ca, draft_tls_cert=pki.gateway_client.cert, draft_tls_key=pki.gateway_client.key, **tls)))
     draft = aio.run(start_draft(DraftServiceConfig(
         str(models.target), spec_config("ngram", models), host="127.0.0.1", grpc_port=0, metrics_port=0,
         kv_cache_memory_bytes=KV_BYTES, **tls)))

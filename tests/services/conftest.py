@@ -269,7 +269,7 @@ class ReplicaProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout: float = 90.0) -> None:
+    def wait_ready(self, timeout: float = 240.0) -> None:  # four replicas importing torch at once on 2 busy cores
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             m = re.search(rb"ready on port (\d+)", self.log_path.read_bytes())
