@@ -456,21 +456,38 @@ def test_static_discovery_passes_the_address_lists(chart: Any) -> None:
     assert "--target-addresses=target-a.example:50052,target-b.example:50052" in args
 
 
-def test_network_policy_admits_only_the_gateway_to_grpc(chart: Any) -> None:
+def test_network_policy_admits_only_the_gateway_and_the_target_to_grpc(chart: Any) -> None:
+    """The target tier reaches only from the gateway; the draft tier from the gateway and, for
+    direct rounds, the target tier; nothing from other namespaces."""
     docs = render(chart, VALUE_SETS["network-policy-dns"])
-    gateway_labels = one(docs, "Deployment", "gateway")["spec"]["template"]["metadata"]["labels"]
-    for component in ("draft", "target"):
+    labels = {c: one(docs, "Deployment", c)["spec"]["template"]["metadata"]["labels"] for c in ("gateway", "draft")}
+    labels["target"] = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet")
+                            and d["metadata"]["name"].endswith("target"))["spec"]["template"]["metadata"]["labels"]
+    for component, allowed in (("target", ["gateway"]), ("draft", ["gateway", "target"])):
         policy = one(docs, "NetworkPolicy", component)
-        pods = one(docs, "Deployment", component)["spec"]["template"]["metadata"]["labels"]
-        assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods.items()
+        assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels[component].items()
         assert policy["spec"]["policyTypes"] == ["Ingress"]
         grpc_rules = [
             r for r in policy["spec"]["ingress"] if any(p["port"] == "grpc" for p in r["ports"])
         ]
         assert len(grpc_rules) == 1
-        (peer,) = grpc_rules[0]["from"]
-        assert peer["podSelector"]["matchLabels"].items() <= gateway_labels.items()
-        assert "namespaceSelector" not in peer
+        peers = grpc_rules[0]["from"]
+        assert len(peers) == len(allowed)
+        for peer, who in zip(peers, allowed, strict=True):
+            assert peer["podSelector"]["matchLabels"].items() <= labels[who].items()
+            assert "namespaceSelector" not in peer
+
+
+def test_target_dials_the_draft_tier_over_mtls_for_direct_rounds(chart: Any) -> None:
+    docs = render(chart, {"tls": {"enabled": True, "issuerRef": {"name": "specsplit-ca", "kind": "ClusterIssuer"}}})
+    target = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"].endswith("target"))
+    args = target["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--draft-tls-cert=/etc/specsplit/tls/tls.crt" in args
+    assert any(a.startswith("--draft-tls-server-name=") and a.endswith(".svc") for a in args)
+    cert = one(docs, "Certificate", "target")
+    assert "client auth" in cert["spec"]["usages"]
+    gateway = one(docs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--round=direct" in gateway
 
 
 # --- gateway scaling and exposure -------------------------------------------------------------

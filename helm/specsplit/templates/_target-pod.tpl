@@ -34,6 +34,13 @@ spec:
         - --gpu-memory-utilization={{ $t.gpuMemoryUtilization }}
         - --shutdown-grace-seconds={{ int $t.shutdownGraceSeconds }}
         {{- with include "specsplit.tierTlsArgs" . | trim }}{{ . | nindent 8 }}{{ end }}
+        {{- if and .Values.tls.enabled .Values.draft.enabled }}
+        # direct rounds: this tier dials the draft replicas (by pod IP) with its own certificate
+        - --draft-tls-ca=/etc/specsplit/tls/ca.crt
+        - --draft-tls-cert=/etc/specsplit/tls/tls.crt
+        - --draft-tls-key=/etc/specsplit/tls/tls.key
+        - --draft-tls-server-name={{ include "specsplit.componentName" (dict "root" . "component" "draft") }}.{{ .Release.Namespace }}.svc
+        {{- end }}
         {{- with $t.extraArgs }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
