@@ -176,10 +176,7 @@ def run_target(a: argparse.Namespace) -> int:
     from target_service.config import TargetServiceConfig
     from target_service.server import start_target
 
-    cfg = TargetServiceConfig(
-        a.model, a.host, a.grpc_port, a.metrics_port, a.dtype, a.tensor_parallel_size, a.max_model_len,
-        a.gpu_memory_utilization, a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds, a.enforce_eager,
-        **_tier_tls(a))
+    cfg = TargetServiceConfig(a.model, tensor_parallel_size=a.tensor_parallel_size, **_tier_flags(a))
     return _serve(lambda: start_target(cfg), cfg.shutdown_grace_seconds)
 
 
@@ -190,15 +187,16 @@ def run_draft(a: argparse.Namespace) -> int:
     sc = SpeculativeConfig.from_any(a.speculative_config)
     if sc is None:
         raise SystemExit("specsplit draft needs --speculative-config (method draft_model or ngram)")
-    cfg = DraftServiceConfig(
-        a.model, sc, a.host, a.grpc_port, a.metrics_port, a.dtype, a.max_model_len, a.gpu_memory_utilization,
-        a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds, **_tier_tls(a))
+    cfg = DraftServiceConfig(a.model, sc, **_tier_flags(a))
     return _serve(lambda: start_draft(cfg), cfg.shutdown_grace_seconds)
 
 
-def _tier_tls(a: argparse.Namespace) -> dict[str, Any]:
-    return {"tls_cert": a.tls_cert, "tls_key": a.tls_key, "tls_client_ca": a.tls_client_ca,
-            "health_port": a.health_port}
+def _tier_flags(a: argparse.Namespace) -> dict[str, Any]:
+    """The flags every session tier shares (specsplit.serving.config.TierConfig)."""
+    names = ("host", "grpc_port", "metrics_port", "dtype", "max_model_len", "gpu_memory_utilization",
+             "kv_cache_memory_bytes", "max_batch", "shutdown_grace_seconds", "enforce_eager", "tls_cert",
+             "tls_key", "tls_client_ca", "health_port")
+    return {n: getattr(a, n) for n in names}
 
 
 def run_gateway(a: argparse.Namespace) -> int:
