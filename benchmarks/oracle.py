@@ -32,7 +32,7 @@ import torch
 from specsplit.runtime.runner import ModelRunner, StepInput
 from specsplit.sampling.logits import SamplingBatch, process_logits
 from specsplit.speculation.drafters import DraftModelDrafter, DraftRequest, Proposal
-from specsplit.speculation.target import SessionError
+from specsplit.speculation.session import SessionError
 
 
 @dataclass

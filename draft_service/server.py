@@ -14,9 +14,7 @@ from specsplit.serving.convert import sparse_to_pb
 from specsplit.serving.servicer import SessionServicer
 from specsplit.serving.tier import TierHandle
 from specsplit.speculation.drafters import Drafter, DraftRequest, Proposal
-from specsplit.speculation.target import SessionError
-
-MAX_K = 33  # a block of 32 plus the pipelined guess of the bonus token
+from specsplit.speculation.session import MAX_PROPOSE, SessionError
 
 
 class DraftServicer(SessionServicer[DraftRequest, Proposal], draft_pb2_grpc.DraftServiceServicer):
@@ -31,8 +29,8 @@ class DraftServicer(SessionServicer[DraftRequest, Proposal], draft_pb2_grpc.Draf
                                f"{self.max_model_len}")
 
     def request(self, seq_id: int, msg: draft_pb2.DraftPropose) -> DraftRequest:
-        if msg.k > MAX_K:
-            raise SessionError(f"k={msg.k} exceeds the limit of {MAX_K}")
+        if msg.k > MAX_PROPOSE:
+            raise SessionError(f"k={msg.k} exceeds the limit of {MAX_PROPOSE}")
         new_len = msg.prefix_len + len(msg.new_tokens)
         k = min(msg.k, max(0, self.max_model_len - new_len - 1))  # never past the draft's context
         return DraftRequest(seq_id, msg.prefix_len, list(msg.new_tokens), k)

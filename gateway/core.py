@@ -27,6 +27,7 @@ from specsplit.serving.errors import Overloaded
 from specsplit.serving.metrics import ROUND_BUCKETS
 from specsplit.speculation.adaptive import CostModel
 from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence
+from specsplit.speculation.session import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +138,7 @@ class GatewayCore:
             raise ValueError("the prompt is empty")
         if any((not isinstance(t, int)) or isinstance(t, bool) for t in ids):
             raise ValueError("prompt token ids must be integers")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id(s) outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        check_token_ids(ids, self.vocab_size, "prompt")
         return self._check(Prompt(None, list(ids)))
 
     def encode_chat(self, messages: list[dict[str, str]]) -> Prompt:

@@ -28,6 +28,7 @@ from specsplit.serving.convert import logprobs_from_pb, params_to_pb
 from specsplit.serving.errors import Overloaded, Unavailable
 from specsplit.speculation.adaptive import AdaptiveK, CostModel
 from specsplit.speculation.sequence import Sequence
+from specsplit.speculation.session import out_of_vocab
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def check_proposal(prop: draft_pb2.DraftProposal, k: int, vocab_size: int, addre
     per id when sampling. The target checks again, but a faulty draft is the draft's failure
     (the session moves on or falls back to plain decoding), not the request's."""
     ids = prop.token_ids
-    bad = len(ids) > k or (vocab_size > 0 and any(not 0 <= t < vocab_size for t in ids)) \
+    bad = len(ids) > k or (vocab_size > 0 and bool(out_of_vocab(ids, vocab_size))) \
         or (len(prop.q) not in (0, len(ids)))
     if bad:
         raise TierFailure("draft", address, grpc.StatusCode.INTERNAL,

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from specsplit.speculation.session import MAX_SPECULATIVE_TOKENS
+
 METHODS = ("draft_model", "ngram")
 
 
@@ -25,8 +27,8 @@ class SpeculativeConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"speculative_config: unknown method {self.method!r}; choose one of {METHODS}")
-        if not 1 <= self.num_speculative_tokens <= 16:
-            raise ValueError("speculative_config: num_speculative_tokens must be in 1..16, "
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_config: num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, "
                              f"got {self.num_speculative_tokens}")
         if self.method == "draft_model" and not self.model:
             raise ValueError("speculative_config: method 'draft_model' needs 'model' (the draft model)")

@@ -14,11 +14,11 @@ from specsplit.proto.v1 import target_pb2, target_pb2_grpc
 from specsplit.serving.convert import logprobs_to_pb, sparse_from_pb
 from specsplit.serving.servicer import SessionServicer
 from specsplit.serving.tier import TierHandle
-from specsplit.speculation.target import SessionError, TargetVerifier, VerifyItem, VerifyResult
+from specsplit.speculation.session import MAX_BLOCK, SessionError
+from specsplit.speculation.target import TargetVerifier, VerifyItem, VerifyResult
 from target_service.config import TargetServiceConfig
 
 log = logging.getLogger(__name__)
-MAX_BLOCK = 32  # longest draft block accepted in one verify
 
 
 class TargetServicer(SessionServicer[VerifyItem, VerifyResult], target_pb2_grpc.TargetServiceServicer):

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from specsplit.proto.v1 import common_pb2
 from specsplit.sampling.params import SamplingParams
+from specsplit.speculation.session import check_token_ids
 
 _OPTIONAL = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "logprobs", "repetition_penalty")
 
@@ -64,10 +65,9 @@ def sparse_from_pb(q: list[common_pb2.SparseDistribution], k: int, vocab_size: i
     for j, d in enumerate(q):
         if len(d.ids) != len(d.probs) or not d.ids:
             raise ValueError(f"q[{j}]: ids and probs must be non-empty and of equal length")
+        check_token_ids(d.ids, vocab_size, f"q[{j}]")
         t_ids = torch.tensor(list(d.ids), dtype=torch.int64)
         t_p = torch.tensor(list(d.probs), dtype=torch.float32)
-        if int(t_ids.max()) >= vocab_size:
-            raise ValueError(f"q[{j}] has token ids outside the vocabulary [0, {vocab_size})")
         if not torch.isfinite(t_p).all() or (t_p < 0).any() or abs(float(t_p.sum()) - 1.0) > 1e-3:
             raise ValueError(f"q[{j}] is not a probability distribution (finite, >= 0, summing to 1)")
         ids[j, : len(d.ids)] = t_ids

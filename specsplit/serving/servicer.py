@@ -29,7 +29,7 @@ from specsplit.serving.errors import grpc_errors, status_for
 from specsplit.serving.kv import admit, preempting
 from specsplit.serving.metrics import TierMetrics
 from specsplit.serving.tier import TierHandle, start_tier
-from specsplit.speculation.target import SessionError
+from specsplit.speculation.session import SessionError
 
 Req = TypeVar("Req")
 Res = TypeVar("Res")

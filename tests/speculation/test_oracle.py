@@ -11,7 +11,7 @@ from benchmarks.oracle import OracleDrafter, confident_random_model
 from specsplit.runtime.runner import ModelRunner, StepInput
 from specsplit.sampling.params import SamplingParams
 from specsplit.speculation.drafters import DraftRequest
-from specsplit.speculation.target import SessionError
+from specsplit.speculation.session import SessionError
 from specsplit.testing import random_model
 
 CPU = torch.device("cpu")
