@@ -7,7 +7,9 @@ check written here holds for both tiers.
 
 from __future__ import annotations
 
-from dataclasses import KW_ONLY, dataclass
+import argparse
+from dataclasses import KW_ONLY, dataclass, fields
+from typing import Any
 
 from specsplit.serving.tls import ServerTLS
 
@@ -39,6 +41,12 @@ class TierConfig:
             raise ValueError("gpu_memory_utilization must be in [0.05, 1.0]")
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace, **given: Any) -> Any:
+        """Built from the `specsplit <tier>` flags, which are named after the fields."""
+        kw = {f.name: getattr(a, f.name) for f in fields(cls) if f.init and hasattr(a, f.name)}
+        return cls(**{**kw, **given})
 
     @property
     def tls(self) -> ServerTLS | None:
