@@ -16,15 +16,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 from gateway.config import GatewayConfig
-from gateway.speculation import CompletionLoop, Delta, LoopOptions, LoopStats
+from gateway.metrics import GatewayMetrics
+from gateway.speculation import CompletionLoop, Delta, LoopOptions
 from gateway.tiers import ReplicaPool
+from specsplit.outputs import SpecMetrics
 from specsplit.proto.v1 import draft_pb2_grpc, target_pb2_grpc
 from specsplit.sampling.params import SamplingParams
 from specsplit.serving.errors import Overloaded
-from specsplit.serving.metrics import ROUND_BUCKETS
 from specsplit.speculation.adaptive import CostModel
 from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence
 from specsplit.speculation.session import check_token_ids
@@ -43,50 +42,11 @@ class Finished:
     """Last event of one completion: its stats and token counts."""
 
     index: int
-    stats: LoopStats
+    stats: SpecMetrics
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
     stop_reason: int | str | None
-
-
-class GatewayMetrics:
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("specsplit_requests_total", "Requests by outcome", ["outcome"], registry=r)
-        self.tokens = Counter("specsplit_tokens_total", "Tokens by kind", ["kind"], registry=r)
-        self.drafted = Counter("specsplit_drafted_tokens_total", "Tokens proposed by the draft tier", registry=r)
-        self.accepted = Counter("specsplit_accepted_tokens_total", "Drafted tokens accepted", registry=r)
-        self.rounds = Counter("specsplit_rounds_total", "Verify rounds", registry=r)
-        self.pipelined = Counter("specsplit_pipelined_rounds_total", "Rounds served by a pipelined block", registry=r)
-        self.acceptance = Gauge("specsplit_acceptance_rate", "Accepted / drafted tokens (since start)", registry=r)
-        self.mean_len = Gauge("specsplit_mean_accepted_length", "Tokens per round (since start)", registry=r)
-        self.round_seconds = Histogram("specsplit_round_part_seconds", "Per-round time by part", ["part"],
-                                       registry=r, buckets=ROUND_BUCKETS)
-        self.queue_depth = Gauge("specsplit_queue_depth", "Requests waiting for admission", registry=r)
-        self.sessions = Gauge("specsplit_active_sessions", "Completions running", registry=r)
-        self.replica_sessions = Gauge("specsplit_replica_sessions", "Live sessions per replica",
-                                      ["tier", "replica"], registry=r)
-        self.failovers = Counter("specsplit_failovers_total", "Sessions moved to another replica", registry=r)
-        self.preemptions = Counter("specsplit_preemptions_total",
-                                   "Sessions a tier refused or dropped for lack of KV memory, re-opened later",
-                                   registry=r)
-
-    def record(self, stats: LoopStats) -> None:
-        m = stats.metrics
-        self.drafted.inc(m.num_drafted_tokens)
-        self.accepted.inc(m.num_accepted_tokens)
-        self.rounds.inc(m.num_rounds)
-        self.pipelined.inc(stats.pipelined_rounds)
-        self.failovers.inc(stats.failovers)
-        self.preemptions.inc(stats.preemptions)
-        if m.num_rounds:
-            for part, ns in (("draft", stats.draft_ns), ("verify", stats.verify_ns), ("overhead", stats.overhead_ns)):
-                self.round_seconds.labels(part).observe(ns / 1e9 / m.num_rounds)
-        drafted = self.drafted._value.get()
-        self.acceptance.set(self.accepted._value.get() / drafted if drafted else 0.0)
-        rounds = self.rounds._value.get()
-        self.mean_len.set(self.tokens.labels("completion")._value.get() / rounds if rounds else 0.0)
 
 
 class GatewayCore:

@@ -17,18 +17,26 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
+from torch import Tensor
 
 from gateway.tiers import NoReplica, ReplicaPool, TierFailure, TierSession
 from specsplit.outputs import SpecMetrics
-from specsplit.proto.v1 import common_pb2, draft_pb2, target_pb2
-from specsplit.serving.convert import logprobs_from_pb, params_to_pb
+from specsplit.proto.v1 import draft_pb2, target_pb2
+from specsplit.serving.convert import (
+    proposal_from_pb,
+    sparse_to_pb,
+    token_choice_to_pb,
+    verify_result_from_pb,
+)
 from specsplit.serving.errors import Overloaded, Unavailable
 from specsplit.speculation.adaptive import AdaptiveK, CostModel
+from specsplit.speculation.drafters import Proposal
 from specsplit.speculation.sequence import Sequence
 from specsplit.speculation.session import out_of_vocab
+from specsplit.speculation.target import VerifyResult
 
 log = logging.getLogger(__name__)
 
@@ -65,38 +73,20 @@ class Delta:
     stop_reason: int | str | None = None
 
 
-@dataclass
-class LoopStats:
-    metrics: SpecMetrics = field(default_factory=SpecMetrics)
-    pipelined_rounds: int = 0
-    draft_ns: int = 0
-    verify_ns: int = 0
-    overhead_ns: int = 0
-    failovers: int = 0
-    preemptions: int = 0  # sessions a tier dropped for lack of KV memory, re-opened later
-    draft_fallback: bool = False
-
-    def to_pb(self) -> common_pb2.SpecStats:
-        m = self.metrics
-        return common_pb2.SpecStats(
-            drafted_tokens=m.num_drafted_tokens, accepted_tokens=m.num_accepted_tokens, rounds=m.num_rounds,
-            pipelined_rounds=self.pipelined_rounds, acceptance_rate=m.acceptance_rate,
-            mean_accepted_length=m.mean_accepted_length, draft_ns=self.draft_ns, verify_ns=self.verify_ns,
-            overhead_ns=self.overhead_ns, draft_fallback=self.draft_fallback,
-        )
-
-
-def check_proposal(prop: draft_pb2.DraftProposal, k: int, vocab_size: int, address: str) -> None:
-    """A draft replica's answer must fit the request: at most k ids, all in the vocabulary, one q
-    per id when sampling. The target checks again, but a faulty draft is the draft's failure
-    (the session moves on or falls back to plain decoding), not the request's."""
+def check_proposal(prop: draft_pb2.DraftProposal, k: int, vocab_size: int, address: str) -> Proposal:
+    """A draft replica's answer, converted, must fit the request: at most k ids, all in the
+    vocabulary, one valid q per id when sampling. The target checks again, but a faulty draft is
+    the draft's failure (the session moves on or falls back to plain decoding), not the request's."""
     ids = prop.token_ids
-    bad = len(ids) > k or (vocab_size > 0 and bool(out_of_vocab(ids, vocab_size))) \
-        or (len(prop.q) not in (0, len(ids)))
-    if bad:
-        raise TierFailure("draft", address, grpc.StatusCode.INTERNAL,
-                          f"malformed proposal ({len(ids)} ids for k={k}, {len(prop.q)} distributions, "
-                          f"ids must be in [0, {vocab_size})): the draft replica is faulty")
+    why = ""
+    if len(ids) <= k and not (vocab_size > 0 and out_of_vocab(ids, vocab_size)) and len(prop.q) in (0, len(ids)):
+        try:
+            return proposal_from_pb(prop, vocab_size or 2**32)
+        except ValueError as e:  # a q that is not a distribution over the vocabulary
+            why = f"; {e}"
+    raise TierFailure("draft", address, grpc.StatusCode.INTERNAL,
+                      f"malformed proposal ({len(ids)} ids for k={k}, {len(prop.q)} distributions, "
+                      f"ids must be in [0, {vocab_size}){why}): the draft replica is faulty")
 
 
 class CompletionLoop:
@@ -111,14 +101,14 @@ class CompletionLoop:
         # random numbers each round draws, and with them the sampled tokens
         self.adaptive = AdaptiveK(opts.num_speculative_tokens if drafts is not None else 0,
                                   opts.adaptive and seq.params.seed is None)
-        self.stats = LoopStats()
+        self.stats = SpecMetrics()
         self.target: TierSession | None = None
         self.draft: TierSession | None = None
         self.draft_valid = 0  # committed tokens the draft session holds
         self._round = 0
         self._bad_targets: set[str] = set()
         self._bad_drafts: set[str] = set()
-        self._params_pb = params_to_pb(seq.params)
+        self._params_pb = token_choice_to_pb(seq.params)
         self._failures_in_row = 0  # target failovers since the last good round
         self._kv_wait_since: float | None = None  # first KV refusal since the last good round
         self._kv_refusals = 0  # KV refusals since the last good round
@@ -178,7 +168,7 @@ class CompletionLoop:
             if f.code in CALLER_ERRORS:
                 raise ValueError(str(f)) from None
             raise Unavailable(str(f)) from None
-        self.stats.failovers += 1
+        self.stats.num_failovers += 1
         log.warning("%s; re-opening the session on another replica", f)
         pool.mark_failed(f.address)
         bad.add(f.address)
@@ -200,7 +190,7 @@ class CompletionLoop:
         re-open re-sends prompt + committed tokens, so a preempted session resumes where it was.
         """
         await s.close()
-        self.stats.preemptions += 1
+        self.stats.num_preemptions += 1
         self._kv_refusals += 1
         now = time.monotonic()
         if self._kv_wait_since is None:
@@ -218,7 +208,7 @@ class CompletionLoop:
 
     # ---- rounds ----------------------------------------------------------------------------
     async def _propose(self, prefix_len: int, new_tokens: list[int], k: int,
-                       speculative: bool = False) -> draft_pb2.DraftProposal | None:
+                       speculative: bool = False) -> Proposal | None:
         """One draft round; None if the draft tier is gone (the loop then decodes plainly).
 
         On a draft failure the session is re-opened elsewhere with the committed tokens; a
@@ -234,15 +224,15 @@ class CompletionLoop:
                 round_id=self._round, prefix_len=prefix_len, new_tokens=new_tokens, k=k))
             try:
                 resp = await self.draft.request(msg, self.opts.round_timeout_s)
-                check_proposal(resp.proposal, k, self.opts.vocab_size, self.draft.address)
+                prop = check_proposal(resp.proposal, k, self.opts.vocab_size, self.draft.address)
                 self._draft_pauses = 0
-                return resp.proposal
+                return prop
             except TierFailure as f:
                 s, self.draft = self.draft, None
                 if f.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     # the draft's KV is full: decode plainly for a while, then re-open the session
                     await s.close()
-                    self.stats.preemptions += 1
+                    self.stats.num_preemptions += 1
                     self._draft_pauses += 1
                     self._draft_retry_at = time.monotonic() + backoff_s(self._draft_pauses, cap_s=2.0)
                     return None
@@ -252,18 +242,18 @@ class CompletionLoop:
                 prefix_len, new_tokens = len(self.seq.all_ids), []  # the new session holds these
         return None
 
-    async def _verify(self, block: list[int], q: list[common_pb2.SparseDistribution]) -> target_pb2.VerifyResult:
+    async def _verify(self, block: list[int], q: tuple[Tensor | None, Tensor | None]) -> VerifyResult:
         while True:
             if self.target is None:
                 await self._open_target()
             self._round += 1
             msg = target_pb2.TargetClientMessage(verify=target_pb2.TargetVerify(
-                round_id=self._round, draft_ids=block, q=q))
+                round_id=self._round, draft_ids=block, q=sparse_to_pb(*q)))
             try:
                 resp = await self.target.request(msg, self.opts.round_timeout_s)  # type: ignore[union-attr]
                 self._failures_in_row = self._kv_refusals = 0
                 self._kv_wait_since = None
-                return resp.result
+                return verify_result_from_pb(resp.result, self.seq.seq_id, block)
             except TierFailure as f:
                 s, self.target = self.target, None
                 if f.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -286,7 +276,7 @@ class CompletionLoop:
         if self.drafts is not None:
             await self._open_draft()
         block: list[int] = []
-        q: list[common_pb2.SparseDistribution] = []
+        q: tuple[Tensor | None, Tensor | None] = (None, None)  # the block's draft distributions (sampling)
         spec: asyncio.Task | None = None
         spec_k = 0
         # first round: prefill with no block; the draft guesses [first token] + block meanwhile
@@ -309,10 +299,9 @@ class CompletionLoop:
                 t_verify = time.perf_counter_ns() - t0
                 self.stats.verify_ns += t_verify
                 a = res.num_accepted
-                emitted = list(block[:a]) + [res.next_token]
-                lps = logprobs_from_pb(list(res.logprobs), emitted)
+                emitted, lps = res.emitted, res.logprobs
                 kept, text = seq.commit(emitted, lps)
-                m = self.stats.metrics
+                m = self.stats
                 m.num_drafted_tokens += len(block)
                 m.num_accepted_tokens += min(a, len(kept))
                 m.num_rounds += 1
@@ -328,21 +317,21 @@ class CompletionLoop:
                 if drafted_block:
                     self.draft_valid = before + a
                 # next block: the pipelined guess if it holds, else a fresh proposal
-                block, q = [], []
+                block, q = [], (None, None)
                 t1 = time.perf_counter_ns()
                 hit = False
                 if spec is not None:
                     prop = await spec
                     spec = None
                     assumed_all = a == len(drafted_block)
-                    if prop is not None and assumed_all and prop.token_ids and prop.token_ids[0] == res.next_token:
+                    if prop is not None and assumed_all and prop.token_ids and prop.token_ids[0] == emitted[-1]:
                         hit = True
                         # drafted before this round's tokens were committed: cut to what is left
                         n = min(spec_k, self._room())
                         block = list(prop.token_ids[1 : n + 1])
-                        q = list(prop.q[1 : n + 1])
+                        q = _rows(prop, 1, n + 1)
                         self.draft_valid = len(seq.all_ids)
-                        self.stats.pipelined_rounds += 1
+                        self.stats.num_pipelined_rounds += 1
                 if not hit and self.drafts is not None:
                     k = self._choose_k()
                     if k > 0:
@@ -351,7 +340,7 @@ class CompletionLoop:
                         prop = await self._propose(self.draft_valid, seq.all_ids[self.draft_valid :], k)
                         if prop is not None:
                             self.draft_valid = len(seq.all_ids)
-                            block, q = list(prop.token_ids), list(prop.q)
+                            block, q = list(prop.token_ids), (prop.q_ids, prop.q_probs)
                             self.costs.observe_draft_call((time.perf_counter_ns() - t_prop) / 1e9,
                                                           max(1, len(prop.token_ids)), catch_up,
                                                           self.adaptive.k_max)
@@ -361,3 +350,10 @@ class CompletionLoop:
         finally:
             if spec is not None:
                 spec.cancel()
+
+
+def _rows(prop: Proposal, start: int, stop: int) -> tuple[Tensor | None, Tensor | None]:
+    """The draft distributions of block tokens start..stop-1 (None, None for greedy)."""
+    if prop.q_ids is None or prop.q_probs is None:
+        return None, None
+    return prop.q_ids[start:stop], prop.q_probs[start:stop]

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from specsplit.sampling.params import unknown_fields
 from specsplit.speculation.session import MAX_SPECULATIVE_TOKENS
 
 METHODS = ("draft_model", "ngram")
@@ -56,10 +57,10 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config is not valid JSON: {e}") from None
         if not isinstance(value, dict):
             raise ValueError(f"speculative_config must be a dict or JSON object, got {type(value).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
+        unknown = unknown_fields(cls, value)
         if unknown:
-            raise ValueError(f"speculative_config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+            raise ValueError(f"speculative_config: unknown key(s) {unknown}; "
+                             f"known keys: {sorted(f.name for f in fields(cls))}")
         return cls(**value)
 
     def to_dict(self) -> dict[str, Any]:

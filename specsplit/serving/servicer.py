@@ -24,7 +24,7 @@ from specsplit.runtime.kv_cache import PagedKVCache
 from specsplit.sampling.params import SamplingParams
 from specsplit.serving.batcher import StepBatcher
 from specsplit.serving.config import TierConfig
-from specsplit.serving.convert import params_from_pb
+from specsplit.serving.convert import token_choice_from_pb
 from specsplit.serving.errors import grpc_errors, status_for
 from specsplit.serving.kv import admit, preempting
 from specsplit.serving.metrics import TierMetrics
@@ -99,7 +99,7 @@ class SessionServicer(ABC, Generic[Req, Res]):
         try:
             if first.WhichOneof("kind") != "open":
                 raise SessionError(f"the first message of a {self.tier} session must be 'open'")
-            params = params_from_pb(first.open.params)
+            params = token_choice_from_pb(first.open.params)
             ids = list(first.open.token_ids)
             self.check_open(ids, params)
             # inside the try: a client that cancels while the open (prefill) runs must still free it
