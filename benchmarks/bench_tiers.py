@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # specsplit without an install
-from specsplit.testing import LLAMA_31_8B, LLAMA_32_1B  # noqa: E402
+from specsplit.runtime.random_weights import LLAMA_31_8B, LLAMA_32_1B  # noqa: E402
 
 TINY_TARGET = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=4096)
@@ -213,9 +213,9 @@ def _device_info(device: torch.device) -> str:
 async def run_target(a: argparse.Namespace, ch: Channel) -> None:
     from oracle import confident_random_model
 
+    from specsplit.runtime.random_weights import random_model
     from specsplit.runtime.runner import ModelRunner
     from specsplit.speculation.target import TargetVerifier
-    from specsplit.testing import random_model
     from target_service.config import TargetServiceConfig
     from target_service.server import start_target
 
@@ -254,8 +254,8 @@ async def run_draft(a: argparse.Namespace, ch: Channel) -> None:
     from draft_service.config import DraftServiceConfig
     from draft_service.server import start_draft
     from specsplit.config import SpeculativeConfig
+    from specsplit.runtime.random_weights import random_model
     from specsplit.runtime.runner import ModelRunner
-    from specsplit.testing import random_model
 
     dev, dtype = torch.device(a.device), DTYPES[a.dtype]
     cfg, model = random_model(SHAPES[a.shape][1], dev, dtype, seed=a.seed + 10)

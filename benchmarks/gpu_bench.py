@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
+from specsplit.runtime.random_weights import LLAMA_31_8B, random_model
 from specsplit.runtime.runner import ModelRunner, StepInput
-from specsplit.testing import LLAMA_31_8B, random_model
 
 DT = torch.bfloat16
 LAST: dict[str, float] = {}

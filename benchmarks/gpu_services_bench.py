@@ -12,7 +12,7 @@ speculative outputs differ (see `confident_random_model`).
 Each tier is its own process on real localhost sockets (benchmarks/bench_tiers.py): target on
 one GPU, draft on the other, gateways on the CPU; this process is the client.
   3  one session at a time, alpha in --alphas, k fixed: plain decoding vs speculation with and
-     without pipelining; tokens/s, speedup, pipelined-guess hit rate, next to the DESIGN.md
+     without pipelining; tokens/s, speedup, pipelined-guess hit rate, next to the docs/architecture.md
      performance model computed from the step times measured in the tier processes.
   5  1, 8, 32, 64 concurrent sessions, speculation (adaptive k, pipelined) on and off:
      aggregate tokens/s and p50/p99 time per output token.
@@ -224,7 +224,7 @@ async def single_session(stub: Any, prompts: list[list[int]], refs: list[list[in
 
 
 def predict(alpha: float, k: int, t1: float, tt: float, td: float, o: float) -> dict[str, float]:
-    """DESIGN.md's performance model (times in ms); plain decoding through the gateway costs t1 + o per token."""
+    """The performance model of docs/architecture.md (times in ms); plain decoding through the gateway costs t1 + o per token."""
     e = expected_tokens(alpha, k)
     seq = k * td + tt + o
     p = alpha ** (k + 1)
@@ -258,7 +258,7 @@ async def part3(a: argparse.Namespace, ports: dict[str, int], draft: Tier, targe
     out["model_inputs_ms"] = {"t1_step": t1, "t_verify": tt, "t_draft_per_token": td, "o_overhead": o,
                               "note": "t1, t_verify (k+1 tokens), t_draft measured in the tier processes at batch 1, "
                                       "context prompt_len + max_tokens/2; o = plain ms/token through the gateway - t1"}
-    out["model"] = ("DESIGN.md: E = (1 - a^(k+1)) / (1 - a); sequential round = k t_d + t_t + o; pipelined round = "
+    out["model"] = ("docs/architecture.md: E = (1 - a^(k+1)) / (1 - a); sequential round = k t_d + t_t + o; pipelined round = "
                     "p (t_t + o) + (1 - p) (k t_d + t_t + o), p = a^(k+1); speedup = E (t_1 + o) / round. "
                     "Refined (info): pipelined hit round = max(t_t, (k+1) t_d) + o, miss = that + k t_d")
     out["pipelined_share_note"] = ("rounds served by the pipelined block, of all rounds after the prefill; the one "

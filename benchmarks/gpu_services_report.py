@@ -30,7 +30,7 @@ def plot(res: dict, out: Path, stamp: str, log: Callable[[str], None]) -> list[s
             model.append(base * r["predicted_speedup"])
         x = np.arange(len(labels))
         ax[0].bar(x, meas, color=["gray"] + ["tab:blue" if "seq" in lab else "tab:orange" for lab in labels[1:]])
-        ax[0].scatter(x, model, marker="_", s=600, color="k", label="DESIGN.md model", zorder=3)
+        ax[0].scatter(x, model, marker="_", s=600, color="k", label="performance model", zorder=3)
         for xi, m in zip(x, meas, strict=True):
             ax[0].annotate(f"{m / base:.2f}x", (xi, m), ha="center", va="bottom", fontsize=8)
         ax[0].set_xticks(x, labels)

@@ -31,7 +31,7 @@ import torch
 
 from specsplit.runtime.runner import ModelRunner, StepInput
 from specsplit.speculation.drafters import DraftModelDrafter, DraftRequest, Proposal
-from specsplit.speculation.target import SessionError
+from specsplit.speculation.session import SessionError
 
 
 @dataclass
@@ -178,7 +178,7 @@ def confident_random_model(shape: dict, device: torch.device, dtype: torch.dtype
     The true logit is then ~sqrt(H) while the others are ~N(0, 1): no rounding can flip it.
     Returns (ModelConfig, model, perm).
     """
-    from specsplit.testing import random_model
+    from specsplit.runtime.random_weights import random_model
 
     cfg, model = random_model(dict(shape, tie_word_embeddings=False), device, dtype, seed=seed, std=layer_std)
     v, h = cfg.vocab_size, cfg.hidden_size

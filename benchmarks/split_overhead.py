@@ -89,9 +89,9 @@ def split(model: str, spec: dict, max_tokens: int, pipeline: bool) -> dict:
                 secs += time.perf_counter() - t0
                 outs.append(ids)
                 rounds += final.metrics.num_rounds
-                pipelined += final.pipelined_rounds
+                pipelined += final.metrics.num_pipelined_rounds
                 for k in parts:
-                    parts[k] += getattr(final.stats, k)
+                    parts[k] += getattr(final.metrics, k)
         n = sum(map(len, outs))
         name = "split, pipelined" if pipeline else "split, sequential"
         return {"name": name, "outputs": outs, "rounds": rounds, "seconds": secs, "tok_s": n / secs,

@@ -16,18 +16,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 from gateway.config import GatewayConfig
 from gateway.direct import DirectLoop
+from gateway.metrics import GatewayMetrics
+from specsplit.outputs import SpecMetrics
 from specsplit.proto.v1 import draft_pb2_grpc, target_pb2_grpc
 from specsplit.sampling.params import SamplingParams
-from specsplit.serving.completion_loop import CompletionLoop, Delta, LoopOptions, LoopStats
+from specsplit.serving.completion_loop import CompletionLoop, Delta, LoopOptions, RoundTimes
 from specsplit.serving.errors import Overloaded
-from specsplit.serving.metrics import ROUND_BUCKETS
 from specsplit.serving.replicas import ReplicaPool
 from specsplit.speculation.adaptive import CostModel
 from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence
+from specsplit.speculation.session import check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -43,50 +43,11 @@ class Finished:
     """Last event of one completion: its stats and token counts."""
 
     index: int
-    stats: LoopStats
+    stats: SpecMetrics
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
     stop_reason: int | str | None
-
-
-class GatewayMetrics:
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("specsplit_requests_total", "Requests by outcome", ["outcome"], registry=r)
-        self.tokens = Counter("specsplit_tokens_total", "Tokens by kind", ["kind"], registry=r)
-        self.drafted = Counter("specsplit_drafted_tokens_total", "Tokens proposed by the draft tier", registry=r)
-        self.accepted = Counter("specsplit_accepted_tokens_total", "Drafted tokens accepted", registry=r)
-        self.rounds = Counter("specsplit_rounds_total", "Verify rounds", registry=r)
-        self.pipelined = Counter("specsplit_pipelined_rounds_total", "Rounds served by a pipelined block", registry=r)
-        self.acceptance = Gauge("specsplit_acceptance_rate", "Accepted / drafted tokens (since start)", registry=r)
-        self.mean_len = Gauge("specsplit_mean_accepted_length", "Tokens per round (since start)", registry=r)
-        self.round_seconds = Histogram("specsplit_round_part_seconds", "Per-round time by part", ["part"],
-                                       registry=r, buckets=ROUND_BUCKETS)
-        self.queue_depth = Gauge("specsplit_queue_depth", "Requests waiting for admission", registry=r)
-        self.sessions = Gauge("specsplit_active_sessions", "Completions running", registry=r)
-        self.replica_sessions = Gauge("specsplit_replica_sessions", "Live sessions per replica",
-                                      ["tier", "replica"], registry=r)
-        self.failovers = Counter("specsplit_failovers_total", "Sessions moved to another replica", registry=r)
-        self.preemptions = Counter("specsplit_preemptions_total",
-                                   "Sessions a tier refused or dropped for lack of KV memory, re-opened later",
-                                   registry=r)
-
-    def record(self, stats: LoopStats) -> None:
-        m = stats.metrics
-        self.drafted.inc(m.num_drafted_tokens)
-        self.accepted.inc(m.num_accepted_tokens)
-        self.rounds.inc(m.num_rounds)
-        self.pipelined.inc(stats.pipelined_rounds)
-        self.failovers.inc(stats.failovers)
-        self.preemptions.inc(stats.preemptions)
-        if m.num_rounds:
-            for part, ns in (("draft", stats.draft_ns), ("verify", stats.verify_ns), ("overhead", stats.overhead_ns)):
-                self.round_seconds.labels(part).observe(ns / 1e9 / m.num_rounds)
-        drafted = self.drafted._value.get()
-        self.acceptance.set(self.accepted._value.get() / drafted if drafted else 0.0)
-        rounds = self.rounds._value.get()
-        self.mean_len.set(self.tokens.labels("completion")._value.get() / rounds if rounds else 0.0)
 
 
 class GatewayCore:
@@ -139,9 +100,7 @@ class GatewayCore:
             raise ValueError("the prompt is empty")
         if any((not isinstance(t, int)) or isinstance(t, bool) for t in ids):
             raise ValueError("prompt token ids must be integers")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id(s) outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        check_token_ids(ids, self.vocab_size, "prompt")
         return self._check(Prompt(None, list(ids)))
 
     def encode_chat(self, messages: list[dict[str, str]]) -> Prompt:
@@ -217,7 +176,7 @@ class GatewayCore:
                 self.metrics.tokens.labels("completion").inc(len(delta.token_ids))
                 out.put_nowait(delta)
             self.metrics.record(loop.stats)
-            self._add_timeline(loop.stats, len(seq.output_ids))
+            self._add_timeline(loop.stats, loop.times, len(seq.output_ids))
             out.put_nowait(Finished(index, loop.stats, len(prompt.token_ids), len(seq.output_ids),
                                     seq.finish_reason, seq.stop_reason))
         except asyncio.CancelledError:
@@ -229,14 +188,14 @@ class GatewayCore:
             # would otherwise interrupt the close and leave a tier session (and its KV) open
             await asyncio.shield(loop.close())
 
-    def _add_timeline(self, stats: LoopStats, tokens: int) -> None:
+    def _add_timeline(self, stats: SpecMetrics, times: RoundTimes, tokens: int) -> None:
         t = self._timeline
         t["completions"] += 1
-        t["rounds"] += stats.metrics.num_rounds
+        t["rounds"] += stats.num_rounds
         t["tokens"] += tokens
-        t["relay_ns"] += stats.relay_ns
-        for f in stats.timing.__dataclass_fields__:
-            t[f] = t.get(f, 0) + getattr(stats.timing, f)
+        t["relay_ns"] += times.relay_ns
+        for f in times.sum.__dataclass_fields__:
+            t[f] = t.get(f, 0) + getattr(times.sum, f)
 
     def take_timeline(self) -> dict[str, int]:
         """Round timing sums of the completions finished since the last call (benchmarks)."""

@@ -16,9 +16,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from specsplit.outputs import SpecMetrics
 from specsplit.proto.v1 import target_pb2
-from specsplit.serving.completion_loop import Delta, Failover, LoopOptions, LoopStats, RoundTiming
-from specsplit.serving.convert import logprobs_from_pb, params_to_pb
+from specsplit.serving.completion_loop import Delta, Failover, LoopOptions, RoundTimes, RoundTiming
+from specsplit.serving.convert import logprobs_from_pb, token_choice_to_pb
 from specsplit.serving.replicas import NoReplica, ReplicaPool, TierFailure
 from specsplit.speculation.sequence import Sequence
 
@@ -33,9 +34,10 @@ class DirectLoop:
         self.targets = targets
         self.drafts = drafts
         self.opts = opts
-        self.stats = LoopStats()
+        self.stats = SpecMetrics()
+        self.times = RoundTimes()
         self.failover = Failover(targets, opts, self.stats)
-        self._params_pb = params_to_pb(seq.params)
+        self._params_pb = token_choice_to_pb(seq.params)
         self._call: grpc.aio.StreamStreamCall | None = None
         self._bad_drafts: set[str] = set()
 
@@ -105,16 +107,16 @@ class DirectLoop:
                 ids = list(d.token_ids)
                 lps = logprobs_from_pb(list(d.logprobs), ids)
                 kept, text = seq.commit(ids, lps)
-                m = stats.metrics
+                m = stats
                 m.num_drafted_tokens += d.drafted
                 m.num_accepted_tokens += min(d.accepted, len(kept))
                 m.num_rounds += 1
                 m.num_emitted_tokens += len(kept)
-                stats.pipelined_rounds += int(d.pipelined)
+                stats.num_pipelined_rounds += int(d.pipelined)
                 t = d.timing
                 timing = RoundTiming(t.round_ns, t.verify_ns, t.verify_wait_ns, t.verify_queue_ns, t.draft_wait_ns,
                                      t.draft_ns, t.draft_queue_ns)
-                stats.add_timing(timing)
+                self.times.add(timing)
                 stats.verify_ns += t.verify_ns + t.verify_queue_ns
                 stats.draft_ns += t.draft_wait_ns
                 if d.draft_failure:
@@ -127,7 +129,7 @@ class DirectLoop:
                 out = Delta(seq.index, kept, text, lps[: len(kept)] if lps else None, seq.finish_reason,
                             seq.stop_reason, d.drafted, min(d.accepted, len(kept)), d.pipelined, timing,
                             d.draft_failure)
-                stats.relay_ns += time.perf_counter_ns() - t_relay
+                self.times.relay_ns += time.perf_counter_ns() - t_relay
                 yield out
         except grpc.aio.AioRpcError as e:
             raise TierFailure("target", target, e.code(), e.details() or "") from None

@@ -11,7 +11,7 @@ from gateway.auth import ApiKey, ApiKeys, authorization_from_metadata
 from gateway.core import Finished, GatewayCore, Prompt
 from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc
 from specsplit.serving.completion_loop import Delta
-from specsplit.serving.convert import logprobs_to_pb, params_from_pb
+from specsplit.serving.convert import logprobs_to_pb, params_from_pb, spec_stats_to_pb
 from specsplit.serving.errors import grpc_errors
 
 FINISH = {"stop": gateway_pb2.FINISH_REASON_STOP, "length": gateway_pb2.FINISH_REASON_LENGTH,
@@ -63,7 +63,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     index=ev.index, finish_reason=FINISH.get(ev.finish_reason, 0),
                     stop_reason="" if ev.stop_reason is None else str(ev.stop_reason),
                     usage=gateway_pb2.Usage(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens),
-                    stats=ev.stats.to_pb())
+                    stats=spec_stats_to_pb(ev.stats))
 
     @grpc_errors
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext

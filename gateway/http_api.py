@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.auth import ApiKey, ApiKeys
 from gateway.core import Finished, GatewayCore, Prompt
+from specsplit.outputs import SpecMetrics
 from specsplit.sampling.params import SamplingParams
 from specsplit.serving.completion_loop import Delta
 from specsplit.serving.errors import Overloaded, Unauthenticated, Unavailable, retry_after
@@ -275,12 +276,7 @@ def _usage(finals: dict[int, Finished]) -> dict[str, int]:
 
 
 def _spec(finals: dict[int, Finished]) -> dict[str, Any]:
-    drafted = sum(f.stats.metrics.num_drafted_tokens for f in finals.values())
-    accepted = sum(f.stats.metrics.num_accepted_tokens for f in finals.values())
-    rounds = sum(f.stats.metrics.num_rounds for f in finals.values())
-    emitted = sum(f.stats.metrics.num_emitted_tokens for f in finals.values())
-    return {"drafted_tokens": drafted, "accepted_tokens": accepted, "rounds": rounds,
-            "acceptance_rate": accepted / drafted if drafted else 0.0,
-            "mean_accepted_length": emitted / rounds if rounds else 0.0,
-            "pipelined_rounds": sum(f.stats.pipelined_rounds for f in finals.values()),
-            "draft_fallback": any(f.stats.draft_fallback for f in finals.values())}
+    total = SpecMetrics()
+    for f in finals.values():
+        total.add(f.stats)
+    return total.to_dict()

@@ -8,16 +8,18 @@ how the Helm chart and docker-compose configure the containers.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from specsplit.config import SpeculativeConfig
-
 log = logging.getLogger("specsplit")
+
+# The tiers sit above the core library: the command reaches each by its module's name, and
+# imports it only to run it (`<module>.run(args) -> exit code`).
+TIER_COMMANDS = {"target": "target_service.cli", "draft": "draft_service.cli", "gateway": "gateway.cli"}
 
 
 def _env(name: str, default: Any = None, cast: Callable[[str], Any] = str) -> Any:
@@ -176,79 +178,6 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _addresses(s: str) -> tuple[str, ...]:
-    return tuple(a.strip() for a in s.split(",") if a.strip())
-
-
-def run_target(a: argparse.Namespace) -> int:
-    from target_service.config import TargetServiceConfig
-    from target_service.server import start_target
-
-    cfg = TargetServiceConfig(
-        a.model, a.host, a.grpc_port, a.metrics_port, a.dtype, a.tensor_parallel_size, a.max_model_len,
-        a.gpu_memory_utilization, a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds, a.enforce_eager,
-        **_tier_tls(a), draft_tls_ca=a.draft_tls_ca, draft_tls_cert=a.draft_tls_cert, draft_tls_key=a.draft_tls_key,
-        draft_tls_server_name=a.draft_tls_server_name, round_timeout_s=a.round_timeout)
-    return _serve(lambda: start_target(cfg), cfg.shutdown_grace_seconds)
-
-
-def run_draft(a: argparse.Namespace) -> int:
-    from draft_service.config import DraftServiceConfig
-    from draft_service.server import start_draft
-
-    sc = SpeculativeConfig.from_any(a.speculative_config)
-    if sc is None:
-        raise SystemExit("specsplit draft needs --speculative-config (method draft_model or ngram)")
-    cfg = DraftServiceConfig(
-        a.model, sc, a.host, a.grpc_port, a.metrics_port, a.dtype, a.max_model_len, a.gpu_memory_utilization,
-        a.kv_cache_memory_bytes, a.max_batch, a.shutdown_grace_seconds, **_tier_tls(a))
-    return _serve(lambda: start_draft(cfg), cfg.shutdown_grace_seconds)
-
-
-def _tier_tls(a: argparse.Namespace) -> dict[str, Any]:
-    return {"tls_cert": a.tls_cert, "tls_key": a.tls_key, "tls_client_ca": a.tls_client_ca,
-            "health_port": a.health_port}
-
-
-def run_gateway(a: argparse.Namespace) -> int:
-    from gateway.config import GatewayConfig
-    from gateway.server import serve_gateway_forever, start_gateway
-
-    cfg = GatewayConfig(
-        model=a.model, speculative=SpeculativeConfig.from_any(a.speculative_config),
-        served_model_name=a.served_model_name, host=a.host, port=a.port, grpc_port=a.grpc_port,
-        discovery=a.discovery, draft_addresses=_addresses(a.draft_addresses),
-        target_addresses=_addresses(a.target_addresses), draft_service=a.draft_service,
-        target_service=a.target_service, namespace=a.namespace, draft_port=a.draft_port,
-        target_port=a.target_port, max_concurrent_requests=a.max_concurrent_requests,
-        max_queued_requests=a.max_queued_requests, pipeline=not a.no_pipeline, round_mode=a.round,
-        shutdown_grace_seconds=a.shutdown_grace_seconds, max_prompt_tokens=a.max_prompt_tokens,
-        max_tokens_limit=a.max_tokens_limit, round_timeout_s=a.round_timeout, request_timeout_s=a.request_timeout,
-        kv_wait_s=a.kv_wait, api_key_file=a.api_key_file,
-        api_key_max_concurrent=a.api_key_max_concurrent, api_key_tokens_per_minute=a.api_key_tokens_per_minute,
-        tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, tier_tls_ca=a.tier_tls_ca,
-        tier_tls_cert=a.tier_tls_cert, tier_tls_key=a.tier_tls_key, tier_tls_server_name=a.tier_tls_server_name,
-    )
-
-    async def main() -> None:
-        h = await start_gateway(cfg, max_model_len=a.max_model_len)
-        await serve_gateway_forever(h, cfg.shutdown_grace_seconds)
-
-    asyncio.run(main())
-    return 0
-
-
-def _serve(start: Callable[[], Any], grace: float) -> int:
-    from specsplit.serving.tier import serve_forever
-
-    async def main() -> None:
-        handle = await start()
-        await serve_forever(handle, grace)
-
-    asyncio.run(main())
-    return 0
-
-
 def run_generate(a: argparse.Namespace) -> int:
     from specsplit.client import Client
     from specsplit.sampling.params import SamplingParams
@@ -281,12 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.command in ("target", "draft", "gateway"):
         _setup_logging(a.log_level)
     try:
-        if a.command == "target":
-            return run_target(a)
-        if a.command == "draft":
-            return run_draft(a)
-        if a.command == "gateway":
-            return run_gateway(a)
+        if a.command in TIER_COMMANDS:
+            return importlib.import_module(TIER_COMMANDS[a.command]).run(a)
         if a.command == "up":
             from specsplit.launcher import run_up
 

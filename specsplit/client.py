@@ -9,7 +9,7 @@ from typing import Any
 from specsplit.outputs import CompletionOutput, RequestOutput, SpecMetrics
 from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc
 from specsplit.sampling.params import SamplingParams
-from specsplit.serving.convert import params_to_pb
+from specsplit.serving.convert import params_to_pb, spec_stats_from_pb
 from specsplit.serving.grpc_server import channel_options
 from specsplit.serving.tls import ClientTLS, channel
 
@@ -29,28 +29,23 @@ class StreamEvent:
     stop_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    metrics: SpecMetrics = field(default_factory=SpecMetrics)
-    pipelined_rounds: int = 0
-    stats: Any = None  # the raw SpecStats message (timings)
+    metrics: SpecMetrics = field(default_factory=SpecMetrics)  # on the last message: counts and timings
 
     def summary(self) -> str:
         m = self.metrics
         return (f"[{self.completion_tokens} tokens, finish={self.finish_reason}, acceptance "
                 f"{m.acceptance_rate:.0%}, {m.mean_accepted_length:.2f} tokens/round over {m.num_rounds} rounds, "
-                f"{self.pipelined_rounds} pipelined]")
+                f"{m.num_pipelined_rounds} pipelined]")
 
 
 def _event(msg: gateway_pb2.GenerateResponse) -> StreamEvent:
     ev = StreamEvent(msg.index, list(msg.token_ids), msg.text)
     if msg.HasField("usage"):
-        s = msg.stats
         ev.finished = True
         ev.finish_reason = _FINISH.get(msg.finish_reason)
         ev.stop_reason = msg.stop_reason or None
         ev.prompt_tokens, ev.completion_tokens = msg.usage.prompt_tokens, msg.usage.completion_tokens
-        ev.metrics = SpecMetrics(s.drafted_tokens, s.accepted_tokens, s.rounds, msg.usage.completion_tokens)
-        ev.pipelined_rounds = s.pipelined_rounds
-        ev.stats = s
+        ev.metrics = spec_stats_from_pb(msg.stats)
     return ev
 
 

@@ -6,6 +6,9 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from specsplit.sampling.params import unknown_fields
+from specsplit.speculation.session import MAX_SPECULATIVE_TOKENS
+
 METHODS = ("draft_model", "ngram")
 
 
@@ -25,8 +28,8 @@ class SpeculativeConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"speculative_config: unknown method {self.method!r}; choose one of {METHODS}")
-        if not 1 <= self.num_speculative_tokens <= 16:
-            raise ValueError("speculative_config: num_speculative_tokens must be in 1..16, "
+        if not 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_config: num_speculative_tokens must be in 1..{MAX_SPECULATIVE_TOKENS}, "
                              f"got {self.num_speculative_tokens}")
         if self.method == "draft_model" and not self.model:
             raise ValueError("speculative_config: method 'draft_model' needs 'model' (the draft model)")
@@ -54,10 +57,10 @@ class SpeculativeConfig:
                 raise ValueError(f"speculative_config is not valid JSON: {e}") from None
         if not isinstance(value, dict):
             raise ValueError(f"speculative_config must be a dict or JSON object, got {type(value).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
+        unknown = unknown_fields(cls, value)
         if unknown:
-            raise ValueError(f"speculative_config: unknown key(s) {unknown}; known keys: {sorted(known)}")
+            raise ValueError(f"speculative_config: unknown key(s) {unknown}; "
+                             f"known keys: {sorted(f.name for f in fields(cls))}")
         return cls(**value)
 
     def to_dict(self) -> dict[str, Any]:

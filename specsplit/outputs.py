@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 
 @dataclass
 class SpecMetrics:
-    """Speculation statistics of one completion (or one request, summed)."""
+    """Speculation statistics of one completion (or one request, summed).
+
+    The one shape of these numbers: the in-process engine fills the counts, the gateway's
+    loop also the timings and faults; the gateway's responses (gRPC `SpecStats`, the HTTP
+    `speculation` object) and its Prometheus counters are made from it.
+    """
 
     num_drafted_tokens: int = 0  # tokens proposed by the drafter
     num_accepted_tokens: int = 0  # of those, accepted by the target
     num_rounds: int = 0  # verify steps (each emits accepted + 1 tokens)
     num_emitted_tokens: int = 0  # tokens produced by those rounds
+    num_pipelined_rounds: int = 0  # rounds whose block was drafted while the previous one was verified
+    draft_ns: int = 0  # wall time waiting for the draft tier
+    verify_ns: int = 0  # wall time waiting for the target tier
+    overhead_ns: int = 0  # the rest of the loop's time
+    num_failovers: int = 0  # sessions moved to another replica after a failure
+    num_preemptions: int = 0  # sessions a tier refused or dropped for lack of KV memory
+    draft_fallback: bool = False  # the draft tier was lost: finished with plain decoding
 
     @property
     def acceptance_rate(self) -> float:
@@ -24,10 +37,18 @@ class SpecMetrics:
         return self.num_emitted_tokens / self.num_rounds if self.num_rounds else 0.0
 
     def add(self, other: SpecMetrics) -> None:
-        self.num_drafted_tokens += other.num_drafted_tokens
-        self.num_accepted_tokens += other.num_accepted_tokens
-        self.num_rounds += other.num_rounds
-        self.num_emitted_tokens += other.num_emitted_tokens
+        for f in fields(self):
+            if f.name == "draft_fallback":
+                self.draft_fallback = self.draft_fallback or other.draft_fallback
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `speculation` object of the gateway's OpenAI HTTP responses."""
+        return {"drafted_tokens": self.num_drafted_tokens, "accepted_tokens": self.num_accepted_tokens,
+                "rounds": self.num_rounds, "acceptance_rate": self.acceptance_rate,
+                "mean_accepted_length": self.mean_accepted_length, "pipelined_rounds": self.num_pipelined_rounds,
+                "draft_fallback": self.draft_fallback}
 
 
 @dataclass

@@ -15,25 +15,26 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from specsplit.proto.v1 import common_pb2, draft_pb2_grpc, target_pb2
+from specsplit.proto.v1 import draft_pb2_grpc, target_pb2
 from specsplit.sampling.params import SamplingParams
 from specsplit.serving.batcher import StepBatcher
 from specsplit.serving.completion_loop import (
     CompletionLoop,
     Delta,
     LoopOptions,
+    Q,
     TargetLink,
     Verdict,
 )
-from specsplit.serving.convert import logprobs_to_pb, sparse_from_pb
+from specsplit.serving.convert import logprobs_to_pb
 from specsplit.serving.replicas import ReplicaPool
 from specsplit.serving.tls import ClientTLS
 from specsplit.speculation.adaptive import CostModel
 from specsplit.speculation.sequence import Sequence
-from specsplit.speculation.target import SessionError, TargetVerifier, VerifyItem, VerifyResult
+from specsplit.speculation.session import MAX_BLOCK, SessionError
+from specsplit.speculation.target import TargetVerifier, VerifyItem, VerifyResult
 
 log = logging.getLogger(__name__)
-MAX_BLOCK = 32  # longest draft block, as in a Session's verify
 
 
 class LocalTarget(TargetLink):
@@ -49,10 +50,9 @@ class LocalTarget(TargetLink):
         await self.batcher.call(self._open_fn, self.seq_id, self.seq.all_ids, self.seq.params)
         self.opened = True
 
-    async def verify(self, block: list[int], q: list[common_pb2.SparseDistribution]) -> Verdict:
-        q_ids, q_probs = sparse_from_pb(q, len(block), self.verifier.vocab_size)
-        res, queue_ns = await self.batcher.submit(VerifyItem(self.seq_id, list(block), q_ids, q_probs))
-        return Verdict(res.num_accepted, res.emitted[-1], res.logprobs, res.verify_ns, queue_ns)
+    async def verify(self, block: list[int], q: Q) -> Verdict:
+        res, queue_ns = await self.batcher.submit(VerifyItem(self.seq_id, list(block), *q))
+        return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, queue_ns)
 
     async def close(self) -> None:
         if self.opened:

@@ -61,7 +61,7 @@ def _load(folder: str | None, random_shape: dict | None, device: torch.device, c
     if random_shape is None:
         return ModelRunner.from_folder(folder, device=device, ctx=ctx, **kwargs)  # type: ignore[arg-type]
     # benchmarks: real shapes, random weights, no checkpoint on disk
-    from specsplit.testing import random_model
+    from specsplit.runtime.random_weights import random_model
 
     kw = dict(kwargs)
     dtype = kw.pop("dtype", torch.bfloat16)

@@ -84,11 +84,16 @@ class SamplingParams:
         """Build from a JSON object; unknown keys are an error so typos do not pass silently."""
         if not isinstance(d, dict):
             raise ValueError(f"sampling params must be an object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = unknown_fields(cls, d)
         if unknown:
-            raise ValueError(f"unknown sampling params: {', '.join(map(str, unknown))}")
+            raise ValueError(f"unknown sampling params: {', '.join(unknown)}")
         return cls(**d)
+
+
+def unknown_fields(cls: type, d: dict[str, Any]) -> list[str]:
+    """The keys of `d` that name no field of the dataclass `cls`, sorted: refused, never dropped."""
+    known = {f.name for f in fields(cls)}
+    return sorted(str(k) for k in set(d) - known)
 
 
 def _check_int(name: str, value: Any, lo: int | None, hi: int | None) -> None:

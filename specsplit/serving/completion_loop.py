@@ -23,17 +23,25 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import grpc
+from torch import Tensor
 
 from specsplit.outputs import SpecMetrics
 from specsplit.proto.v1 import common_pb2, draft_pb2, target_pb2
-from specsplit.serving.convert import logprobs_from_pb, params_to_pb
+from specsplit.serving.convert import (
+    proposal_from_pb,
+    sparse_to_pb,
+    token_choice_to_pb,
+    verify_result_from_pb,
+)
 from specsplit.serving.errors import Overloaded, Unavailable
 from specsplit.serving.replicas import NoReplica, ReplicaPool, TierFailure, TierSession
 from specsplit.speculation.adaptive import AdaptiveK, CostModel
+from specsplit.speculation.drafters import Proposal
 from specsplit.speculation.sequence import Sequence
+from specsplit.speculation.session import out_of_vocab
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +96,16 @@ class Delta:
     draft_failure: str = ""  # the draft replica failed in this round (the loop went on plainly)
 
 
+Q = tuple[Tensor | None, Tensor | None]  # a block's draft distributions: ids, probs # [k, K]; (None, None) greedy
+
+
 @dataclass
 class Verdict:
     """The target's answer to one block."""
 
     num_accepted: int
-    next_token: int  # recovered (after a rejection) or bonus
-    logprobs: list[dict[int, float]] | None  # per emitted token (accepted + next)
+    emitted: list[int]  # block[:num_accepted] + the target's own token (recovered or bonus)
+    logprobs: list[dict[int, float]] | None  # per emitted token
     verify_ns: int = 0
     queue_ns: int = 0
 
@@ -107,7 +118,7 @@ class TargetLink(ABC):
         """Start the session with every committed token (prefilled by the first verify)."""
 
     @abstractmethod
-    async def verify(self, block: list[int], q: list[common_pb2.SparseDistribution]) -> Verdict:
+    async def verify(self, block: list[int], q: Q) -> Verdict:
         """Verify `block` after the committed tokens (may be empty: a plain step)."""
 
     @abstractmethod
@@ -115,44 +126,32 @@ class TargetLink(ABC):
         """Free the session (idempotent)."""
 
 
-@dataclass
-class LoopStats:
-    metrics: SpecMetrics = field(default_factory=SpecMetrics)
-    pipelined_rounds: int = 0
-    draft_ns: int = 0
-    verify_ns: int = 0
-    overhead_ns: int = 0
-    failovers: int = 0
-    preemptions: int = 0  # sessions a tier dropped for lack of KV memory, re-opened later
-    draft_fallback: bool = False
-    timing: RoundTiming = field(default_factory=RoundTiming)  # sums over the rounds
-    relay_ns: int = 0  # direct rounds: the gateway's own time per delta (commit, detokenize)
+class RoundTimes:
+    """Round timings summed over a completion, and the gateway's own relay time (benchmarks)."""
 
-    def add_timing(self, t: RoundTiming) -> None:
-        for f in t.__dataclass_fields__:
-            setattr(self.timing, f, getattr(self.timing, f) + getattr(t, f))
+    def __init__(self) -> None:
+        self.sum = RoundTiming()
+        self.relay_ns = 0  # direct rounds: the gateway's own time per delta (commit, detokenize)
 
-    def to_pb(self) -> common_pb2.SpecStats:
-        m = self.metrics
-        return common_pb2.SpecStats(
-            drafted_tokens=m.num_drafted_tokens, accepted_tokens=m.num_accepted_tokens, rounds=m.num_rounds,
-            pipelined_rounds=self.pipelined_rounds, acceptance_rate=m.acceptance_rate,
-            mean_accepted_length=m.mean_accepted_length, draft_ns=self.draft_ns, verify_ns=self.verify_ns,
-            overhead_ns=self.overhead_ns, draft_fallback=self.draft_fallback,
-        )
+    def add(self, t: RoundTiming) -> None:
+        for f in fields(t):
+            setattr(self.sum, f.name, getattr(self.sum, f.name) + getattr(t, f.name))
 
 
-def check_proposal(prop: draft_pb2.DraftProposal, k: int, vocab_size: int, address: str) -> None:
-    """A draft replica's answer must fit the request: at most k ids, all in the vocabulary, one q
-    per id when sampling. The target checks again, but a faulty draft is the draft's failure
-    (the session moves on or falls back to plain decoding), not the request's."""
+def check_proposal(prop: draft_pb2.DraftProposal, k: int, vocab_size: int, address: str) -> Proposal:
+    """A draft replica's answer, converted, must fit the request: at most k ids, all in the
+    vocabulary, one valid q per id when sampling. The target checks again, but a faulty draft is
+    the draft's failure (the session moves on or falls back to plain decoding), not the request's."""
     ids = prop.token_ids
-    bad = len(ids) > k or (vocab_size > 0 and any(not 0 <= t < vocab_size for t in ids)) \
-        or (len(prop.q) not in (0, len(ids)))
-    if bad:
-        raise TierFailure("draft", address, grpc.StatusCode.INTERNAL,
-                          f"malformed proposal ({len(ids)} ids for k={k}, {len(prop.q)} distributions, "
-                          f"ids must be in [0, {vocab_size})): the draft replica is faulty")
+    why = ""
+    if len(ids) <= k and not (vocab_size > 0 and out_of_vocab(ids, vocab_size)) and len(prop.q) in (0, len(ids)):
+        try:
+            return proposal_from_pb(prop, vocab_size or 2**32)
+        except ValueError as e:  # a q that is not a distribution over the vocabulary
+            why = f"; {e}"
+    raise TierFailure("draft", address, grpc.StatusCode.INTERNAL,
+                      f"malformed proposal ({len(ids)} ids for k={k}, {len(prop.q)} distributions, "
+                      f"ids must be in [0, {vocab_size}){why}): the draft replica is faulty")
 
 
 class Failover:
@@ -162,7 +161,7 @@ class Failover:
     broken: the session waits and re-opens (a preemption). Shared by both kinds of round.
     """
 
-    def __init__(self, pool: ReplicaPool, opts: LoopOptions, stats: LoopStats) -> None:
+    def __init__(self, pool: ReplicaPool, opts: LoopOptions, stats: SpecMetrics) -> None:
         self.pool, self.opts, self.stats = pool, opts, stats
         self._bad: set[str] = set()
         self._failures_in_row = 0  # failovers since the last good round
@@ -188,7 +187,7 @@ class Failover:
             if f.code in CALLER_ERRORS:
                 raise ValueError(str(f)) from None
             raise Unavailable(str(f)) from None
-        self.stats.failovers += 1
+        self.stats.num_failovers += 1
         log.warning("%s; re-opening the session on another replica", f)
         self.pool.mark_failed(f.address)
         self._bad.add(f.address)
@@ -204,7 +203,7 @@ class Failover:
     async def _wait_for_kv(self, f: TierFailure) -> None:
         """Not a replica failure: the replica stays in rotation and no failover is counted. The
         re-open re-sends prompt + committed tokens, so a preempted session resumes where it was."""
-        self.stats.preemptions += 1
+        self.stats.num_preemptions += 1
         self._kv_refusals += 1
         now = time.monotonic()
         if self._kv_wait_since is None:
@@ -219,8 +218,8 @@ class Failover:
 class RemoteTarget(TargetLink):
     """A session stream to a target replica (the gateway-driven round)."""
 
-    def __init__(self, pool: ReplicaPool, all_ids: Callable[[], list[int]], params_pb: common_pb2.SamplingParams,
-                 opts: LoopOptions, stats: LoopStats) -> None:
+    def __init__(self, pool: ReplicaPool, all_ids: Callable[[], list[int]], params_pb: common_pb2.TokenChoice,
+                 opts: LoopOptions, stats: SpecMetrics) -> None:
         self.pool = pool
         self.all_ids = all_ids  # the ground truth a re-opened session is prefilled with
         self.params_pb = params_pb
@@ -241,19 +240,18 @@ class RemoteTarget(TargetLink):
                 await s.close()
                 await self.failover.failed(f)
 
-    async def verify(self, block: list[int], q: list[common_pb2.SparseDistribution]) -> Verdict:
+    async def verify(self, block: list[int], q: Q) -> Verdict:
         while True:
             if self.session is None:
                 await self.open()
             self._round += 1
             msg = target_pb2.TargetClientMessage(verify=target_pb2.TargetVerify(
-                round_id=self._round, draft_ids=block, q=q))
+                round_id=self._round, draft_ids=block, q=sparse_to_pb(*q)))
             try:
-                res = (await self.session.request(msg, self.opts.round_timeout_s)).result  # type: ignore[union-attr]
+                pb = (await self.session.request(msg, self.opts.round_timeout_s)).result  # type: ignore[union-attr]
                 self.failover.succeeded()
-                emitted = list(block[: res.num_accepted]) + [res.next_token]
-                return Verdict(res.num_accepted, res.next_token, logprobs_from_pb(list(res.logprobs), emitted),
-                               res.verify_ns, res.queue_ns)
+                res = verify_result_from_pb(pb, 0, block)
+                return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, pb.queue_ns)
             except TierFailure as f:
                 s, self.session = self.session, None
                 await s.close()  # type: ignore[union-attr]
@@ -277,8 +275,9 @@ class CompletionLoop:
         # random numbers each round draws, and with them the sampled tokens
         self.adaptive = AdaptiveK(opts.num_speculative_tokens if drafts is not None else 0,
                                   opts.adaptive and seq.params.seed is None)
-        self.stats = LoopStats()
-        self._params_pb = params_to_pb(seq.params)
+        self.stats = SpecMetrics()
+        self.times = RoundTimes()
+        self._params_pb = token_choice_to_pb(seq.params)
         self.target: TargetLink = target if isinstance(target, TargetLink) else \
             RemoteTarget(target, lambda: self.seq.all_ids, self._params_pb, opts, self.stats)
         self.draft: TierSession | None = None
@@ -324,7 +323,7 @@ class CompletionLoop:
         if not f.retryable:
             self._fall_back(f"the draft tier refused the session ({f})")
             return
-        self.stats.failovers += 1
+        self.stats.num_failovers += 1
         log.warning("%s; re-opening the draft session on another replica", f)
         self.drafts.mark_failed(f.address)  # type: ignore[union-attr]
         self._bad_drafts.add(f.address)
@@ -336,7 +335,7 @@ class CompletionLoop:
 
     # ---- rounds ----------------------------------------------------------------------------
     async def _propose(self, prefix_len: int, new_tokens: list[int], k: int,
-                       speculative: bool = False) -> draft_pb2.DraftProposal | None:
+                       speculative: bool = False) -> Proposal | None:
         """One draft round; None if the draft tier is gone (the loop then decodes plainly).
 
         On a draft failure the session is re-opened elsewhere with the committed tokens; a
@@ -352,15 +351,15 @@ class CompletionLoop:
                 round_id=self._round, prefix_len=prefix_len, new_tokens=new_tokens, k=k))
             try:
                 resp = await self.draft.request(msg, self.opts.round_timeout_s)
-                check_proposal(resp.proposal, k, self.opts.vocab_size, self.draft.address)
+                prop = check_proposal(resp.proposal, k, self.opts.vocab_size, self.draft.address)
                 self._draft_pauses = 0
-                return resp.proposal
+                return prop
             except TierFailure as f:
                 s, self.draft = self.draft, None
                 if f.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     # the draft's KV is full: decode plainly for a while, then re-open the session
                     await s.close()
-                    self.stats.preemptions += 1
+                    self.stats.num_preemptions += 1
                     self._draft_pauses += 1
                     self._draft_retry_at = time.monotonic() + backoff_s(self._draft_pauses, cap_s=2.0)
                     return None
@@ -385,7 +384,7 @@ class CompletionLoop:
         if self.drafts is not None:
             await self._open_draft()
         block: list[int] = []
-        q: list[common_pb2.SparseDistribution] = []
+        q: Q = (None, None)
         spec: asyncio.Task | None = None
         spec_k = 0
         pipelined = False
@@ -416,10 +415,9 @@ class CompletionLoop:
                 timing.verify_wait_ns, timing.verify_ns, timing.verify_queue_ns = t_verify, res.verify_ns, res.queue_ns
                 self.stats.verify_ns += t_verify
                 a = res.num_accepted
-                emitted = list(block[:a]) + [res.next_token]
-                lps = res.logprobs
+                emitted, lps = res.emitted, res.logprobs
                 kept, text = seq.commit(emitted, lps)
-                m = self.stats.metrics
+                m = self.stats
                 m.num_drafted_tokens += len(block)
                 m.num_accepted_tokens += min(a, len(kept))
                 m.num_rounds += 1
@@ -435,21 +433,21 @@ class CompletionLoop:
                 if drafted_block:
                     self.draft_valid = before + a
                 # next block: the pipelined guess if it holds, else a fresh proposal
-                block, q = [], []
+                block, q = [], (None, None)
                 t1 = time.perf_counter_ns()
                 hit = False
                 if spec is not None:
                     prop = await spec
                     spec = None
                     assumed_all = a == len(drafted_block)
-                    if prop is not None and assumed_all and prop.token_ids and prop.token_ids[0] == res.next_token:
+                    if prop is not None and assumed_all and prop.token_ids and prop.token_ids[0] == emitted[-1]:
                         hit = True
                         # drafted before this round's tokens were committed: cut to what is left
                         n = min(spec_k, self._room())
                         block = list(prop.token_ids[1 : n + 1])
-                        q = list(prop.q[1 : n + 1])
+                        q = _rows(prop, 1, n + 1)
                         self.draft_valid = len(seq.all_ids)
-                        self.stats.pipelined_rounds += 1  # drafted beside the verify: not on the round's path
+                        self.stats.num_pipelined_rounds += 1  # drafted beside the verify: not on the round's path
                 if not hit and self.drafts is not None:
                     k = self._choose_k()
                     if k > 0:
@@ -458,7 +456,7 @@ class CompletionLoop:
                         prop = await self._propose(self.draft_valid, seq.all_ids[self.draft_valid :], k)
                         if prop is not None:
                             self.draft_valid = len(seq.all_ids)
-                            block, q = list(prop.token_ids), list(prop.q)
+                            block, q = list(prop.token_ids), (prop.q_ids, prop.q_probs)
                             timing.draft_ns, timing.draft_queue_ns = prop.draft_ns, prop.queue_ns
                             self.costs.observe_draft_call((time.perf_counter_ns() - t_prop) / 1e9,
                                                           max(1, len(prop.token_ids)), catch_up,
@@ -478,8 +476,15 @@ class CompletionLoop:
 
     def _delta(self, kept: list[int], text: str, lps: list[dict[int, float]] | None, drafted: int, accepted: int,
                pipelined: bool, timing: RoundTiming) -> Delta:
-        self.stats.add_timing(timing)
+        self.times.add(timing)
         failure, self._draft_failure = self._draft_failure, ""
         seq = self.seq
         return Delta(seq.index, kept, text, lps[: len(kept)] if lps else None, seq.finish_reason, seq.stop_reason,
                      drafted, min(accepted, len(kept)), pipelined, timing, failure)
+
+
+def _rows(prop: Proposal, start: int, stop: int) -> Q:
+    """The draft distributions of block tokens start..stop-1 (None, None for greedy)."""
+    if prop.q_ids is None or prop.q_probs is None:
+        return None, None
+    return prop.q_ids[start:stop], prop.q_probs[start:stop]

@@ -7,23 +7,35 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from specsplit.proto.v1 import common_pb2
+from specsplit.outputs import SpecMetrics
+from specsplit.proto.v1 import common_pb2, draft_pb2, target_pb2
 from specsplit.sampling.params import SamplingParams
+from specsplit.speculation.drafters import Proposal
+from specsplit.speculation.session import check_token_ids
+from specsplit.speculation.target import VerifyResult
 
-_OPTIONAL = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "logprobs", "repetition_penalty")
+# what a tier needs to choose tokens; the rest of SamplingParams (n, max_tokens, stop,
+# stop_token_ids, ignore_eos) decides when to stop, which only the gateway does
+TOKEN_CHOICE = ("temperature", "top_p", "top_k", "min_p", "seed", "logprobs", "repetition_penalty")
+_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty")
+
+
+def _optional(pb: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    kw: dict[str, Any] = {f: getattr(pb, f) for f in names if pb.HasField(f)}
+    for f in _FLOATS:
+        if f in kw:
+            kw[f] = float(kw[f])
+    return kw
 
 
 def params_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
-    """Unset optional fields keep vLLM's defaults; validation errors are ValueErrors."""
-    kw: dict[str, Any] = {f: getattr(pb, f) for f in _OPTIONAL if pb.HasField(f)}
+    """A client's request parameters. Unset optional fields keep vLLM's defaults; validation errors are ValueErrors."""
+    kw = _optional(pb, ("n", *TOKEN_CHOICE, "max_tokens"))
     if pb.stop:
         kw["stop"] = list(pb.stop)
     if pb.stop_token_ids:
         kw["stop_token_ids"] = list(pb.stop_token_ids)
     kw["ignore_eos"] = pb.ignore_eos
-    for f in ("temperature", "top_p", "min_p", "repetition_penalty"):
-        if f in kw:
-            kw[f] = float(kw[f])
     return SamplingParams(**kw)
 
 
@@ -40,6 +52,53 @@ def params_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
     if p.logprobs is not None:
         pb.logprobs = p.logprobs
     return pb
+
+
+def token_choice_from_pb(pb: common_pb2.TokenChoice) -> SamplingParams:
+    """A tier session's parameters: the token-choice fields; the stopping ones keep their defaults, unused."""
+    return SamplingParams(**_optional(pb, TOKEN_CHOICE))
+
+
+def token_choice_to_pb(p: SamplingParams) -> common_pb2.TokenChoice:
+    pb = common_pb2.TokenChoice(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+                                repetition_penalty=p.repetition_penalty)
+    if p.seed is not None:
+        pb.seed = p.seed
+    if p.logprobs is not None:
+        pb.logprobs = p.logprobs
+    return pb
+
+
+def spec_stats_to_pb(m: SpecMetrics) -> common_pb2.SpecStats:
+    return common_pb2.SpecStats(
+        drafted_tokens=m.num_drafted_tokens, accepted_tokens=m.num_accepted_tokens, rounds=m.num_rounds,
+        pipelined_rounds=m.num_pipelined_rounds, acceptance_rate=m.acceptance_rate,
+        mean_accepted_length=m.mean_accepted_length, draft_ns=m.draft_ns, verify_ns=m.verify_ns,
+        overhead_ns=m.overhead_ns, draft_fallback=m.draft_fallback, emitted_tokens=m.num_emitted_tokens,
+        failovers=m.num_failovers, preemptions=m.num_preemptions,
+    )
+
+
+def spec_stats_from_pb(pb: common_pb2.SpecStats) -> SpecMetrics:
+    return SpecMetrics(
+        num_drafted_tokens=pb.drafted_tokens, num_accepted_tokens=pb.accepted_tokens, num_rounds=pb.rounds,
+        num_emitted_tokens=pb.emitted_tokens, num_pipelined_rounds=pb.pipelined_rounds, draft_ns=pb.draft_ns,
+        verify_ns=pb.verify_ns, overhead_ns=pb.overhead_ns, num_failovers=pb.failovers,
+        num_preemptions=pb.preemptions, draft_fallback=pb.draft_fallback,
+    )
+
+
+def proposal_from_pb(pb: draft_pb2.DraftProposal, vocab_size: int) -> Proposal:
+    """A draft replica's proposal; ValueError when its distributions are malformed."""
+    ids = list(pb.token_ids)
+    q_ids, q_probs = sparse_from_pb(list(pb.q), len(ids), vocab_size)
+    return Proposal(ids, q_ids, q_probs, pb.draft_ns)
+
+
+def verify_result_from_pb(pb: target_pb2.VerifyResult, seq_id: int, block: list[int]) -> VerifyResult:
+    """A target replica's verdict on `block`, with the emitted tokens spelled out."""
+    emitted = list(block[: pb.num_accepted]) + [pb.next_token]
+    return VerifyResult(seq_id, pb.num_accepted, emitted, logprobs_from_pb(list(pb.logprobs), emitted), pb.verify_ns)
 
 
 def sparse_to_pb(ids: Tensor | None, probs: Tensor | None) -> list[common_pb2.SparseDistribution]:
@@ -64,10 +123,9 @@ def sparse_from_pb(q: list[common_pb2.SparseDistribution], k: int, vocab_size: i
     for j, d in enumerate(q):
         if len(d.ids) != len(d.probs) or not d.ids:
             raise ValueError(f"q[{j}]: ids and probs must be non-empty and of equal length")
+        check_token_ids(d.ids, vocab_size, f"q[{j}]")
         t_ids = torch.tensor(list(d.ids), dtype=torch.int64)
         t_p = torch.tensor(list(d.probs), dtype=torch.float32)
-        if int(t_ids.max()) >= vocab_size:
-            raise ValueError(f"q[{j}] has token ids outside the vocabulary [0, {vocab_size})")
         if not torch.isfinite(t_p).all() or (t_p < 0).any() or abs(float(t_p.sum()) - 1.0) > 1e-3:
             raise ValueError(f"q[{j}] is not a probability distribution (finite, >= 0, summing to 1)")
         ids[j, : len(d.ids)] = t_ids

@@ -1,4 +1,4 @@
-"""Exceptions become gRPC statuses in one place, finely (STYLE.md lesson 8)."""
+"""Exceptions become gRPC statuses in one place, each kind to its own status code."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from specsplit.runtime.kv_cache import OutOfKVMemory
-from specsplit.speculation.target import UnknownSession
+from specsplit.speculation.session import UnknownSession
 
 log = logging.getLogger(__name__)
 

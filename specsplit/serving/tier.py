@@ -68,3 +68,13 @@ async def serve_forever(handle: TierHandle, grace_s: float) -> None:
     await wait_for_signal(handle.stop_event)
     log.info("shutting down: NOT_SERVING, draining for up to %.0fs", grace_s)
     await handle.shutdown(grace_s)
+
+
+def run_tier(start: Callable[[], Awaitable[TierHandle]], grace_s: float) -> int:
+    """The body of `specsplit target|draft`: start the tier, serve until SIGTERM, drain."""
+
+    async def main() -> None:
+        await serve_forever(await start(), grace_s)
+
+    asyncio.run(main())
+    return 0

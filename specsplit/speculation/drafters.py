@@ -26,7 +26,7 @@ from specsplit.sampling.logits import (
     topk_truncate,
 )
 from specsplit.sampling.params import SamplingParams
-from specsplit.speculation.target import SessionError, UnknownSession
+from specsplit.speculation.session import SessionError, UnknownSession, check_token_ids
 
 
 @dataclass
@@ -120,9 +120,7 @@ class Drafter(ABC):
         return out
 
     def _check(self, ids: list[int], what: str) -> None:
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise SessionError(f"{what} has token id(s) outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        check_token_ids(ids, self.vocab_size, what)
 
     def _on_open(self, seq_id: int) -> None:  # noqa: B027 - optional hook
         pass

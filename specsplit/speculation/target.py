@@ -27,14 +27,7 @@ from specsplit.sampling.logits import (
 )
 from specsplit.sampling.params import SamplingParams
 from specsplit.sampling.rejection import rejection_sample
-
-
-class SessionError(ValueError):
-    """A request that does not fit the session's state (unknown id, wrong order, bad ids)."""
-
-
-class UnknownSession(KeyError):
-    """No such session (already closed or never opened): gRPC NOT_FOUND."""
+from specsplit.speculation.session import SessionError, UnknownSession, check_token_ids
 
 
 @dataclass
@@ -95,9 +88,7 @@ class TargetVerifier:
             self.runner.free(seq_id)
 
     def check_ids(self, ids: list[int], what: str) -> None:
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise SessionError(f"{what} has token id(s) outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        check_token_ids(ids, self.vocab_size, what)
 
     def step(self, items: list[VerifyItem]) -> list[VerifyResult]:
         """Verify every item's block in one batched forward; sessions advance by accepted + 1."""

@@ -24,8 +24,9 @@ from specsplit.proto.v1 import (
     gateway_pb2,
     gateway_pb2_grpc,
 )
+from specsplit.serving.convert import TOKEN_CHOICE
 from tests.fuzz.conftest import assert_idle, check_status
-from tests.services.conftest import Cluster, Reference, greedy_pb
+from tests.services.conftest import Cluster, Reference, greedy_choice_pb, greedy_pb
 
 VOCAB = 384  # the tiny models' vocabulary
 # SPECSPLIT_FUZZ_EXAMPLES=5000 for a long run; 120 keeps CI fast
@@ -94,9 +95,16 @@ def sparse(draw: st.DrawFn, token: int) -> common_pb2.SparseDistribution:
                                          probs=draw(st.lists(F32, min_size=n, max_size=n + 1)))
 
 
-def open_params() -> st.SearchStrategy[common_pb2.SamplingParams]:
-    sampled = common_pb2.SamplingParams(max_tokens=8, temperature=1.0, seed=7)
-    return st.one_of(st.just(greedy_pb(8)), st.just(sampled), sampling_params())
+@st.composite
+def token_choices(draw: st.DrawFn) -> common_pb2.TokenChoice:
+    """The token-choice fields of a drawn request's parameters: what the gateway sends a tier."""
+    sp = draw(sampling_params())
+    return common_pb2.TokenChoice(**{f: getattr(sp, f) for f in TOKEN_CHOICE if sp.HasField(f)})
+
+
+def open_params() -> st.SearchStrategy[common_pb2.TokenChoice]:
+    sampled = common_pb2.TokenChoice(temperature=1.0, seed=7)
+    return st.one_of(st.just(greedy_choice_pb()), st.just(sampled), token_choices())
 
 
 PROMPT_IDS = mostly(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=20), st.lists(TOKEN, max_size=600))

@@ -33,7 +33,7 @@ from specsplit.serving.tls import ClientTLS, channel
 from target_service.config import TargetServiceConfig
 from target_service.server import start_target
 from tests.services import conftest as services
-from tests.services.conftest import KV_BYTES, LoopThread, TinyModels, greedy_pb, spec_config
+from tests.services.conftest import KV_BYTES, LoopThread, TinyModels, greedy_choice_pb, spec_config
 
 # the services tests' fixtures, re-registered for this package (its own instances)
 aio = services.aio
@@ -189,7 +189,7 @@ def target_session(ch: grpc.Channel, n: int = 4, prompt: tuple[int, ...] = (1, 2
                    blocks: list[list[int]] | None = None) -> list[int]:
     """A session straight on the target: open, then one verify per block (n plain steps by default)."""
     blocks = [[] for _ in range(n)] if blocks is None else blocks
-    msgs = [target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(token_ids=list(prompt), params=greedy_pb(64)))]
+    msgs = [target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(token_ids=list(prompt), params=greedy_choice_pb()))]
     msgs += [target_pb2.TargetClientMessage(verify=target_pb2.TargetVerify(round_id=i, draft_ids=b))
              for i, b in enumerate(blocks)]
     out = target_pb2_grpc.TargetServiceStub(ch).Session(iter(msgs), timeout=10)

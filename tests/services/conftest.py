@@ -219,6 +219,11 @@ def greedy_pb(max_tokens: int, **kw: Any) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
 
 
+def greedy_choice_pb(**kw: Any) -> common_pb2.TokenChoice:
+    """What a tier session is opened with for greedy decoding (tiers never see stopping fields)."""
+    return common_pb2.TokenChoice(temperature=0.0, **kw)
+
+
 @dataclass
 class Streamed:
     token_ids: list[int]

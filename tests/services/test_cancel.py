@@ -26,6 +26,7 @@ from tests.services.conftest import (
     Cluster,
     LoopThread,
     TinyModels,
+    greedy_choice_pb,
     greedy_pb,
     sample,
     spec_config,
@@ -90,14 +91,14 @@ def test_client_cancelled_during_a_slow_open_leaks_no_session(aio: LoopThread, m
         start = start_target(TargetServiceConfig(str(models.target), host="127.0.0.1", grpc_port=0, metrics_port=0),
                              verifier)
         stub_cls, msg = target_pb2_grpc.TargetServiceStub, target_pb2.TargetClientMessage(
-            open=target_pb2.TargetOpen(token_ids=[1, 2, 3], params=greedy_pb(8)))
+            open=target_pb2.TargetOpen(token_ids=[1, 2, 3], params=greedy_choice_pb()))
     else:
         sc = spec_config("draft_model", models)
         engine = load_drafter(sc, tok, verifier.vocab_size, kv_cache_bytes=KV_BYTES)
         start = start_draft(DraftServiceConfig(str(models.target), sc, host="127.0.0.1", grpc_port=0, metrics_port=0),
                             engine)
         stub_cls, msg = draft_pb2_grpc.DraftServiceStub, draft_pb2.DraftClientMessage(
-            open=draft_pb2.DraftOpen(token_ids=[1, 2, 3], params=greedy_pb(8)))
+            open=draft_pb2.DraftOpen(token_ids=[1, 2, 3], params=greedy_choice_pb()))
     handle = aio.run(start)
     real_open = engine.open
 

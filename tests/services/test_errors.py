@@ -18,7 +18,7 @@ from specsplit.proto.v1 import (
     target_pb2,
     target_pb2_grpc,
 )
-from tests.services.conftest import Cluster, Reference, greedy_pb, sample
+from tests.services.conftest import Cluster, Reference, greedy_choice_pb, greedy_pb, sample
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 VOCAB = 384  # the tiny models' vocabulary
@@ -40,8 +40,8 @@ def expect(code: grpc.StatusCode, fn: Callable[[], Any], *words: str) -> str:
 # --- target service -------------------------------------------------------------------------------
 
 
-def t_open(ids: list[int], params: common_pb2.SamplingParams | None = None) -> target_pb2.TargetClientMessage:
-    return target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(token_ids=ids, params=params or greedy_pb(8)))
+def t_open(ids: list[int], params: common_pb2.TokenChoice | None = None) -> target_pb2.TargetClientMessage:
+    return target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(token_ids=ids, params=params or greedy_choice_pb()))
 
 
 def t_verify(ids: list[int], q: list[common_pb2.SparseDistribution] | None = None) -> target_pb2.TargetClientMessage:
@@ -52,7 +52,7 @@ def dist(ids: list[int], probs: list[float]) -> common_pb2.SparseDistribution:
     return common_pb2.SparseDistribution(ids=ids, probs=probs)
 
 
-SAMPLED = common_pb2.SamplingParams(max_tokens=8, temperature=1.0, seed=1)
+SAMPLED = common_pb2.TokenChoice(temperature=1.0, seed=1)
 ONE = [dist([5], [1.0])]
 TWO = [dist([5, 6], [0.5, 0.5]), dist([7], [1.0])]
 
@@ -62,8 +62,8 @@ TARGET_CASES = {
     "empty_prompt": ([t_open([]), t_verify([])], "empty"),
     "over_long_prompt": ([t_open([1] * MAX_LEN), t_verify([])], "max_model_len"),
     "prompt_id_out_of_range": ([t_open([1, VOCAB]), t_verify([])], "vocabulary"),
-    "negative_temperature": ([t_open([1], common_pb2.SamplingParams(temperature=-1.0))], "temperature"),
-    "top_p_zero": ([t_open([1], common_pb2.SamplingParams(top_p=0.0))], "top_p"),
+    "negative_temperature": ([t_open([1], common_pb2.TokenChoice(temperature=-1.0))], "temperature"),
+    "top_p_zero": ([t_open([1], common_pb2.TokenChoice(top_p=0.0))], "top_p"),
     "draft_id_out_of_range": ([t_open([1, 2]), t_verify([3, VOCAB + 7])], "vocabulary"),
     "block_too_long": ([t_open([1, 2]), t_verify([3] * 33)], "limit"),
     "sampled_block_without_q": ([t_open([1, 2], SAMPLED), t_verify([5])], "q"),
@@ -110,8 +110,8 @@ def test_target_session_cannot_grow_past_the_context(cluster: Cluster) -> None:
 # --- draft service --------------------------------------------------------------------------------
 
 
-def d_open(ids: list[int], params: common_pb2.SamplingParams | None = None) -> draft_pb2.DraftClientMessage:
-    return draft_pb2.DraftClientMessage(open=draft_pb2.DraftOpen(token_ids=ids, params=params or greedy_pb(8)))
+def d_open(ids: list[int], params: common_pb2.TokenChoice | None = None) -> draft_pb2.DraftClientMessage:
+    return draft_pb2.DraftClientMessage(open=draft_pb2.DraftOpen(token_ids=ids, params=params or greedy_choice_pb()))
 
 
 def d_propose(prefix_len: int, new: list[int], k: int) -> draft_pb2.DraftClientMessage:
@@ -125,8 +125,8 @@ DRAFT_CASES = {
     "empty_prompt": ([d_open([])], "empty"),
     "over_long_prompt": ([d_open([1] * MAX_LEN)], "max_model_len"),
     "prompt_id_out_of_range": ([d_open([1, VOCAB])], "vocabulary"),
-    "negative_temperature": ([d_open([1], common_pb2.SamplingParams(temperature=-1.0))], "temperature"),
-    "top_p_zero": ([d_open([1], common_pb2.SamplingParams(top_p=0.0))], "top_p"),
+    "negative_temperature": ([d_open([1], common_pb2.TokenChoice(temperature=-1.0))], "temperature"),
+    "top_p_zero": ([d_open([1], common_pb2.TokenChoice(top_p=0.0))], "top_p"),
     "k_too_large": ([d_open([1, 2]), d_propose(2, [], 34)], "k=34"),
     "prefix_len_zero": ([d_open([1, 2]), d_propose(0, [3], 2)], "prefix_len"),
     "prefix_len_past_the_end": ([d_open([1, 2]), d_propose(3, [], 2)], "prefix_len"),

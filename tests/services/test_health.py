@@ -27,6 +27,7 @@ from tests.services.conftest import (
     LoopThread,
     Reference,
     TinyModels,
+    greedy_choice_pb,
     greedy_pb,
     spec_config,
 )
@@ -99,7 +100,7 @@ def test_tier_shutdown_reports_not_serving_then_drains(aio: LoopThread, models: 
     if tier == "target":  # an in-flight session keeps working during the grace period
         session = target_pb2_grpc.TargetServiceStub(ch).Session(iter(requests.get, None), timeout=30)
         requests.put(target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(token_ids=[1, 2, 3],
-                                                                                params=greedy_pb(8))))
+                                                                                params=greedy_choice_pb())))
         requests.put(target_pb2.TargetClientMessage(verify=target_pb2.TargetVerify(round_id=1)))
         assert next(session).result.round_id == 1
     assert next(watch).status == SERVING

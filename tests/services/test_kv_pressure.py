@@ -33,6 +33,7 @@ from tests.services.conftest import (
     LoopThread,
     Reference,
     TinyModels,
+    greedy_choice_pb,
     greedy_pb,
     sample,
     spec_config,
@@ -119,7 +120,7 @@ def test_concurrent_streams_beyond_the_kv_pool_all_complete_exactly(
 def _hold(port: int, n: int, release: threading.Event, ready: threading.Event) -> None:
     """A raw target session of n prompt tokens, prefilled, then kept open until `release`."""
     def messages() -> Iterator[target_pb2.TargetClientMessage]:
-        yield target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(token_ids=[5] * n, params=greedy_pb(8)))
+        yield target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(token_ids=[5] * n, params=greedy_choice_pb()))
         yield target_pb2.TargetClientMessage(verify=target_pb2.TargetVerify(round_id=1))
         release.wait(60)
 
@@ -142,7 +143,7 @@ def test_a_full_target_refuses_new_sessions_then_serves_them_when_room_frees(
         # the tier itself: a new session is refused with a reason, not queued forever or crashed
         with grpc.insecure_channel(f"127.0.0.1:{small.target.port}") as ch, pytest.raises(grpc.RpcError) as e:
             list(target_pb2_grpc.TargetServiceStub(ch).Session(iter([
-                target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(token_ids=[1, 2, 3], params=greedy_pb(4))),
+                target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(token_ids=[1, 2, 3], params=greedy_choice_pb())),
                 target_pb2.TargetClientMessage(verify=target_pb2.TargetVerify(round_id=1))]), timeout=10))
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "KV cache full" in e.value.details()
         # a gateway that waits at most 0.5 s for memory: RESOURCE_EXHAUSTED / HTTP 429 with a retry hint

@@ -25,7 +25,7 @@ def test_expected_tokens_is_geometric_sum(alpha, k):
 
 
 def test_expected_tokens_known_values():
-    assert expected_tokens(0.8, 5) == pytest.approx((1 - 0.8**6) / 0.2)  # 3.69, DESIGN.md
+    assert expected_tokens(0.8, 5) == pytest.approx((1 - 0.8**6) / 0.2)  # 3.69 (docs/architecture.md)
     assert expected_tokens(1.0, 5) == 6.0
     assert expected_tokens(0.0, 5) == 1.0
 

@@ -8,7 +8,7 @@ import torch
 from specsplit.runtime.runner import ModelRunner
 from specsplit.sampling.params import SamplingParams
 from specsplit.speculation.drafters import DraftModelDrafter, DraftRequest, NgramDrafter
-from specsplit.speculation.target import SessionError, UnknownSession
+from specsplit.speculation.session import SessionError, UnknownSession
 
 GREEDY = SamplingParams(temperature=0.0)
 CPU = torch.device("cpu")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from benchmarks.oracle import OracleDrafter, confident_random_model
+from specsplit.runtime.random_weights import random_model
 from specsplit.runtime.runner import ModelRunner, StepInput
 from specsplit.sampling.params import SamplingParams
 from specsplit.speculation.drafters import DraftRequest
-from specsplit.speculation.target import SessionError
-from specsplit.testing import random_model
+from specsplit.speculation.session import SessionError
 
 CPU = torch.device("cpu")
 GREEDY = SamplingParams(temperature=0.0)

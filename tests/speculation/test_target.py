@@ -7,7 +7,8 @@ import torch
 
 from specsplit.runtime.runner import ModelRunner
 from specsplit.sampling.params import SamplingParams
-from specsplit.speculation.target import SessionError, TargetVerifier, UnknownSession, VerifyItem
+from specsplit.speculation.session import SessionError, UnknownSession
+from specsplit.speculation.target import TargetVerifier, VerifyItem
 
 GREEDY = SamplingParams(temperature=0.0)
 

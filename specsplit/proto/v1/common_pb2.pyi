@@ -34,6 +34,24 @@ class SamplingParams(_message.Message):
     repetition_penalty: float
     def __init__(self, n: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: bool = ..., logprobs: _Optional[int] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
 
+class TokenChoice(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "min_p", "seed", "logprobs", "repetition_penalty")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int
+    logprobs: int
+    repetition_penalty: float
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., logprobs: _Optional[int] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
+
 class SparseDistribution(_message.Message):
     __slots__ = ("ids", "probs")
     IDS_FIELD_NUMBER: _ClassVar[int]
@@ -53,7 +71,7 @@ class TokenLogprobs(_message.Message):
     def __init__(self, logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SpecStats(_message.Message):
-    __slots__ = ("drafted_tokens", "accepted_tokens", "rounds", "pipelined_rounds", "acceptance_rate", "mean_accepted_length", "draft_ns", "verify_ns", "overhead_ns", "draft_fallback")
+    __slots__ = ("drafted_tokens", "accepted_tokens", "rounds", "pipelined_rounds", "acceptance_rate", "mean_accepted_length", "draft_ns", "verify_ns", "overhead_ns", "draft_fallback", "emitted_tokens", "failovers", "preemptions")
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +82,9 @@ class SpecStats(_message.Message):
     VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
     OVERHEAD_NS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    EMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     drafted_tokens: int
     accepted_tokens: int
     rounds: int
@@ -74,4 +95,7 @@ class SpecStats(_message.Message):
     verify_ns: int
     overhead_ns: int
     draft_fallback: bool
-    def __init__(self, drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., pipelined_rounds: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., overhead_ns: _Optional[int] = ..., draft_fallback: bool = ...) -> None: ...
+    emitted_tokens: int
+    failovers: int
+    preemptions: int
+    def __init__(self, drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., pipelined_rounds: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., overhead_ns: _Optional[int] = ..., draft_fallback: bool = ..., emitted_tokens: _Optional[int] = ..., failovers: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...

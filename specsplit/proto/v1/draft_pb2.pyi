@@ -12,8 +12,8 @@ class DraftOpen(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    params: _common_pb2.SamplingParams
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    params: _common_pb2.TokenChoice
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ...) -> None: ...
 
 class DraftPropose(_message.Message):
     __slots__ = ("round_id", "prefix_len", "new_tokens", "k")

@@ -12,8 +12,8 @@ class TargetOpen(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    params: _common_pb2.SamplingParams
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    params: _common_pb2.TokenChoice
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ...) -> None: ...
 
 class TargetVerify(_message.Message):
     __slots__ = ("round_id", "draft_ids", "q")
@@ -73,13 +73,13 @@ class GenerateStart(_message.Message):
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    params: _common_pb2.SamplingParams
+    params: _common_pb2.TokenChoice
     stopping: Stopping
     draft_address: str
     num_speculative_tokens: int
     adaptive: bool
     pipeline: bool
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., draft_address: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: bool = ..., pipeline: bool = ...) -> None: ...
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., draft_address: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: bool = ..., pipeline: bool = ...) -> None: ...
 
 class GenerateClientMessage(_message.Message):
     __slots__ = ("start",)

@@ -1,0 +1,47 @@
+"""The gateway's Prometheus metrics: requests, tokens, and speculation statistics since start."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from specsplit.outputs import SpecMetrics
+from specsplit.serving.metrics import ROUND_BUCKETS
+
+# SpecMetrics field -> the counter that adds it up over every finished completion
+SPEC_COUNTERS = {
+    "num_drafted_tokens": ("specsplit_drafted_tokens_total", "Tokens proposed by the draft tier"),
+    "num_accepted_tokens": ("specsplit_accepted_tokens_total", "Drafted tokens accepted"),
+    "num_rounds": ("specsplit_rounds_total", "Verify rounds"),
+    "num_pipelined_rounds": ("specsplit_pipelined_rounds_total", "Rounds served by a pipelined block"),
+    "num_failovers": ("specsplit_failovers_total", "Sessions moved to another replica"),
+    "num_preemptions": ("specsplit_preemptions_total",
+                        "Sessions a tier refused or dropped for lack of KV memory, re-opened later"),
+}
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("specsplit_requests_total", "Requests by outcome", ["outcome"], registry=r)
+        self.tokens = Counter("specsplit_tokens_total", "Tokens by kind", ["kind"], registry=r)
+        self.spec = {f: Counter(name, text, registry=r) for f, (name, text) in SPEC_COUNTERS.items()}
+        self.acceptance = Gauge("specsplit_acceptance_rate", "Accepted / drafted tokens (since start)", registry=r)
+        self.mean_len = Gauge("specsplit_mean_accepted_length", "Tokens per round (since start)", registry=r)
+        self.round_seconds = Histogram("specsplit_round_part_seconds", "Per-round time by part", ["part"],
+                                       registry=r, buckets=ROUND_BUCKETS)
+        self.queue_depth = Gauge("specsplit_queue_depth", "Requests waiting for admission", registry=r)
+        self.sessions = Gauge("specsplit_active_sessions", "Completions running", registry=r)
+        self.replica_sessions = Gauge("specsplit_replica_sessions", "Live sessions per replica",
+                                      ["tier", "replica"], registry=r)
+        self.total = SpecMetrics()  # every finished completion since start: the gauges' source
+
+    def record(self, m: SpecMetrics) -> None:
+        """Add one finished completion's statistics."""
+        self.total.add(m)
+        for f, counter in self.spec.items():
+            counter.inc(getattr(m, f))
+        if m.num_rounds:
+            for part, ns in (("draft", m.draft_ns), ("verify", m.verify_ns), ("overhead", m.overhead_ns)):
+                self.round_seconds.labels(part).observe(ns / 1e9 / m.num_rounds)
+        self.acceptance.set(self.total.acceptance_rate)
+        self.mean_len.set(self.total.mean_accepted_length)
