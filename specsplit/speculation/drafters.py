@@ -42,7 +42,8 @@ class Proposal:
     token_ids: list[int]  # the block, len == k
     q_ids: Tensor | None = None  # [k, K] sparse support the block was sampled from (None: greedy)
     q_probs: Tensor | None = None  # [k, K]
-    draft_ns: int = 0
+    draft_ns: int = 0  # the batched step(s) that made it
+    queue_ns: int = 0  # served: how long the request waited for its batch (as the draft tier reported it)
 
 
 @dataclass

@@ -21,7 +21,7 @@ def test_target_tier_drives_a_completion_to_its_stopping_rule(cluster: Cluster, 
     prompt_ids = reference.tokenizer.encode("def fibonacci(n):")
     ref = reference.greedy("def fibonacci(n):", 20)
     deltas = _generate(cluster, target_pb2.GenerateStart(
-        token_ids=prompt_ids, params=common_pb2.SamplingParams(temperature=0.0),
+        token_ids=prompt_ids, params=common_pb2.TokenChoice(temperature=0.0),
         stopping=target_pb2.Stopping(max_new_tokens=20),
         draft_address=f"127.0.0.1:{cluster.drafts['draft_model'].port}", num_speculative_tokens=4, pipeline=True))
     ids = [t for d in deltas for t in d.token_ids]
@@ -37,7 +37,7 @@ def test_an_end_token_ends_the_completion_inside_a_block(cluster: Cluster, refer
     end = ref.token_ids[6]
     first = ref.token_ids.index(end)
     deltas = _generate(cluster, target_pb2.GenerateStart(
-        token_ids=prompt_ids, params=common_pb2.SamplingParams(temperature=0.0),
+        token_ids=prompt_ids, params=common_pb2.TokenChoice(temperature=0.0),
         stopping=target_pb2.Stopping(max_new_tokens=12, end_token_ids=[end]),
         draft_address=f"127.0.0.1:{cluster.drafts['draft_model'].port}", num_speculative_tokens=4))
     assert [t for d in deltas for t in d.token_ids] == ref.token_ids[: first + 1]
@@ -48,7 +48,7 @@ def test_an_unreachable_draft_replica_means_plain_decoding(cluster: Cluster, ref
     prompt_ids = reference.tokenizer.encode("for i in range(10):")
     ref = reference.greedy("for i in range(10):", 10)
     deltas = _generate(cluster, target_pb2.GenerateStart(
-        token_ids=prompt_ids, params=common_pb2.SamplingParams(temperature=0.0),
+        token_ids=prompt_ids, params=common_pb2.TokenChoice(temperature=0.0),
         stopping=target_pb2.Stopping(max_new_tokens=10), draft_address="127.0.0.1:1", num_speculative_tokens=4))
     assert [t for d in deltas for t in d.token_ids] == ref.token_ids
     assert any(d.draft_failure for d in deltas) and sum(d.drafted for d in deltas) == 0
