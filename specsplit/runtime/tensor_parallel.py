@@ -170,8 +170,8 @@ def _in_thread(fn: Callable[[], None], timeout_s: float, name: str) -> bool:
     return done.wait(max(0.0, timeout_s))
 
 
-def destroy_group(deadline: float) -> bool:
-    """destroy_process_group, bounded; on timeout, abort the communicators (also bounded)."""
+def destroy_group(deadline: float, abort_s: float = 0.5) -> bool:
+    """destroy_process_group by `deadline`; else abort the communicators (at most `abort_s` more)."""
     if not dist.is_initialized():
         return True
     if _in_thread(dist.destroy_process_group, deadline - time.monotonic(), "destroy-process-group"):
@@ -179,7 +179,7 @@ def destroy_group(deadline: float) -> bool:
     log.warning("destroy_process_group did not return in time; aborting the communicators")
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     if abort is not None:
-        _in_thread(abort, min(1.0, max(0.0, deadline - time.monotonic()) + 0.5), "abort-process-group")
+        _in_thread(abort, abort_s, "abort-process-group")
     return False
 
 
@@ -233,9 +233,10 @@ def _worker(rank: int, world: int, port: int, device_type: str, folder: str | No
             ops[int(msg[0])](msg)
         except (ValueError, OutOfKVMemory) as e:  # rank 0 hit the same error and changed nothing either
             log.debug("rank %d: %s", rank, e)
-    deadline = int(msg[1]) / 1e9  # rank 0's monotonic deadline (one clock for the whole host)
+    # rank 0's monotonic deadlines (one clock for the whole host)
+    barrier_by, destroy_by = int(msg[1]) / 1e9, int(msg[2]) / 1e9
     _release_graphs(runner)
-    ok = _leave_together(ring, rank, deadline) and destroy_group(deadline)
+    ok = _leave_together(ring, rank, barrier_by) and destroy_group(destroy_by, abort_s=0.1)
     ring.states[rank] = DONE
     ring.close()
     os._exit(0 if ok else 4)  # no interpreter teardown: nothing left to wait on a communicator
@@ -350,31 +351,35 @@ class TensorParallelRunner:
         self._stopped = True
         t0 = time.monotonic()
         deadline = t0 + timeout_s
-        soft = deadline - min(1.0, 0.2 * timeout_s)  # the rest is kept for killing stragglers
 
         def mark(stage: str) -> None:
             self.teardown.append((stage, time.monotonic() - t0))
             log.debug("tensor parallel shutdown: %s at %.2fs", stage, time.monotonic() - t0)
 
+        # the bound, split: barrier by half of it, destroy by 0.8 (with a short abort after it),
+        # joins and kills in the rest
+        barrier_by, destroy_by = t0 + 0.5 * timeout_s, t0 + 0.8 * timeout_s
         clean = True
         try:
-            self.ring.send(np.array([STOP, int(soft * 1e9)], dtype=np.int64), deadline=soft, alive=self._workers_alive)
+            stop = np.array([STOP, int(barrier_by * 1e9), int(destroy_by * 1e9)], dtype=np.int64)
+            self.ring.send(stop, deadline=barrier_by, alive=self._workers_alive)
             mark("stop sent")
         except Timeout:
             clean = False
             mark("stop not delivered")
         _release_graphs(self.local)
-        if clean and _leave_together(self.ring, 0, soft):
+        if clean and _leave_together(self.ring, 0, barrier_by):
             mark("all ranks left the collectives")
         else:
             clean = False
             mark("barrier timed out")
-            self._kill(soft)  # a stuck rank would hold the others' destroy; it goes first
+            self._kill(barrier_by)  # a stuck rank would hold the others' destroy; it goes first
             mark("stragglers killed")
-        clean = destroy_group(soft) and clean
-        mark("process group destroyed" if clean else "process group abandoned")
+        destroyed = destroy_group(destroy_by, abort_s=0.1 * timeout_s)
+        clean = clean and destroyed
+        mark("process group destroyed" if destroyed else "process group abandoned")
         for p in self.procs:
-            p.join(max(0.0, soft - time.monotonic()))
+            p.join(max(0.0, deadline - 0.1 * timeout_s - time.monotonic()))
         clean = self._kill(deadline) and clean
         codes = [p.exitcode for p in self.procs]
         clean = clean and codes == [0] * len(codes)
