@@ -2,7 +2,7 @@
 
 Rank 0 of a tensor-parallel group sends every cache operation and forward pass to the other
 ranks of its host. A collective (`broadcast_object_list`) pickles the message and costs two
-broadcasts through a socket per step; here the message is a flat int64 array written into a
+broadcasts through a socket per step; here the message is a flat list of int64 words written into a
 slot of a shared-memory ring, and the readers poll the slot's sequence number. Nothing is
 pickled and no system call sits on the path while a reader is spinning.
 
@@ -24,10 +24,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from multiprocessing import shared_memory
-
-import numpy as np
 
 _FENCE = threading.Lock()  # acquiring a lock is a full memory barrier on every platform we run on
 
@@ -63,7 +62,11 @@ def wait_until(cond: Callable[[], bool], deadline: float | None = None, alive: C
 
 
 class ShmBroadcast:
-    """A shared-memory ring: `send` on rank 0, `recv(reader)` on ranks 1..N-1."""
+    """A shared-memory ring: `send` on rank 0, `recv(reader)` on ranks 1..N-1.
+
+    Words are read and written through a memoryview cast to int64 (a Python int per access,
+    no numpy scalar boxing): a small message costs a few microseconds each way.
+    """
 
     def __init__(self, world_size: int, *, num_slots: int = 16, slot_bytes: int = 1 << 16, name: str | None = None,
                  spin_s: float = 0.02) -> None:
@@ -74,17 +77,17 @@ class ShmBroadcast:
         self.num_slots = num_slots
         self.slot_words = 2 + slot_bytes // 8  # [seq, nbytes, payload...]
         self.spin_s = spin_s
-        ctl_words = self.readers + world_size
-        size = 8 * (ctl_words + num_slots * self.slot_words)
+        self.ctl_words = self.readers + world_size
+        size = 8 * (self.ctl_words + num_slots * self.slot_words)
         self.owner = name is None
         self.shm = shared_memory.SharedMemory(name=name, create=self.owner, size=0 if name else size)
-        words = np.ndarray((size // 8,), dtype=np.int64, buffer=self.shm.buf)
+        self.words = self.shm.buf[:size].cast("q")  # int64 view of the whole segment
         if self.owner:
-            words[:] = 0
-        self.acks = words[: self.readers]  # [readers] last sequence number each reader consumed
-        self.states = words[self.readers : ctl_words]  # [world_size] one word per rank (teardown barrier)
-        self.slots = words[ctl_words:].reshape(num_slots, self.slot_words)  # [num_slots, 2 + payload words]
+            self.words[:] = array("q", bytes(size))
+        self.acks = self.words[: self.readers]  # [readers] last sequence number each reader consumed
+        self.states = self.words[self.readers : self.ctl_words]  # [world_size] one word per rank (teardown barrier)
         self.sent = 0  # writer: last sequence number published
+        self.free_upto = num_slots  # writer: sequence numbers up to this one have a free slot
         self.received = 0  # reader: last sequence number consumed
 
     @property
@@ -96,47 +99,54 @@ class ShmBroadcast:
         return {"world_size": self.world_size, "num_slots": self.num_slots,
                 "slot_bytes": 8 * (self.slot_words - 2), "name": self.name, "spin_s": self.spin_s}
 
+    def _slot(self, seq: int) -> int:
+        """Word offset of the slot that carries message `seq`."""
+        return self.ctl_words + ((seq - 1) % self.num_slots) * self.slot_words
+
     # ---- writer (rank 0) -------------------------------------------------------------------
-    def send(self, msg: np.ndarray, deadline: float | None = None, alive: Callable[[], bool] | None = None) -> None:
+    def send(self, msg: Sequence[int] | array, deadline: float | None = None,
+             alive: Callable[[], bool] | None = None) -> None:
         """Publish an int64 message to every reader; waits (bounded by `deadline`) for free slots."""
-        payload = np.ascontiguousarray(msg, dtype=np.int64).ravel()  # [words]
-        cap = self.slot_words - 2
-        chunks = max(1, -(-payload.size // cap))
+        payload = msg if isinstance(msg, array) else array("q", msg)  # [words]
+        cap, w = self.slot_words - 2, self.words
+        chunks = max(1, -(-len(payload) // cap))
         for c in range(chunks):
             part = payload[c * cap : (c + 1) * cap]
             seq = self.sent + 1
-            slot = self.slots[(seq - 1) % self.num_slots]
-            if seq > self.num_slots:  # every reader must have consumed this slot's previous message
-                prev = seq - self.num_slots
-                wait_until(lambda prev=prev: int(self.acks.min()) >= prev, deadline, alive, self.spin_s,
+            if seq > self.free_upto:  # every reader must have consumed this slot's previous message
+                wait_until(lambda seq=seq: min(self.acks) + self.num_slots >= seq, deadline, alive, self.spin_s,
                            "the readers to free a slot")
-            slot[2 : 2 + part.size] = part
-            slot[1] = -part.size if c < chunks - 1 else part.size
+                self.free_upto = min(self.acks) + self.num_slots
+            at = self._slot(seq)
+            w[at + 2 : at + 2 + len(part)] = part
+            w[at + 1] = -len(part) if c < chunks - 1 else len(part)
             _fence()
-            slot[0] = seq  # published: readers poll this word
+            w[at] = seq  # published: readers poll this word
             self.sent = seq
 
     # ---- readers (ranks 1..N-1) ------------------------------------------------------------
-    def recv(self, reader: int, deadline: float | None = None, alive: Callable[[], bool] | None = None) -> np.ndarray:
-        """The next message for reader `reader` (0-based: rank - 1), as an int64 array (a copy)."""
-        parts = []
+    def recv(self, reader: int, deadline: float | None = None, alive: Callable[[], bool] | None = None) -> list[int]:
+        """The next message for reader `reader` (0-based: rank - 1)."""
+        out: list[int] = []
+        w = self.words
         while True:
             seq = self.received + 1
-            slot = self.slots[(seq - 1) % self.num_slots]
-            wait_until(lambda slot=slot, seq=seq: int(slot[0]) == seq, deadline, alive, self.spin_s,
-                       "the next message")
+            at = self._slot(seq)
+            if w[at] != seq:
+                wait_until(lambda at=at, seq=seq: w[at] == seq, deadline, alive, self.spin_s, "the next message")
             _fence()
-            n = int(slot[1])
-            parts.append(slot[2 : 2 + abs(n)].copy())
+            n = w[at + 1]
+            out += w[at + 2 : at + 2 + abs(n)].tolist()
             _fence()
             self.received = seq
             self.acks[reader] = seq
             if n >= 0:
-                return parts[0] if len(parts) == 1 else np.concatenate(parts)
+                return out
 
     def close(self) -> None:
         """Detach; the owner (rank 0) also removes the segment."""
-        self.acks = self.states = self.slots = None  # type: ignore[assignment] - release views first
+        for view in (self.acks, self.states, self.words):
+            view.release()
         try:
             self.shm.close()
         except BufferError:  # a view still exported somewhere: the mapping goes with the process

@@ -2,7 +2,7 @@
 
 Rank 0 lives in the caller's process (the target service, or `LLM`) and is the only one
 that schedules. Every cache operation and forward pass it runs is first sent to the other
-ranks as a flat int64 message through a shared-memory ring (`ShmBroadcast`: no pickling, no
+ranks as a flat list of int64 words through a shared-memory ring (`ShmBroadcast`: no pickling, no
 socket on the step's path), then every rank runs the same step on its shard: column/row-
 parallel layers with one all-reduce per attention and per MLP block (NCCL on CUDA, inside
 the CUDA graphs; gloo on CPU), logits gathered over the vocabulary. `TensorParallelRunner`
@@ -23,7 +23,6 @@ gone exits on its own, and workers ignore SIGINT/SIGTERM: rank 0 owns their life
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import signal
@@ -35,7 +34,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -89,26 +87,23 @@ def _load(folder: str | None, random_weights: Any, device: torch.device, ctx: Pa
 
 
 # ---- messages ----------------------------------------------------------------------------
-def encode_forward(inputs: list[StepInput]) -> np.ndarray:
-    """[FORWARD, n, seq_ids[n], lengths[n], num_logits[n], token ids...] as int64."""
-    n = len(inputs)
-    tokens = list(itertools.chain.from_iterable(i.token_ids for i in inputs))
-    msg = np.empty(2 + 3 * n + len(tokens), dtype=np.int64)
-    msg[0], msg[1] = FORWARD, n
-    msg[2 : 2 + n] = [i.seq_id for i in inputs]
-    msg[2 + n : 2 + 2 * n] = [len(i.token_ids) for i in inputs]
-    msg[2 + 2 * n : 2 + 3 * n] = [i.num_logits for i in inputs]
-    msg[2 + 3 * n :] = tokens
+def encode_forward(inputs: list[StepInput]) -> list[int]:
+    """[FORWARD, n, seq_ids[n], lengths[n], num_logits[n], token ids...] (int64 words)."""
+    msg = [FORWARD, len(inputs)]
+    msg += [i.seq_id for i in inputs]
+    msg += [len(i.token_ids) for i in inputs]
+    msg += [i.num_logits for i in inputs]
+    for i in inputs:
+        msg += i.token_ids
     return msg
 
 
-def decode_forward(msg: np.ndarray) -> list[StepInput]:
-    n = int(msg[1])
-    seq_ids, lens, logits = (msg[2 + j * n : 2 + (j + 1) * n].tolist() for j in range(3))
-    tokens = msg[2 + 3 * n :].tolist()
-    out, at = [], 0
+def decode_forward(msg: list[int]) -> list[StepInput]:
+    n = msg[1]
+    seq_ids, lens, logits = msg[2 : 2 + n], msg[2 + n : 2 + 2 * n], msg[2 + 2 * n : 2 + 3 * n]
+    out, at = [], 2 + 3 * n
     for s, ln, nl in zip(seq_ids, lens, logits, strict=True):
-        out.append(StepInput(s, tokens[at : at + ln], nl))
+        out.append(StepInput(s, msg[at : at + ln], nl))
         at += ln
     return out
 
@@ -187,7 +182,7 @@ def _leave_together(ring: ShmBroadcast, rank: int, deadline: float) -> bool:
     """Mark this rank LEFT (no collective will follow) and wait, bounded, for all the others."""
     ring.states[rank] = LEFT
     try:
-        wait_until(lambda: int(ring.states.min()) >= LEFT, deadline, what="every rank to leave the collectives")
+        wait_until(lambda: min(ring.states) >= LEFT, deadline, what="every rank to leave the collectives")
         return True
     except Timeout:
         return False
@@ -215,12 +210,12 @@ def _worker(rank: int, world: int, port: int, device_type: str, folder: str | No
     device = _device_for(rank, device_type)
     runner = _load(folder, random_weights, device, ctx, kwargs)
     ring.states[rank] = READY
-    ops: dict[int, Callable[[np.ndarray], Any]] = {
-        ADD: lambda m: runner.add(int(m[1])),
-        FREE: lambda m: runner.free(int(m[1])),
-        TRUNCATE: lambda m: runner.truncate(int(m[1]), int(m[2])),
+    ops: dict[int, Callable[[list[int]], Any]] = {
+        ADD: lambda m: runner.add(m[1]),
+        FREE: lambda m: runner.free(m[1]),
+        TRUNCATE: lambda m: runner.truncate(m[1], m[2]),
         FORWARD: lambda m: runner.forward(decode_forward(m)),
-        ALL_REDUCE_BENCH: lambda m: all_reduce_ms(ctx, device, int(m[1]), int(m[2])),
+        ALL_REDUCE_BENCH: lambda m: all_reduce_ms(ctx, device, m[1], m[2]),
     }
     while True:
         try:
@@ -230,11 +225,11 @@ def _worker(rank: int, world: int, port: int, device_type: str, folder: str | No
         if msg[0] == STOP:
             break
         try:
-            ops[int(msg[0])](msg)
+            ops[msg[0]](msg)
         except (ValueError, OutOfKVMemory) as e:  # rank 0 hit the same error and changed nothing either
             log.debug("rank %d: %s", rank, e)
     # rank 0's monotonic deadlines (one clock for the whole host)
-    barrier_by, destroy_by = int(msg[1]) / 1e9, int(msg[2]) / 1e9
+    barrier_by, destroy_by = msg[1] / 1e9, msg[2] / 1e9
     _release_graphs(runner)
     ok = _leave_together(ring, rank, barrier_by) and destroy_group(destroy_by, abort_s=0.1)
     ring.states[rank] = DONE
@@ -282,7 +277,7 @@ class TensorParallelRunner:
             t0 = time.perf_counter()
             self.local = _load(src, random_weights, _device_for(0, device_type), pctx, kwargs)
             self.ring.states[0] = READY
-            wait_until(lambda: int(self.ring.states.min()) >= READY, alive=self._workers_alive,
+            wait_until(lambda: min(self.ring.states) >= READY, alive=self._workers_alive,
                        what="every rank to load its shard")
         except BaseException:
             self._stopped = True
@@ -308,7 +303,7 @@ class TensorParallelRunner:
             time.sleep(0.5)
 
     def _send(self, *words: int) -> None:
-        self.ring.send(np.asarray(words, dtype=np.int64), alive=self._workers_alive)
+        self.ring.send(words, alive=self._workers_alive)
 
     @property
     def graphs(self) -> Any:
@@ -361,7 +356,7 @@ class TensorParallelRunner:
         barrier_by, destroy_by = t0 + 0.5 * timeout_s, t0 + 0.8 * timeout_s
         clean = True
         try:
-            stop = np.array([STOP, int(barrier_by * 1e9), int(destroy_by * 1e9)], dtype=np.int64)
+            stop = [STOP, int(barrier_by * 1e9), int(destroy_by * 1e9)]
             self.ring.send(stop, deadline=barrier_by, alive=self._workers_alive)
             mark("stop sent")
         except Timeout:

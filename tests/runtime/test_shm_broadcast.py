@@ -6,7 +6,6 @@ import multiprocessing as mp
 import threading
 import time
 
-import numpy as np
 import pytest
 
 from specsplit.runtime.runner import StepInput
@@ -16,14 +15,14 @@ from specsplit.runtime.tensor_parallel import decode_forward, encode_forward
 
 def _read_all(spec: dict, reader: int, n: int, out: mp.Queue) -> None:
     ring = ShmBroadcast(**spec)
-    got = [ring.recv(reader, deadline=time.monotonic() + 60).tolist() for _ in range(n)]
+    got = [ring.recv(reader, deadline=time.monotonic() + 60) for _ in range(n)]
     out.put((reader, got))
     ring.close()
 
 
 def test_every_reader_process_gets_every_message_in_order_across_wraparound_and_chunking() -> None:
     ring = ShmBroadcast(3, num_slots=4, slot_bytes=64)  # 8 words a slot: most messages span slots
-    msgs = [np.arange(i, i + (i * 7) % 40 + 1, dtype=np.int64) for i in range(30)]  # 1..40 words
+    msgs = [list(range(i, i + (i * 7) % 40 + 1)) for i in range(30)]  # 1..40 words
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_read_all, args=(ring.spec(), r, len(msgs), out)) for r in range(2)]
@@ -37,20 +36,20 @@ def test_every_reader_process_gets_every_message_in_order_across_wraparound_and_
         for p in procs:
             p.join(10)
         ring.close()
-    want = [m.tolist() for m in msgs]
+    want = msgs
     assert results[0] == want and results[1] == want
 
 
 def test_writer_waits_for_a_slow_reader_instead_of_overwriting() -> None:
     ring = ShmBroadcast(2, num_slots=2, slot_bytes=64)
     reader = ShmBroadcast(**ring.spec())
-    ring.send(np.array([1]))
-    ring.send(np.array([2]))
+    ring.send([1])
+    ring.send([2])
     with pytest.raises(Timeout):  # both slots hold unread messages
-        ring.send(np.array([3]), deadline=time.monotonic() + 0.2)
-    assert reader.recv(0).tolist() == [1]
-    ring.send(np.array([3]), deadline=time.monotonic() + 5)  # the freed slot is reused
-    assert [reader.recv(0).tolist() for _ in range(2)] == [[2], [3]]
+        ring.send([3], deadline=time.monotonic() + 0.2)
+    assert reader.recv(0) == [1]
+    ring.send([3], deadline=time.monotonic() + 5)  # the freed slot is reused
+    assert [reader.recv(0) for _ in range(2)] == [[2], [3]]
     reader.close()
     ring.close()
 
@@ -72,10 +71,10 @@ def test_a_message_sent_while_the_reader_waits_wakes_it() -> None:
     ring = ShmBroadcast(2, spin_s=0.0)  # straight to the sleeping poll
     reader = ShmBroadcast(**ring.spec())
     got: list[list[int]] = []
-    th = threading.Thread(target=lambda: got.append(reader.recv(0, deadline=time.monotonic() + 10).tolist()))
+    th = threading.Thread(target=lambda: got.append(reader.recv(0, deadline=time.monotonic() + 10)))
     th.start()
     time.sleep(0.2)
-    ring.send(np.array([7, 8, 9]))
+    ring.send([7, 8, 9])
     th.join(10)
     assert got == [[7, 8, 9]]
     reader.close()
