@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("SPECSPLIT_TP_TIMEOUT_S", "120")))
 
 # message opcodes (word 0 of every message)
-ADD, FREE, TRUNCATE, FORWARD, STOP, ALL_REDUCE_BENCH = 1, 2, 3, 4, 5, 6
+ADD, FREE, TRUNCATE, FORWARD, STOP, ALL_REDUCE_BENCH, REPLAY_BENCH = 1, 2, 3, 4, 5, 6, 7
 # per-rank teardown states (ShmBroadcast.states)
 LOADING, READY, LEFT, DONE = 0, 1, 2, 3
 
@@ -142,6 +142,22 @@ def all_reduce_ms(ctx: ParallelContext, device: torch.device, numel: int, iters:
     return ms
 
 
+def replay_ms(runner: ModelRunner, key: tuple[int, ...], n: int) -> float:
+    """GPU time of one replay of the captured step `key` (no host work in between). With TP,
+    every rank replays together: the graphs' collectives pair up across ranks."""
+    graph = runner.graphs.graphs[tuple(key)][0]  # type: ignore[union-attr]
+    for _ in range(2):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(runner.device)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize(runner.device)
+    return start.elapsed_time(end) / n
+
+
 # ---- teardown, shared by every rank -------------------------------------------------------
 def _release_graphs(runner: ModelRunner | None) -> None:
     graphs = getattr(runner, "graphs", None)
@@ -216,6 +232,7 @@ def _worker(rank: int, world: int, port: int, device_type: str, folder: str | No
         TRUNCATE: lambda m: runner.truncate(m[1], m[2]),
         FORWARD: lambda m: runner.forward(decode_forward(m)),
         ALL_REDUCE_BENCH: lambda m: all_reduce_ms(ctx, device, m[1], m[2]),
+        REPLAY_BENCH: lambda m: replay_ms(runner, tuple(m[2:]), m[1]),
     }
     while True:
         try:
@@ -228,6 +245,9 @@ def _worker(rank: int, world: int, port: int, device_type: str, folder: str | No
             ops[msg[0]](msg)
         except (ValueError, OutOfKVMemory) as e:  # rank 0 hit the same error and changed nothing either
             log.debug("rank %d: %s", rank, e)
+        except Exception:  # anything else leaves this rank out of step: die, rank 0's watchdog sees it
+            log.exception("tensor-parallel rank %d failed", rank)
+            os._exit(1)
     # rank 0's monotonic deadlines (one clock for the whole host)
     barrier_by, destroy_by = msg[1] / 1e9, msg[2] / 1e9
     _release_graphs(runner)
@@ -334,6 +354,13 @@ class TensorParallelRunner:
         """Measured time of one all-reduce of `numel` elements over the group (benchmarks)."""
         self._send(ALL_REDUCE_BENCH, numel, iters)
         return all_reduce_ms(self.local.model.ctx, self.device, numel, iters)
+
+    def replay_ms(self, key: tuple[int, ...], n: int = 20) -> float:
+        """GPU time of one replay of the CUDA graph `key`, all ranks together (benchmarks)."""
+        if self.local.graphs is None or tuple(key) not in self.local.graphs.graphs:
+            raise ValueError(f"no captured graph {key}")
+        self._send(REPLAY_BENCH, n, *key)
+        return replay_ms(self.local, key, n)
 
     def shutdown(self, timeout_s: float = 5.0) -> bool:
         """Stop every rank within `timeout_s` (never more); True if all left cleanly.
