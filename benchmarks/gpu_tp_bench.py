@@ -156,7 +156,7 @@ class Bench:
             if isinstance(runner, TensorParallelRunner):
                 gpu = runner.replay_ms(key, 20)
             else:
-                from specsplit.runtime.tensor_parallel import replay_ms
+                from specsplit.runtime.collective_bench import replay_ms
 
                 gpu = replay_ms(runner, key, 20)
         runner.free(0)
@@ -313,6 +313,24 @@ class Bench:
                                                "met": rc == 0 and took < 10}
         log(f"TP=2 target tier: SIGTERM -> exit code {rc} in {took:.1f}s")
 
+    def all_reduce_paths(self) -> None:
+        """NCCL vs the one-shot all-reduce over peer memory, for the hidden states of a decode
+        step (8B: 4096, 70B: 8192 elements), in CUDA graphs: which small-message path is faster."""
+        if self.dev_type != "cuda":
+            return
+        for tp in self.tp_sizes():
+            if not self.fits(f"all-reduce paths TP={tp}", 40):
+                continue
+            row = self.res.setdefault("all_reduce_us", {}).setdefault(str(tp), {})
+            with self.using(tp, RandomWeights(TINY, seed=0), f"all_reduce_tp{tp}") as r:
+                for numel in (4096, 8192):
+                    for method in ("nccl", "symm_mem_one_shot"):
+                        try:
+                            row[f"{method}_{numel}"] = r.all_reduce_ms(numel, iters=64, method=method) * 1000
+                        except Exception as e:  # noqa: BLE001 - e.g. symmetric memory unavailable
+                            row[f"{method}_{numel}"] = f"failed: {e!r}"[:300]
+            log(f"all-reduce TP={tp} (us): {row}")
+
 
 def compare(a: Tensor, ref: Tensor | None) -> dict:
     """a vs ref: relative L2 error, max abs diff (and ref's max abs), argmax agreement."""
@@ -331,7 +349,7 @@ def run_tp(res: dict, *, dev_type: str = "cuda", budget_s: float = 480.0, smoke:
 
         res["copy_bandwidth_GBps"] = copy_bandwidth(torch.device("cuda:0")) / 1e9
         log(f"device-to-device copy: {res['copy_bandwidth_GBps']:.0f} GB/s (read + write)")
-    for part in (b.shape_8b, b.shape_70b, b.sigterm_tier, b.confident):
+    for part in (b.shape_8b, b.shape_70b, b.sigterm_tier, b.confident, b.all_reduce_paths):
         try:
             part()
         except Exception as e:  # noqa: BLE001 - recorded; the other sub-parts still run

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from specsplit.runtime.collective_bench import ALL_REDUCE_METHODS, all_reduce_ms, replay_ms
 from specsplit.runtime.kv_cache import OutOfKVMemory
 from specsplit.runtime.parallel import ParallelContext
 from specsplit.runtime.runner import ModelRunner, StepInput
@@ -108,56 +109,6 @@ def decode_forward(msg: list[int]) -> list[StepInput]:
     return out
 
 
-def all_reduce_ms(ctx: ParallelContext, device: torch.device, numel: int, iters: int) -> float:
-    """Time of one all-reduce of `numel` elements (bf16 on CUDA, captured in a CUDA graph as
-    the model's are; float32 eager on CPU). Every rank of the group must call it together."""
-    if device.type != "cuda":
-        x = torch.ones(numel)
-        ctx.all_reduce(x)
-        t = time.perf_counter()
-        for _ in range(iters):
-            ctx.all_reduce(x)
-        return (time.perf_counter() - t) / iters * 1000
-    x = torch.ones(numel, dtype=torch.bfloat16, device=device)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        ctx.all_reduce(x)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            ctx.all_reduce(x)
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize(device)
-    ms = start.elapsed_time(end) / (10 * iters)
-    graph.reset()
-    return ms
-
-
-def replay_ms(runner: ModelRunner, key: tuple[int, ...], n: int) -> float:
-    """GPU time of one replay of the captured step `key` (no host work in between). With TP,
-    every rank replays together: the graphs' collectives pair up across ranks."""
-    graph = runner.graphs.graphs[tuple(key)][0]  # type: ignore[union-attr]
-    for _ in range(2):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(runner.device)
-    start.record()
-    for _ in range(n):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize(runner.device)
-    return start.elapsed_time(end) / n
-
-
 # ---- teardown, shared by every rank -------------------------------------------------------
 def _release_graphs(runner: ModelRunner | None) -> None:
     graphs = getattr(runner, "graphs", None)
@@ -204,6 +155,15 @@ def _leave_together(ring: ShmBroadcast, rank: int, deadline: float) -> bool:
         return False
 
 
+def _bench(fn: Callable[..., float], *args: Any) -> float | None:
+    """A measurement that may fail the same way on every rank (an API missing): keep the rank alive."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - rank 0 raises the same error to its caller
+        log.warning("measurement %s failed: %r", fn.__name__, e)
+        return None
+
+
 # ---- ranks 1..N-1 --------------------------------------------------------------------------
 def _worker(rank: int, world: int, port: int, device_type: str, folder: str | None, random_weights: Any,
             kwargs: dict[str, Any], ring_spec: dict, parent_pid: int) -> None:
@@ -231,7 +191,7 @@ def _worker(rank: int, world: int, port: int, device_type: str, folder: str | No
         FREE: lambda m: runner.free(m[1]),
         TRUNCATE: lambda m: runner.truncate(m[1], m[2]),
         FORWARD: lambda m: runner.forward(decode_forward(m)),
-        ALL_REDUCE_BENCH: lambda m: all_reduce_ms(ctx, device, m[1], m[2]),
+        ALL_REDUCE_BENCH: lambda m: _bench(all_reduce_ms, ctx, device, m[1], m[2], ALL_REDUCE_METHODS[m[3]]),
         REPLAY_BENCH: lambda m: replay_ms(runner, tuple(m[2:]), m[1]),
     }
     while True:
@@ -350,10 +310,11 @@ class TensorParallelRunner:
         self.ring.send(encode_forward(inputs), alive=self._workers_alive)
         return self.local.forward(inputs)
 
-    def all_reduce_ms(self, numel: int, iters: int = 64) -> float:
-        """Measured time of one all-reduce of `numel` elements over the group (benchmarks)."""
-        self._send(ALL_REDUCE_BENCH, numel, iters)
-        return all_reduce_ms(self.local.model.ctx, self.device, numel, iters)
+    def all_reduce_ms(self, numel: int, iters: int = 64, method: str = "nccl") -> float:
+        """Measured time of one all-reduce of `numel` elements over the group (benchmarks);
+        `method`: one of ALL_REDUCE_METHODS."""
+        self._send(ALL_REDUCE_BENCH, numel, iters, ALL_REDUCE_METHODS.index(method))
+        return all_reduce_ms(self.local.model.ctx, self.device, numel, iters, method)
 
     def replay_ms(self, key: tuple[int, ...], n: int = 20) -> float:
         """GPU time of one replay of the CUDA graph `key`, all ranks together (benchmarks)."""
