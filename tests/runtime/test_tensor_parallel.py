@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -83,6 +84,20 @@ def test_shutdown_leaves_the_collectives_together_then_destroys_then_exits(tp2: 
     assert [p.exitcode for p in tp2.procs] == [0]
     assert not dist.is_initialized()
     assert not Path("/dev/shm", tp2.ring.shm.name.lstrip("/")).exists()
+
+
+def test_speculative_greedy_over_a_tp2_target_is_token_identical_to_one_device(
+        make_llm: Any, tiny_target: Path, tiny_draft: Path) -> None:
+    from specsplit import LLM, SamplingParams
+
+    prompts = ["def fibonacci(n):", "The quick brown", "import numpy as np"]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ref = make_llm(tiny_target).generate(prompts, sp, use_tqdm=False)
+    spec = {"method": "draft_model", "model": str(tiny_draft), "num_speculative_tokens": 4}
+    with LLM(str(tiny_target), speculative_config=spec, tensor_parallel_size=2, kv_cache_memory_bytes=KV_BYTES) as llm:
+        out = llm.generate(prompts, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
+    assert sum(o.metrics.num_accepted_tokens for o in out) > 0  # blocks were verified, some accepted
 
 
 def test_shutdown_kills_a_worker_that_never_answers_within_the_bound(tiny_target: Path) -> None:
