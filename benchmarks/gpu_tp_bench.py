@@ -286,7 +286,7 @@ class Bench:
         from specsplit.testing import make_tiny_model
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = make_tiny_model(Path(tmp) / "tiny", heads=4, kv_heads=2)
+            folder = make_tiny_model(Path(tmp) / "tiny", hidden_size=256, heads=4, kv_heads=2, intermediate=512)
             port = free_port()
             logf = Path(tmp) / "tier.log"
             with logf.open("w") as f:
