@@ -7,7 +7,9 @@ Parts (one run, one machine; select with --parts):
   1  plain decoding, batch 1: ms/token vs the bound (bytes of weights + KV read per step /
      measured device-to-device copy rate), vs Hugging Face `generate` on the same weights
   2  verify step of k+1 = 6 tokens vs the 1-token step, batch 1 and batch 32
-  4  tensor parallel: TP = 2 vs TP = 1 time per token (needs 2 GPUs)
+  4  tensor parallel (benchmarks/gpu_tp_bench.py): 8B shape at TP = 1, 2, 4 (time per token, its
+     host / compute / communication split, logits and greedy tokens vs TP = 1), the 70B shape
+     at TP = 4 vs its bound, a TP = 2 target tier's exit on SIGTERM (2 GPUs; all of it: 4)
 Results: a JSON file (machine, date, command, each figure with its goal and whether it was
 met) under --out, default benchmarks/results/.
 
@@ -22,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -240,24 +243,14 @@ def part2(runner: ModelRunner, res: dict) -> None:
     res["goals"]["verify6_over_step1_batch1"] = {"value": r, "goal": "<= 1.15", "met": r <= 1.15}
 
 
-def part4(res: dict) -> None:
-    from specsplit.runtime.tensor_parallel import TensorParallelRunner
+def part4(res: dict, budget_s: float, save: Callable[[], None]) -> None:
+    """Tensor parallel: 8B at TP = 1/2/4, 70B shape at TP = 4, exit on SIGTERM (gpu_tp_bench.py)."""
+    from gpu_tp_bench import run_tp
 
     if torch.cuda.device_count() < 2:
         log("part 4 skipped: needs 2 GPUs")
         return
-    dev = torch.device("cuda:0")
-    cfg, model = random_model(LLAMA_31_8B, dev, DT)
-    one = decode_ms(make_runner(model, cfg, dev, eager=False))
-    del model
-    torch.cuda.empty_cache()
-    tp = TensorParallelRunner(None, 2, device_type="cuda", random_shape=LLAMA_31_8B, dtype=DT,
-                              max_model_len=4096, kv_cache_bytes=4 * 2**30)
-    two = decode_ms(tp)
-    tp.shutdown()
-    res["tp"] = {"tp1_ms": one, "tp2_ms": two, "ratio": two / one}
-    res["goals"]["tp2_over_tp1"] = {"value": two / one, "goal": "<= 0.65", "met": two / one <= 0.65}
-    log(f"TP: 1 GPU {one:.2f} ms/token, 2 GPUs {two:.2f} ms/token, ratio {two / one:.2f}")
+    run_tp(res, dev_type="cuda", budget_s=budget_s, save=save)
 
 
 def profile_step(dev: torch.device, res: dict) -> None:
@@ -285,17 +278,27 @@ def main() -> int:
     ap.add_argument("--parts", default="1,2,4")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--no-eager", action="store_true", help="skip the eager decode (slow, for reference)")
+    ap.add_argument("--budget-s", type=float, default=500.0,
+                    help="part 4 starts no sub-part that might not end within this many seconds of the start")
     args = ap.parse_args()
     global SKIP_EAGER
     SKIP_EAGER = args.no_eager
     # a `timeout` (SIGTERM) still writes what was measured so far
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt("SIGTERM")))
+    started = time.monotonic()
     parts = set(args.parts.split(","))
     dev = torch.device("cuda:0")
     res: dict = {"benchmark": "gpu_bench", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "machine": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}",
-                 "torch": torch.__version__, "command": " ".join(sys.argv), "shape": "Llama-3.1-8B, bf16, random weights",
+                 "torch": torch.__version__, "command": " ".join(sys.argv), "shape": "Llama-3.1-8B (part 4: also -70B), bf16, random weights",
                  "goals": {}}
+    out = Path(args.out)
+    name = out / f"gpu_bench_{res['date'].replace(':', '').replace('+0000', 'Z')}.json"
+
+    def save() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        name.write_text(json.dumps(res, indent=2, default=str))
+
     try:
         graph_check(dev, res)
         if "p" in parts:
@@ -306,18 +309,19 @@ def main() -> int:
             cfg, model = random_model(LLAMA_31_8B, dev, DT)
             part2(make_runner(model, cfg, dev, eager=False), res)
         if "4" in parts:
-            part4(res)
+            part4(res, args.budget_s - (time.monotonic() - started), save)
     finally:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        name = out / f"gpu_bench_{res['date'].replace(':', '').replace('+0000', 'Z')}.json"
-        name.write_text(json.dumps(res, indent=2))
-        print(json.dumps({k: v for k, v in res.items() if k != "profile_top"}, indent=2))
+        save()
+        print(json.dumps({k: v for k, v in res.items() if k not in ("profile_top", "tp_tier_sigterm")}, indent=2,
+                         default=str))
         log(f"wrote {name}")
     return 0
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    raise SystemExit(main())
+    os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast is off on these machines and stays off
+    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # results are written: no interpreter teardown left to wait on a communicator

@@ -12,6 +12,13 @@ the context bucket only sizes that table: buckets double from 2048 tokens and a 
 graphs covers every context. SDPA's gathered view grows with the context, so its buckets are
 256 tokens apart. `ModelRunner.capture_graphs` captures the common shapes at start-up; any
 other shape is captured on first use, with that step's real inputs.
+
+Tensor parallel: the all-reduces of the row-parallel layers and the logits' all-gather are
+NCCL collectives, captured into the same graphs, so a TP step is one launch per rank too.
+That needs every rank to capture the same shapes in the same order, which holds because
+each rank runs the same sequence of steps (rank 0 sends it every operation) and
+`capture_graphs` walks the same list on each. An NCCL communicator is created lazily by its
+first collective, which must not happen inside a capture: the eager warm-up steps run first.
 """
 
 from __future__ import annotations
@@ -69,6 +76,18 @@ class CudaGraphs:
         graph.replay()
         self.replays += 1
         return out
+
+    def release(self) -> None:
+        """Free every captured graph (after the last replay, before the process group goes).
+
+        A captured NCCL collective keeps its communicator busy: destroying the communicator
+        while a graph that holds one is alive blocks forever. Every rank calls this first.
+        """
+        torch.cuda.synchronize(self.device)
+        for graph, _, _ in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        torch.cuda.synchronize(self.device)
 
     def _capture(self, batch: StepBatch) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         static = batch.to_device(self.device).clone()

@@ -194,8 +194,10 @@ class ModelRunner:
     def truncate(self, seq_id: int, length: int) -> None:
         self.cache.truncate(seq_id, length)
 
-    def shutdown(self) -> None:
-        """Nothing to stop for one device (TensorParallelRunner stops its workers here)."""
+    def shutdown(self, timeout_s: float = 5.0) -> bool:
+        """Nothing to stop for one device (TensorParallelRunner stops its workers here, within
+        `timeout_s`); True = stopped cleanly."""
+        return True
 
     # ---- forward -----------------------------------------------------------------------
     def check(self, inputs: list[StepInput]) -> dict[int, int]:
