@@ -59,7 +59,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             if len(ids) >= self.max_model_len:
                 raise SessionError(f"prompt of {len(ids)} tokens does not fit the draft's max_model_len {self.max_model_len}")
             # inside the try: a client that cancels while the open (prefill) runs must still free it
-            await self.batcher.call(self._open, seq_id, ids, params)
+            prompt_len = first.open.prompt_len if first.open.HasField("prompt_len") else None
+            await self.batcher.call(self._open, seq_id, ids, params, prompt_len)
             async for msg in request_iterator:
                 if msg.WhichOneof("kind") != "propose":
                     raise SessionError("after 'open', a draft session only takes 'propose' messages")
@@ -80,8 +81,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
         finally:
             asyncio.ensure_future(self._close(seq_id))
 
-    def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams) -> None:
-        self.drafter.open(seq_id, token_ids, params)  # validates first: bad input stays INVALID_ARGUMENT
+    def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams, prompt_len: int | None) -> None:
+        self.drafter.open(seq_id, token_ids, params, prompt_len)  # validates first: bad input stays INVALID_ARGUMENT
         runner = getattr(self.drafter, "runner", None)  # n-gram lookup keeps no KV cache
         try:
             admit(runner.cache if runner is not None else None, len(token_ids))

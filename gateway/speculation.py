@@ -62,6 +62,7 @@ class Delta:
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # first delta, when asked: [None, ...]
 
 
 @dataclass
@@ -134,7 +135,7 @@ class CompletionLoop:
             s = TierSession(self.targets, addr, self.opts.session_timeout_s)
             try:
                 await s.send(target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(
-                    token_ids=self.seq.all_ids, params=self._params_pb)))
+                    token_ids=self.seq.all_ids, params=self._params_pb, prompt_len=len(self.seq.prompt_ids))))
                 self.target = s
                 return
             except TierFailure as f:
@@ -151,7 +152,7 @@ class CompletionLoop:
             s = TierSession(self.drafts, addr, self.opts.session_timeout_s)
             try:
                 await s.send(draft_pb2.DraftClientMessage(open=draft_pb2.DraftOpen(
-                    token_ids=self.seq.all_ids, params=self._params_pb)))
+                    token_ids=self.seq.all_ids, params=self._params_pb, prompt_len=len(self.seq.prompt_ids))))
                 self.draft = s
                 self.draft_valid = len(self.seq.all_ids)
                 return True
@@ -307,6 +308,10 @@ class CompletionLoop:
                 res = await verify
                 t_verify = time.perf_counter_ns() - t0
                 self.stats.verify_ns += t_verify
+                if res.prompt_logprobs and seq.prompt_logprobs is None:  # echo: the first result has them
+                    seq.prompt_logprobs = [None, *(logprobs_from_pb(list(res.prompt_logprobs),
+                                                                    seq.all_ids[1 : len(res.prompt_logprobs) + 1])
+                                                   or [])][: len(seq.prompt_ids)]
                 a = res.num_accepted
                 emitted = list(block[:a]) + [res.next_token]
                 lps = logprobs_from_pb(list(res.logprobs), emitted)

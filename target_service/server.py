@@ -56,7 +56,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 raise SessionError("the first message of a target session must be 'open'")
             params = params_from_pb(first.open.params)
             # inside the try: a client that cancels while the open runs must still free it
-            await self.batcher.call(self._open, seq_id, list(first.open.token_ids), params)
+            prompt_len = first.open.prompt_len if first.open.HasField("prompt_len") else None
+            await self.batcher.call(self._open, seq_id, list(first.open.token_ids), params, prompt_len)
             async for msg in request_iterator:
                 if msg.WhichOneof("kind") != "verify":
                     raise SessionError("after 'open', a target session only takes 'verify' messages")
@@ -70,6 +71,7 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
                 yield target_pb2.TargetServerMessage(result=target_pb2.VerifyResult(
                     round_id=v.round_id, num_accepted=res.num_accepted, next_token=res.emitted[-1],
                     logprobs=logprobs_to_pb(res.logprobs, res.emitted), verify_ns=res.verify_ns, queue_ns=queue_ns,
+                    prompt_logprobs=logprobs_to_pb(res.prompt_logprobs, list(first.open.token_ids[1:])),
                 ))
         except Exception as exc:
             self.metrics.errors.labels(status_for(exc)[0].name).inc()
@@ -78,8 +80,8 @@ class TargetServicer(target_pb2_grpc.TargetServiceServicer):
             # runs on close and on client cancel; scheduled so cancellation cannot skip it
             asyncio.ensure_future(self._close(seq_id))
 
-    def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams) -> None:
-        self.verifier.open(seq_id, token_ids, params)  # validates first: bad input stays INVALID_ARGUMENT
+    def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams, prompt_len: int | None) -> None:
+        self.verifier.open(seq_id, token_ids, params, prompt_len)  # validates first: bad input stays INVALID_ARGUMENT
         try:
             admit(self.verifier.runner.cache, len(token_ids))  # full: RESOURCE_EXHAUSTED, the gateway retries
         except Exception:

@@ -10,7 +10,9 @@ from torch import Tensor
 from specsplit.proto.v1 import common_pb2
 from specsplit.sampling.params import SamplingParams
 
-_OPTIONAL = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "logprobs", "repetition_penalty")
+_OPTIONAL = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "logprobs", "repetition_penalty",
+             "presence_penalty", "frequency_penalty", "prompt_logprobs")
+_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def params_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
@@ -21,7 +23,9 @@ def params_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
     if pb.stop_token_ids:
         kw["stop_token_ids"] = list(pb.stop_token_ids)
     kw["ignore_eos"] = pb.ignore_eos
-    for f in ("temperature", "top_p", "min_p", "repetition_penalty"):
+    if pb.logit_bias:
+        kw["logit_bias"] = dict(pb.logit_bias)
+    for f in _FLOATS:
         if f in kw:
             kw[f] = float(kw[f])
     return SamplingParams(**kw)
@@ -32,6 +36,7 @@ def params_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
         n=p.n, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
         repetition_penalty=p.repetition_penalty, ignore_eos=p.ignore_eos,
         stop=list(p.stop or []), stop_token_ids=list(p.stop_token_ids or []),
+        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty, logit_bias=p.logit_bias or {},
     )
     if p.seed is not None:
         pb.seed = p.seed
@@ -39,6 +44,8 @@ def params_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
         pb.max_tokens = p.max_tokens
     if p.logprobs is not None:
         pb.logprobs = p.logprobs
+    if p.prompt_logprobs is not None:
+        pb.prompt_logprobs = p.prompt_logprobs
     return pb
 
 

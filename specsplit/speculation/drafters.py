@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 
 from specsplit.runtime.runner import ModelRunner, StepInput
+from specsplit.sampling.history import output_counts, seen_mask
 from specsplit.sampling.logits import (
     SamplingBatch,
     make_generator,
     process_logits,
     sample_sparse,
-    seen_mask,
     topk_truncate,
 )
 from specsplit.sampling.params import SamplingParams
@@ -51,6 +51,7 @@ class DraftSession:
     params: SamplingParams
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)  # prompt + committed + last proposals
+    prompt_len: int = 0  # tokens[prompt_len:] were generated (frequency / presence penalties)
 
 
 # Mixed into a request's seed for the draft's RNG. The target seeds its RNG with the request's
@@ -78,13 +79,19 @@ class Drafter(ABC):
         self.device = device
         self.sessions: dict[int, DraftSession] = {}
 
-    def open(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+    def open(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, prompt_len: int | None = None) -> None:
+        """`prompt_len`: how many of `prompt_ids` are the prompt (a re-opened session also
+        carries the tokens generated so far); None: all of them."""
         if seq_id in self.sessions:
             raise SessionError(f"draft session {seq_id} is already open")
         if not prompt_ids:
             raise SessionError("prompt is empty")
+        if prompt_len is not None and not 0 < prompt_len <= len(prompt_ids):
+            raise SessionError(f"prompt_len {prompt_len} outside 1..{len(prompt_ids)}")
         self._check(prompt_ids, "prompt")
-        self.sessions[seq_id] = DraftSession(seq_id, params, draft_generator(params, self.device), list(prompt_ids))
+        self._check(list(params.logit_bias or ()), "logit_bias")
+        self.sessions[seq_id] = DraftSession(seq_id, params, draft_generator(params, self.device), list(prompt_ids),
+                                             len(prompt_ids) if prompt_len is None else prompt_len)
         self._on_open(seq_id)
 
     def close(self, seq_id: int) -> None:
@@ -206,10 +213,14 @@ class DraftModelDrafter(Drafter):
         for _ in range(max(r.k for r in reqs)):
             logits = self.runner.forward([inputs[i] for i in live])  # [len(live), V]
             sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < len(reqs) else batch
-            seen = None
+            seen = counts = None
             if sub.any_penalty:
                 seen = seen_mask([torch.tensor(sessions[i].tokens + blocks[i]) for i in live], self.vocab_size, self.device)
-            probs = process_logits(logits, sub, seen)  # [n, V]
+            if sub.any_output_penalty:
+                outs = [torch.tensor(sessions[i].tokens[sessions[i].prompt_len :] + blocks[i], dtype=torch.int64)
+                        for i in live]
+                counts = output_counts(outs, self.vocab_size, self.device)  # [n, V]
+            probs = process_logits(logits, sub, seen, counts)  # [n, V]
             if sub.all_greedy:
                 toks = probs.argmax(-1).tolist()
             else:

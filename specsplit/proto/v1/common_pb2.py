@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specsplit/v1/common.proto\x12\x0cspecsplit.v1\"\x84\x03\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x07 \x01(\rH\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x15\n\x13_repetition_penalty\"8\n\x12SparseDistribution\x12\x0f\n\x03ids\x18\x01 \x03(\rB\x02\x10\x01\x12\x11\n\x05probs\x18\x02 \x03(\x02\x42\x02\x10\x01\"O\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x13\n\x07top_ids\x18\x02 \x03(\rB\x02\x10\x01\x12\x18\n\x0ctop_logprobs\x18\x03 \x03(\x02\x42\x02\x10\x01\"\xef\x01\n\tSpecStats\x12\x16\n\x0e\x64rafted_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x18\n\x10pipelined_rounds\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x02\x12\x1c\n\x14mean_accepted_length\x18\x06 \x01(\x02\x12\x10\n\x08\x64raft_ns\x18\x07 \x01(\x04\x12\x11\n\tverify_ns\x18\x08 \x01(\x04\x12\x13\n\x0boverhead_ns\x18\t \x01(\x04\x12\x16\n\x0e\x64raft_fallback\x18\n \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specsplit/v1/common.proto\x12\x0cspecsplit.v1\"\x93\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x07 \x01(\rH\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\x15\n\x08logprobs\x18\x0b \x01(\rH\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\r \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0e \x01(\x02H\n\x88\x01\x01\x12?\n\nlogit_bias\x18\x0f \x03(\x0b\x32+.specsplit.v1.SamplingParams.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\rH\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x12\n\x10_prompt_logprobs\"8\n\x12SparseDistribution\x12\x0f\n\x03ids\x18\x01 \x03(\rB\x02\x10\x01\x12\x11\n\x05probs\x18\x02 \x03(\x02\x42\x02\x10\x01\"O\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12\x13\n\x07top_ids\x18\x02 \x03(\rB\x02\x10\x01\x12\x18\n\x0ctop_logprobs\x18\x03 \x03(\x02\x42\x02\x10\x01\"\xef\x01\n\tSpecStats\x12\x16\n\x0e\x64rafted_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\r\x12\x0e\n\x06rounds\x18\x03 \x01(\r\x12\x18\n\x10pipelined_rounds\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x02\x12\x1c\n\x14mean_accepted_length\x18\x06 \x01(\x02\x12\x10\n\x08\x64raft_ns\x18\x07 \x01(\x04\x12\x11\n\tverify_ns\x18\x08 \x01(\x04\x12\x13\n\x0boverhead_ns\x18\t \x01(\x04\x12\x16\n\x0e\x64raft_fallback\x18\n \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specsplit.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_SPARSEDISTRIBUTION'].fields_by_name['ids']._loaded_options = None
   _globals['_SPARSEDISTRIBUTION'].fields_by_name['ids']._serialized_options = b'\020\001'
   _globals['_SPARSEDISTRIBUTION'].fields_by_name['probs']._loaded_options = None
@@ -41,11 +43,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROBS'].fields_by_name['top_logprobs']._loaded_options = None
   _globals['_TOKENLOGPROBS'].fields_by_name['top_logprobs']._serialized_options = b'\020\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=44
-  _globals['_SAMPLINGPARAMS']._serialized_end=432
-  _globals['_SPARSEDISTRIBUTION']._serialized_start=434
-  _globals['_SPARSEDISTRIBUTION']._serialized_end=490
-  _globals['_TOKENLOGPROBS']._serialized_start=492
-  _globals['_TOKENLOGPROBS']._serialized_end=571
-  _globals['_SPECSTATS']._serialized_start=574
-  _globals['_SPECSTATS']._serialized_end=813
+  _globals['_SAMPLINGPARAMS']._serialized_end=703
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=480
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=528
+  _globals['_SPARSEDISTRIBUTION']._serialized_start=705
+  _globals['_SPARSEDISTRIBUTION']._serialized_end=761
+  _globals['_TOKENLOGPROBS']._serialized_start=763
+  _globals['_TOKENLOGPROBS']._serialized_end=842
+  _globals['_SPECSTATS']._serialized_start=845
+  _globals['_SPECSTATS']._serialized_end=1084
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from specsplit.proto.v1 import common_pb2 as specsplit_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specsplit/v1/target.proto\x12\x0cspecsplit.v1\x1a\x19specsplit/v1/common.proto\"Q\n\nTargetOpen\x12\x15\n\ttoken_ids\x18\x01 \x03(\rB\x02\x10\x01\x12,\n\x06params\x18\x02 \x01(\x0b\x32\x1c.specsplit.v1.SamplingParams\"d\n\x0cTargetVerify\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x15\n\tdraft_ids\x18\x02 \x03(\rB\x02\x10\x01\x12+\n\x01q\x18\x03 \x03(\x0b\x32 .specsplit.v1.SparseDistribution\"u\n\x13TargetClientMessage\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.specsplit.v1.TargetOpenH\x00\x12,\n\x06verify\x18\x02 \x01(\x0b\x32\x1a.specsplit.v1.TargetVerifyH\x00\x42\x06\n\x04kind\"\x9e\x01\n\x0cVerifyResult\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\r\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\x12\x11\n\tverify_ns\x18\x05 \x01(\x04\x12\x10\n\x08queue_ns\x18\x06 \x01(\x04\"K\n\x13TargetServerMessage\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1a.specsplit.v1.VerifyResultH\x00\x42\x06\n\x04kind2d\n\rTargetService\x12S\n\x07Session\x12!.specsplit.v1.TargetClientMessage\x1a!.specsplit.v1.TargetServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specsplit/v1/target.proto\x12\x0cspecsplit.v1\x1a\x19specsplit/v1/common.proto\"y\n\nTargetOpen\x12\x15\n\ttoken_ids\x18\x01 \x03(\rB\x02\x10\x01\x12,\n\x06params\x18\x02 \x01(\x0b\x32\x1c.specsplit.v1.SamplingParams\x12\x17\n\nprompt_len\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_prompt_len\"d\n\x0cTargetVerify\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x15\n\tdraft_ids\x18\x02 \x03(\rB\x02\x10\x01\x12+\n\x01q\x18\x03 \x03(\x0b\x32 .specsplit.v1.SparseDistribution\"u\n\x13TargetClientMessage\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.specsplit.v1.TargetOpenH\x00\x12,\n\x06verify\x18\x02 \x01(\x0b\x32\x1a.specsplit.v1.TargetVerifyH\x00\x42\x06\n\x04kind\"\xd4\x01\n\x0cVerifyResult\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\r\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\x12\x11\n\tverify_ns\x18\x05 \x01(\x04\x12\x10\n\x08queue_ns\x18\x06 \x01(\x04\x12\x34\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\"K\n\x13TargetServerMessage\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1a.specsplit.v1.VerifyResultH\x00\x42\x06\n\x04kind2d\n\rTargetService\x12S\n\x07Session\x12!.specsplit.v1.TargetClientMessage\x1a!.specsplit.v1.TargetServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,15 +38,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TARGETVERIFY'].fields_by_name['draft_ids']._loaded_options = None
   _globals['_TARGETVERIFY'].fields_by_name['draft_ids']._serialized_options = b'\020\001'
   _globals['_TARGETOPEN']._serialized_start=70
-  _globals['_TARGETOPEN']._serialized_end=151
-  _globals['_TARGETVERIFY']._serialized_start=153
-  _globals['_TARGETVERIFY']._serialized_end=253
-  _globals['_TARGETCLIENTMESSAGE']._serialized_start=255
-  _globals['_TARGETCLIENTMESSAGE']._serialized_end=372
-  _globals['_VERIFYRESULT']._serialized_start=375
-  _globals['_VERIFYRESULT']._serialized_end=533
-  _globals['_TARGETSERVERMESSAGE']._serialized_start=535
-  _globals['_TARGETSERVERMESSAGE']._serialized_end=610
-  _globals['_TARGETSERVICE']._serialized_start=612
-  _globals['_TARGETSERVICE']._serialized_end=712
+  _globals['_TARGETOPEN']._serialized_end=191
+  _globals['_TARGETVERIFY']._serialized_start=193
+  _globals['_TARGETVERIFY']._serialized_end=293
+  _globals['_TARGETCLIENTMESSAGE']._serialized_start=295
+  _globals['_TARGETCLIENTMESSAGE']._serialized_end=412
+  _globals['_VERIFYRESULT']._serialized_start=415
+  _globals['_VERIFYRESULT']._serialized_end=627
+  _globals['_TARGETSERVERMESSAGE']._serialized_start=629
+  _globals['_TARGETSERVERMESSAGE']._serialized_end=704
+  _globals['_TARGETSERVICE']._serialized_start=706
+  _globals['_TARGETSERVICE']._serialized_end=806
 # @@protoc_insertion_point(module_scope)
