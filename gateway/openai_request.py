@@ -33,6 +33,7 @@ class OpenAIRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with usage and no choices
+    continuous_usage: bool  # stream_options.continuous_usage_stats (vLLM's): usage on every chunk
     echo: bool  # completions: the prompt is repeated before the output (with logprobs if asked)
     top_logprobs: int | None  # None: no logprobs; else alternatives per token (0..20)
 
@@ -110,20 +111,24 @@ def _sampling(body: dict[str, Any], max_tokens: Any, default_max: int | None) ->
     return kw
 
 
-def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+def _stream(body: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous_usage_stats)."""
     stream = bool(body.get("stream"))
     opts = body.get("stream_options")
     if opts is None:
-        return stream, False
+        return stream, False, False
     if not stream:
         raise RequestError("'stream_options' is only allowed when 'stream' is true", "stream_options")
-    unknown = sorted(set(opts) - {"include_usage"}, key=str)
+    unknown = sorted(set(opts) - {"include_usage", "continuous_usage_stats"}, key=str)
     if unknown:
         raise RequestError(f"unknown field 'stream_options.{unknown[0]}'", "stream_options")
-    usage = opts.get("include_usage")
-    if usage is not None and not isinstance(usage, bool):
-        raise RequestError(f"'stream_options.include_usage' must be a boolean, got {_short(usage)}", "stream_options")
-    return stream, bool(usage)
+    flags = []
+    for name in ("include_usage", "continuous_usage_stats"):
+        v = opts.get(name)
+        if v is not None and not isinstance(v, bool):
+            raise RequestError(f"'stream_options.{name}' must be a boolean, got {_short(v)}", "stream_options")
+        flags.append(bool(v))
+    return stream, flags[0], flags[0] and flags[1]  # vLLM: continuous stats only with include_usage
 
 
 def _no_output_fields(body: dict[str, Any]) -> None:
@@ -145,7 +150,7 @@ def parse_completion(body: dict[str, Any], core: GatewayCore) -> OpenAIRequest:
     check_fields(body, COMPLETIONS)
     _no_output_fields(body)
     core.check_model(body.get("model"))
-    stream, include_usage = _stream(body)
+    stream, include_usage, continuous = _stream(body)
     if body.get("suffix"):
         raise RequestError("'suffix' (insertion) is not supported by this server", "suffix")
     n = body.get("n") or 1
@@ -161,7 +166,7 @@ def parse_completion(body: dict[str, Any], core: GatewayCore) -> OpenAIRequest:
         if echo:
             kw["prompt_logprobs"] = top
     params = _params(kw)
-    return OpenAIRequest(False, _prompts(body.get("prompt"), core), params, stream, include_usage, echo, top)
+    return OpenAIRequest(False, _prompts(body.get("prompt"), core), params, stream, include_usage, continuous, echo, top)
 
 
 def _prompts(prompt: Any, core: GatewayCore) -> list[Prompt]:
@@ -183,7 +188,7 @@ def parse_chat(body: dict[str, Any], core: GatewayCore) -> OpenAIRequest:
     check_fields(body, CHAT)
     _no_output_fields(body)
     core.check_model(body.get("model"))
-    stream, include_usage = _stream(body)
+    stream, include_usage, continuous = _stream(body)
     if body.get("tools"):
         raise RequestError("'tools' (function calling) is not supported by this server", "tools")
     if body.get("tool_choice") not in (None, "none"):
@@ -207,7 +212,7 @@ def parse_chat(body: dict[str, Any], core: GatewayCore) -> OpenAIRequest:
     if not isinstance(messages, list):
         raise RequestError("'messages' must be a list of {role, content}", "messages")
     prompt = core.encode_chat([chat_message(m, i) for i, m in enumerate(messages)])
-    return OpenAIRequest(True, [prompt], params, stream, include_usage, False, (top or 0) if want else None)
+    return OpenAIRequest(True, [prompt], params, stream, include_usage, continuous, False, (top or 0) if want else None)
 
 
 _ROLES = ("system", "user", "assistant", "tool", "developer")

@@ -2,7 +2,8 @@
 
 Streams follow OpenAI's rules: every chunk carries exactly one choice, and the chunk with
 `"choices": []` and the usage comes only when the request set
-`stream_options.include_usage` (then every other chunk has `"usage": null`). Speculation
+`stream_options.include_usage` (then every other chunk has `"usage": null`, or with vLLM's
+`continuous_usage_stats` the choice's counts so far). Speculation
 statistics ride along where no client looks for anything else: on the chunk that ends a
 choice (that completion's) and on the usage chunk (the request's).
 """
@@ -107,6 +108,7 @@ async def respond_streamed(request: web.Request, core: GatewayCore, req: OpenAIR
     finals: dict[int, Finished] = {}
     started: set[int] = set()
     accs: dict[int, CompletionLogprobs] = {}
+    generated: dict[int, int] = {}  # completion tokens per choice so far (continuous usage)
 
     def chunk(index: int, piece: str, finish: str | None, lps: dict[str, Any] | None = None) -> dict[str, Any]:
         if req.chat:
@@ -118,7 +120,11 @@ async def respond_streamed(request: web.Request, core: GatewayCore, req: OpenAIR
             choice = {"index": index, "text": piece, "finish_reason": finish, "logprobs": lps}
         started.add(index)
         out = {**head, "choices": [choice]}
-        if req.include_usage:
+        if req.continuous_usage:  # vLLM's: this choice's counts so far
+            prompt = len(req.prompts[index // req.params.n].token_ids)
+            done = generated.get(index, 0)
+            out["usage"] = {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+        elif req.include_usage:
             out["usage"] = None
         return out
 
@@ -134,6 +140,7 @@ async def respond_streamed(request: web.Request, core: GatewayCore, req: OpenAIR
         await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
     async def on_delta(ev: Delta) -> None:
+        generated[ev.index] = generated.get(ev.index, 0) + len(ev.token_ids)
         if req.echo and ev.index not in started:  # the prompt first, as its own chunk
             prompt = req.prompts[ev.index // req.params.n]
             lps = None
