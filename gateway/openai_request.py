@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.core import GatewayCore, Prompt
-from specsplit.sampling.params import SamplingParams
+from specsplit.sampling.params import MAX_LOGPROBS, SamplingParams
 
 
 class RequestError(ValueError):
@@ -138,12 +138,13 @@ def _no_output_fields(body: dict[str, Any]) -> None:
         raise RequestError("'metadata' must map strings to strings", "metadata")
 
 
-def _params(kw: dict[str, Any], field: str | None = None) -> SamplingParams:
+def _params(kw: dict[str, Any]) -> SamplingParams:
+    """SamplingParams validates ranges; its messages start with the field's name."""
     try:
         return SamplingParams(**kw)
     except ValueError as e:
-        name = str(e).split(" ", 1)[0]
-        raise RequestError(str(e), field or (name if name in kw or name.split("[")[0] in kw else None)) from None
+        name = str(e).split(" ", 1)[0].split("[", 1)[0]
+        raise RequestError(str(e), name if name in kw else None) from None
 
 
 def parse_completion(body: dict[str, Any], core: GatewayCore) -> OpenAIRequest:
@@ -202,12 +203,14 @@ def parse_chat(body: dict[str, Any], core: GatewayCore) -> OpenAIRequest:
     top = body.get("top_logprobs")
     if top is not None and not body.get("logprobs"):
         raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise RequestError(f"'top_logprobs' must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     kw = _sampling(body, max_tokens, None)  # chat: up to the context by default
     want = bool(body.get("logprobs"))
     if want:
         kw["logprobs"] = top or 0
-    params = _params(kw, "top_logprobs" if want and top is not None and top > 20 else None)
+    params = _params(kw)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise RequestError("'messages' must be a list of {role, content}", "messages")
