@@ -30,6 +30,7 @@ from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence
 from specsplit.speculation.session import check_token_ids
 
 log = logging.getLogger(__name__)
+MAX_COMPLETIONS = 64  # prompts x n in one request: each is a session on both tiers
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Finished:
     completion_tokens: int
     finish_reason: str | None
     stop_reason: int | str | None
+    prompt_index: int = 0  # which of the request's prompts (several on /v1/completions)
 
 
 class GatewayCore:
@@ -106,10 +108,14 @@ class GatewayCore:
     def encode_chat(self, messages: list[dict[str, str]]) -> Prompt:
         if not messages:
             raise ValueError("messages is empty")
+        # OpenAI's `developer` role is its new name for `system`
+        messages = [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m
+                    for m in messages]
         for m in messages:
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool") \
                     or not isinstance(m.get("content"), str):
-                raise ValueError("each message needs a role (system, user, assistant) and a string content")
+                raise ValueError("each message needs a role (system, developer, user, assistant, tool) and a "
+                                 "string content")
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use completions with a plain prompt")
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -124,11 +130,22 @@ class GatewayCore:
     def check_params(self, params: SamplingParams) -> SamplingParams:
         if params.max_tokens is not None and params.max_tokens > self.cfg.max_tokens_limit:
             raise ValueError(f"max_tokens={params.max_tokens} exceeds this gateway's limit of {self.cfg.max_tokens_limit}")
+        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias has token id(s) outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         return params
 
     # ---- generation --------------------------------------------------------------------------
-    async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta | Finished]:
-        """Admit, run n completions concurrently, and stream their deltas as they come."""
+    async def generate(self, prompt: Prompt | list[Prompt], params: SamplingParams) -> AsyncIterator[Delta | Finished]:
+        """Admit, run n completions per prompt concurrently, and stream their deltas as they come.
+
+        One admission slot per request, however many prompts it has; completion j of prompt
+        i has index i * n + j (OpenAI's numbering of choices).
+        """
+        prompts = prompt if isinstance(prompt, list) else [prompt]
+        if not prompts or len(prompts) * params.n > MAX_COMPLETIONS:
+            raise ValueError(f"a request may ask for 1 to {MAX_COMPLETIONS} completions (prompts x n), "
+                             f"got {len(prompts)} x {params.n}")
         params = self.check_params(params)
         if self._slots.locked() and self._waiting >= self.cfg.max_queued_requests:
             self.metrics.requests.labels("rejected").inc()
@@ -140,9 +157,10 @@ class GatewayCore:
         finally:
             self._waiting -= 1
         self._running += 1
-        self.metrics.tokens.labels("prompt").inc(len(prompt.token_ids))
+        self.metrics.tokens.labels("prompt").inc(sum(len(p.token_ids) for p in prompts))
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.ensure_future(self._one(prompt, params, i, queue)) for i in range(params.n)]
+        tasks = [asyncio.ensure_future(self._one(p, params, i * params.n + j, queue, i))
+                 for i, p in enumerate(prompts) for j in range(params.n)]
         outcome = "error"
         try:
             done = 0
@@ -165,20 +183,26 @@ class GatewayCore:
             self._slots.release()
             self.metrics.requests.labels(outcome).inc()
 
-    async def _one(self, prompt: Prompt, params: SamplingParams, index: int, out: asyncio.Queue) -> None:
-        p = params if params.seed is None or index == 0 else dataclasses.replace(params, seed=params.seed + index)
+    async def _one(self, prompt: Prompt, params: SamplingParams, index: int, out: asyncio.Queue,
+                   prompt_index: int = 0) -> None:
+        j = index - prompt_index * params.n  # which of this prompt's n: a prompt's seeds do not depend on its place
+        p = params if params.seed is None or j == 0 else dataclasses.replace(params, seed=params.seed + j)
         seq = Sequence(next(self._ids), list(prompt.token_ids), p, self.eos_ids, self.max_model_len,
                        IncrementalDetokenizer(self.tokenizer, prompt.token_ids), index=index)
         loop: CompletionLoop | DirectLoop = DirectLoop(seq, self.targets, self.drafts, self.opts) \
             if self.cfg.round_mode == "direct" else CompletionLoop(seq, self.targets, self.drafts, self.costs, self.opts)
         try:
+            first = True
             async for delta in loop.run():
                 self.metrics.tokens.labels("completion").inc(len(delta.token_ids))
+                if first and params.prompt_logprobs is not None:  # echo: [None] for a one-token prompt
+                    delta.prompt_logprobs = seq.prompt_logprobs or [None]
+                first = False
                 out.put_nowait(delta)
             self.metrics.record(loop.stats)
             self._add_timeline(loop.stats, loop.times, len(seq.output_ids))
             out.put_nowait(Finished(index, loop.stats, len(prompt.token_ids), len(seq.output_ids),
-                                    seq.finish_reason, seq.stop_reason))
+                                    seq.finish_reason, seq.stop_reason, prompt_index))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - forwarded to the request's stream

@@ -69,6 +69,7 @@ class DirectLoop:
                 stopping=target_pb2.Stopping(max_new_tokens=seq.max_new_tokens(), end_token_ids=self._end_ids()),
                 draft_address=draft, num_speculative_tokens=self.opts.num_speculative_tokens if draft else 0,
                 adaptive=self.opts.adaptive and seq.params.seed is None, pipeline=self.opts.pipeline,
+                prompt_len=len(seq.prompt_ids),
             )
             try:
                 async for delta in self._stream(target, draft, start):
@@ -106,6 +107,9 @@ class DirectLoop:
                 self.failover.succeeded()
                 ids = list(d.token_ids)
                 lps = logprobs_from_pb(list(d.logprobs), ids)
+                if d.prompt_logprobs and seq.prompt_logprobs is None:  # echo: the first delta has them
+                    prompt = logprobs_from_pb(list(d.prompt_logprobs), seq.all_ids[1 : len(d.prompt_logprobs) + 1])
+                    seq.prompt_logprobs = [None, *(prompt or [])][: len(seq.prompt_ids)]
                 kept, text = seq.commit(ids, lps)
                 m = stats
                 m.num_drafted_tokens += d.drafted
@@ -127,8 +131,8 @@ class DirectLoop:
                         self.drafts.mark_failed(draft)
                         self._bad_drafts.add(draft)
                 out = Delta(seq.index, kept, text, lps[: len(kept)] if lps else None, seq.finish_reason,
-                            seq.stop_reason, d.drafted, min(d.accepted, len(kept)), d.pipelined, timing,
-                            d.draft_failure)
+                            seq.stop_reason, drafted=d.drafted, accepted=min(d.accepted, len(kept)),
+                            pipelined=d.pipelined, timing=timing, draft_failure=d.draft_failure)
                 self.times.relay_ns += time.perf_counter_ns() - t_relay
                 yield out
         except grpc.aio.AioRpcError as e:

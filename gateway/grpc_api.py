@@ -54,10 +54,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             events = self.keys.metered(key, len(prompt.token_ids), events)  # type: ignore[union-attr]
         async for ev in events:
             if isinstance(ev, Delta):
-                if ev.token_ids or ev.text:
+                if ev.token_ids or ev.text or ev.prompt_logprobs:
                     yield gateway_pb2.GenerateResponse(
                         index=ev.index, token_ids=ev.token_ids, text=ev.text,
-                        logprobs=logprobs_to_pb(ev.logprobs, ev.token_ids))
+                        logprobs=logprobs_to_pb(ev.logprobs, ev.token_ids),
+                        prompt_logprobs=logprobs_to_pb(ev.prompt_logprobs[1:], prompt.token_ids[1:])
+                        if ev.prompt_logprobs else [])
             elif isinstance(ev, Finished):
                 yield gateway_pb2.GenerateResponse(
                     index=ev.index, finish_reason=FINISH.get(ev.finish_reason, 0),
@@ -86,6 +88,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 out.token_ids.extend(msg.token_ids)
                 out.text += msg.text
                 out.logprobs.extend(msg.logprobs)
+                out.prompt_logprobs.extend(msg.prompt_logprobs)
                 if msg.HasField("usage"):
                     out.finish_reason = msg.finish_reason
                     out.stop_reason = msg.stop_reason

@@ -81,3 +81,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = True
     metrics: SpecMetrics = field(default_factory=SpecMetrics)  # summed over outputs
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # [None, then one per prompt token], when asked

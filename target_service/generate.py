@@ -11,6 +11,7 @@ The round itself is `CompletionLoop`, the same one the gateway runs in gateway-d
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -45,14 +46,15 @@ class LocalTarget(TargetLink):
         self.verifier, self.batcher, self.seq_id, self.seq = verifier, batcher, seq_id, seq
         self._open_fn, self._close_fn = open_fn, close_fn
         self.opened = False
+        self.prompt_len: int | None = None  # leading tokens that are the prompt (None: all)
 
     async def open(self) -> None:
-        await self.batcher.call(self._open_fn, self.seq_id, self.seq.all_ids, self.seq.params)
+        await self.batcher.call(self._open_fn, self.seq_id, self.seq.all_ids, self.seq.params, self.prompt_len)
         self.opened = True
 
     async def verify(self, block: list[int], q: Q) -> Verdict:
         res, queue_ns = await self.batcher.submit(VerifyItem(self.seq_id, list(block), *q))
-        return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, queue_ns)
+        return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, queue_ns, res.prompt_logprobs)
 
     async def close(self) -> None:
         if self.opened:
@@ -89,12 +91,9 @@ def start_to_sequence(start: target_pb2.GenerateStart, params: SamplingParams, m
         raise SessionError(f"num_speculative_tokens={start.num_speculative_tokens} exceeds {MAX_BLOCK}")
     if start.stopping.max_new_tokens < 1:
         raise SessionError("stopping.max_new_tokens must be >= 1")
-    tier_params = SamplingParams(
-        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
-        seed=params.seed, logprobs=params.logprobs, repetition_penalty=params.repetition_penalty,
-        max_tokens=int(start.stopping.max_new_tokens), stop_token_ids=list(start.stopping.end_token_ids),
-        ignore_eos=True,  # EOS is among end_token_ids unless the request ignores it
-    )
+    # every token-choice field as given; stopping by id only (EOS is among end_token_ids unless ignored)
+    tier_params = dataclasses.replace(params, max_tokens=int(start.stopping.max_new_tokens),
+                                      stop_token_ids=list(start.stopping.end_token_ids), ignore_eos=True)
     return Sequence(0, ids, tier_params, (), max_model_len)
 
 
@@ -118,9 +117,16 @@ async def run_generate(start: target_pb2.GenerateStart, link: LocalTarget,
     pool = drafts.get(start.draft_address) if start.draft_address else None
     opts = LoopOptions(num_speculative_tokens=int(start.num_speculative_tokens), adaptive=start.adaptive,
                        pipeline=start.pipeline, round_timeout_s=round_timeout_s, vocab_size=link.verifier.vocab_size)
-    loop = CompletionLoop(seq, link, pool if start.num_speculative_tokens > 0 else None, costs, opts)
+    prompt_len = start.prompt_len if start.HasField("prompt_len") else None
+    link.prompt_len = prompt_len
+    loop = CompletionLoop(seq, link, pool if start.num_speculative_tokens > 0 else None, costs, opts, prompt_len)
     try:
         async for delta in loop.run():
-            yield delta_to_pb(delta)
+            msg = delta_to_pb(delta)
+            if seq.prompt_logprobs is not None:  # echo: sent once, with the first delta
+                ids = seq.all_ids[1 : len(seq.prompt_logprobs)]
+                msg.delta.prompt_logprobs.extend(logprobs_to_pb(seq.prompt_logprobs[1:], ids))  # type: ignore[arg-type]
+                seq.prompt_logprobs = []  # sent; [] keeps the loop from taking them again
+            yield msg
     finally:
         await asyncio.shield(loop.close())  # a cancelled caller must still free both tiers' KV

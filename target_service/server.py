@@ -45,7 +45,7 @@ class TargetServicer(SessionServicer[VerifyItem, VerifyResult], target_pb2_grpc.
         return target_pb2.TargetServerMessage(result=target_pb2.VerifyResult(
             round_id=msg.round_id, num_accepted=result.num_accepted, next_token=result.emitted[-1],
             logprobs=logprobs_to_pb(result.logprobs, result.emitted), verify_ns=result.verify_ns,
-            queue_ns=queue_ns,
+            queue_ns=queue_ns, prompt_logprobs=logprobs_to_pb(result.prompt_logprobs, result.prompt_ids or []),
         ))
 
     def warmup_request(self, seq_id: int, prompt_len: int) -> VerifyItem:

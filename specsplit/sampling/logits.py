@@ -2,8 +2,12 @@
 
 Both tiers use these: the draft to build the distribution it samples from, the target to
 build the distribution it verifies against. They must apply the same steps in the same
-order (vLLM's / HF's: repetition penalty, temperature, top-k, top-p, min-p, softmax) or the
-speculation stops being lossless. Everything runs on the device the tensors are on.
+order (vLLM's: logit bias, repetition / frequency / presence penalties, temperature, top-k,
+top-p, min-p, softmax) or the speculation stops being lossless. Everything runs on the
+device the tensors are on.
+
+Two histories drive the penalties: `seen` (prompt + output, the repetition penalty's, as HF)
+and `counts` (output tokens only, the frequency and presence penalties', as OpenAI and vLLM).
 """
 
 from __future__ import annotations
@@ -34,22 +38,43 @@ class SamplingBatch:
     repetition_penalty: Tensor  # [N] float32, 1 = off
     is_greedy: Tensor  # [N] bool
     generators: list[torch.Generator | None]  # [N]; None = global RNG
+    presence_penalty: Tensor | None = None  # [N] float32, 0 = off; None: all rows off
+    frequency_penalty: Tensor | None = None  # [N] float32, 0 = off; None: all rows off
+    # logit bias as a sparse list (a dense [N, V] would cost V floats per row on every step)
+    bias_rows: Tensor | None = None  # [M] int64 row of each entry; None: no bias anywhere
+    bias_ids: Tensor | None = None  # [M] int64 token id
+    bias_values: Tensor | None = None  # [M] float32 added to that token's logit
     all_greedy: bool | None = None  # every row takes the argmax: no randomness at all
     any_greedy: bool | None = None
     any_top_k: bool | None = None  # among sampled rows (greedy rows ignore truncation)
     any_top_p: bool | None = None
     any_min_p: bool | None = None
-    any_penalty: bool | None = None  # among all rows (the penalty moves the argmax too)
+    any_penalty: bool | None = None  # repetition penalty, among all rows (it moves the argmax too)
+    any_output_penalty: bool | None = None  # presence or frequency penalty, among all rows
 
     def __post_init__(self) -> None:
         n = self.temperature.shape[0]
-        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "is_greedy"):
+        if self.presence_penalty is None:
+            self.presence_penalty = torch.zeros(n, device=self.temperature.device)
+        if self.frequency_penalty is None:
+            self.frequency_penalty = torch.zeros(n, device=self.temperature.device)
+        for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "is_greedy",
+                     "presence_penalty", "frequency_penalty"):
             t = getattr(self, name)
             if t.dim() != 1 or t.shape[0] != n:
                 raise ValueError(f"{name} must have shape [{n}], got {list(t.shape)}")
         if len(self.generators) != n:
             raise ValueError(f"generators must have {n} entries, got {len(self.generators)}")
+        bias = (self.bias_rows, self.bias_ids, self.bias_values)
+        if any(t is not None for t in bias) and not all(
+            t is not None and t.dim() == 1 and t.shape == bias[0].shape for t in bias  # type: ignore[union-attr]
+        ):
+            raise ValueError("bias_rows, bias_ids and bias_values must be given together, each of shape [M]")
         self.generators = list(self.generators)
+        if self.any_output_penalty is None:
+            self.any_output_penalty = bool(
+                ((self.presence_penalty != 0) | (self.frequency_penalty != 0)).any()
+            )
         if None in (
             self.all_greedy,
             self.any_greedy,
@@ -116,12 +141,20 @@ class SamplingBatch:
             ),
             is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             generators=list(generators),
+            presence_penalty=torch.tensor(
+                [p.presence_penalty for p in params], dtype=torch.float32, device=device
+            ),
+            frequency_penalty=torch.tensor(
+                [p.frequency_penalty for p in params], dtype=torch.float32, device=device
+            ),
+            **_sparse_bias(params, device),
             all_greedy=all(greedy),
             any_greedy=any(greedy),
             any_top_k=any(p.top_k > 0 for p in sampled),
             any_top_p=any(p.top_p < 1.0 for p in sampled),
             any_min_p=any(p.min_p > 0.0 for p in sampled),
             any_penalty=any(p.repetition_penalty != 1.0 for p in params),
+            any_output_penalty=any(p.presence_penalty or p.frequency_penalty for p in params),
         )
 
     def repeat_interleave(self, repeats: int) -> SamplingBatch:
@@ -136,13 +169,37 @@ class SamplingBatch:
             repetition_penalty=self.repetition_penalty.repeat_interleave(repeats),
             is_greedy=self.is_greedy.repeat_interleave(repeats),
             generators=[g for g in self.generators for _ in range(repeats)],
+            presence_penalty=self.presence_penalty.repeat_interleave(repeats),  # type: ignore[union-attr]
+            frequency_penalty=self.frequency_penalty.repeat_interleave(repeats),  # type: ignore[union-attr]
+            **self._bias_repeated(repeats),
             all_greedy=self.all_greedy,
             any_greedy=self.any_greedy,
             any_top_k=self.any_top_k,
             any_top_p=self.any_top_p,
             any_min_p=self.any_min_p,
             any_penalty=self.any_penalty,
+            any_output_penalty=self.any_output_penalty,
         )
+
+    def _bias_repeated(self, repeats: int) -> dict[str, Tensor | None]:
+        """Bias entries of row r become entries of rows r * repeats .. r * repeats + repeats - 1."""
+        if self.bias_rows is None:
+            return {}
+        step = torch.arange(repeats, device=self.bias_rows.device)  # [R]
+        rows = (self.bias_rows.unsqueeze(1) * repeats + step).reshape(-1)  # [M * R]
+        return {"bias_rows": rows, "bias_ids": self.bias_ids.repeat_interleave(repeats),  # type: ignore[union-attr]
+                "bias_values": self.bias_values.repeat_interleave(repeats)}  # type: ignore[union-attr]
+
+    def _bias_selected(self, rows: Tensor) -> dict[str, Tensor | None]:
+        """Bias entries of the selected rows, renumbered to their place in `rows`."""
+        if self.bias_rows is None:
+            return {}
+        new_index = torch.full((self.num_rows,), -1, dtype=torch.int64, device=rows.device)
+        new_index[rows] = torch.arange(rows.shape[0], device=rows.device)
+        mapped = new_index[self.bias_rows]  # [M]
+        keep = mapped >= 0
+        return {"bias_rows": mapped[keep], "bias_ids": self.bias_ids[keep],  # type: ignore[index]
+                "bias_values": self.bias_values[keep]}  # type: ignore[index]
 
     def select(self, rows: Tensor) -> SamplingBatch:
         """The sub-batch of `rows` (# [M] int64); flags are recomputed (one sync)."""
@@ -155,7 +212,23 @@ class SamplingBatch:
             repetition_penalty=self.repetition_penalty[rows],
             is_greedy=self.is_greedy[rows],
             generators=[self.generators[i] for i in rows_list],
+            presence_penalty=self.presence_penalty[rows],  # type: ignore[index]
+            frequency_penalty=self.frequency_penalty[rows],  # type: ignore[index]
+            **self._bias_selected(rows),
         )
+
+
+def _sparse_bias(params: Sequence[SamplingParams], device: torch.device | str) -> dict[str, Tensor]:
+    """The requests' logit_bias dicts as flat (row, id, value) tensors; {} when none has one."""
+    entries = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
+    if not entries:
+        return {}
+    rows, ids, values = zip(*entries, strict=True)
+    return {
+        "bias_rows": torch.tensor(rows, dtype=torch.int64, device=device),
+        "bias_ids": torch.tensor(ids, dtype=torch.int64, device=device),
+        "bias_values": torch.tensor(values, dtype=torch.float32, device=device),
+    }
 
 
 def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
@@ -165,70 +238,77 @@ def make_generator(params: SamplingParams, device: torch.device | str) -> torch.
     return torch.Generator(device=device).manual_seed(params.seed)
 
 
-def seen_mask(histories: Sequence[Tensor], vocab_size: int, device: torch.device | str) -> Tensor:
-    """Which ids occur in each row's history (prompt + output), for the repetition penalty.
-
-    histories: N tensors of token ids, # [len_i] int64; ids outside [0, vocab_size) ignored.
-    Returns # [N, vocab_size] bool.
-    """
-    n = len(histories)
-    seen = torch.zeros(n * vocab_size + 1, dtype=torch.bool, device=device)  # +1: dump slot
-    if n == 0:
-        return seen[:-1].view(0, vocab_size)
-    ids = torch.cat([h.to(device=device, dtype=torch.int64).reshape(-1) for h in histories])
-    lengths = torch.tensor([h.numel() for h in histories], device=device)  # [N]
-    rows = torch.repeat_interleave(torch.arange(n, device=device), lengths)  # [total]
-    valid = (ids >= 0) & (ids < vocab_size)  # [total]
-    flat = torch.where(valid, rows * vocab_size + ids, n * vocab_size)  # [total]
-    seen[flat] = True
-    return seen[:-1].view(n, vocab_size)
-
-
-def extend_seen_with_drafts(seen: Tensor, draft_token_ids: Tensor) -> Tensor:
-    """The seen mask at each verify position: row j has also seen drafts[:, :j].
-
-    seen: # [B, V] bool; draft_token_ids: # [B, k] int64, negative = padding.
-    Returns # [B, k + 1, V] bool.
-    """
-    b, v = seen.shape
-    k = draft_token_ids.shape[1]
-    if draft_token_ids.shape[0] != b:
-        raise ValueError(f"draft_token_ids must have {b} rows, got {draft_token_ids.shape[0]}")
-    device = seen.device
-    out = torch.empty(b * (k + 1) * v + 1, dtype=torch.bool, device=device)  # +1: dump slot
-    out[:-1].view(b, k + 1, v).copy_(seen.unsqueeze(1))
-    bi = torch.arange(b, device=device).view(b, 1, 1)  # [B, 1, 1]
-    i = torch.arange(k, device=device).view(1, k, 1)  # [1, k, 1] draft position
-    j = torch.arange(k + 1, device=device).view(1, 1, k + 1)  # [1, 1, k+1] verify position
-    tok = draft_token_ids.view(b, k, 1)  # [B, k, 1]
-    valid = (i < j) & (tok >= 0) & (tok < v)  # [B, k, k+1]
-    flat = torch.where(valid, (bi * (k + 1) + j) * v + tok, b * (k + 1) * v)  # [B, k, k+1]
-    out[flat.reshape(-1)] = True
-    return out[:-1].view(b, k + 1, v)
-
-
 def argmax_is_enough(params: SamplingParams) -> bool:
     """True when the token is the argmax of the raw logits: greedy, and no processor that moves
-    the argmax (the repetition penalty). Lets the hot path skip building probabilities."""
-    return params.greedy and params.repetition_penalty == 1.0
+    the argmax (bias, penalties). Lets the hot path skip building probabilities."""
+    return (params.greedy and params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+            and params.frequency_penalty == 0.0 and not params.logit_bias)
 
 
-def process_logits(logits: Tensor, batch: SamplingBatch, seen: Tensor | None = None) -> Tensor:
+def process_logits(
+    logits: Tensor, batch: SamplingBatch, seen: Tensor | None = None, counts: Tensor | None = None
+) -> Tensor:
     """Turn raw logits into the distribution each row samples from (or verifies against).
 
-    logits: # [N, V] any float dtype; seen: # [N, V] bool, needed when any row has a
-    repetition penalty. Returns probs # [N, V] float32; greedy rows are one-hot at the
-    argmax of the penalised logits, so greedy and sampled rows share one code path later.
+    logits: # [N, V] any float dtype; seen: # [N, V] bool (prompt + output), needed when a
+    row has a repetition penalty; counts: # [N, V] float32 (output only), needed when a row
+    has a presence or frequency penalty. Returns probs # [N, V] float32; greedy rows are
+    one-hot at the argmax of the penalised logits, so greedy and sampled rows share one
+    code path later.
     """
     n, v = _check_rows(logits, batch, "logits")
+    x = penalised_logits(logits, batch, seen, counts)  # [N, V]
+    argmax = x.argmax(dim=-1)  # [N]
+    if batch.all_greedy:
+        return _one_hot(argmax, v)
+    probs = _sampling_logits(x, batch).softmax(dim=-1)  # [N, V]
+    if batch.any_greedy:
+        probs = torch.where(batch.is_greedy.unsqueeze(1), _one_hot(argmax, v), probs)
+    return probs
+
+
+def processed_logprobs(
+    logits: Tensor, batch: SamplingBatch, seen: Tensor | None = None, counts: Tensor | None = None
+) -> Tensor:
+    """Log-probabilities of the distribution each row samples from, for the API's logprobs.
+
+    vLLM's "processed" logprobs: after bias, penalties, temperature and truncation (tokens
+    cut by top-k / top-p / min-p get -inf). A greedy row takes no temperature or truncation,
+    so its logprobs are those of its penalised logits (not the one-hot it picks from).
+    Same arguments as `process_logits`; returns # [N, V] float32.
+    """
+    _check_rows(logits, batch, "logits")
+    x = penalised_logits(logits, batch, seen, counts)  # [N, V]
+    if batch.all_greedy:
+        return x.log_softmax(dim=-1)
+    lp = _sampling_logits(x, batch).log_softmax(dim=-1)  # [N, V]
+    if batch.any_greedy:
+        lp = torch.where(batch.is_greedy.unsqueeze(1), x.log_softmax(dim=-1), lp)
+    return lp
+
+
+def penalised_logits(
+    logits: Tensor, batch: SamplingBatch, seen: Tensor | None = None, counts: Tensor | None = None
+) -> Tensor:
+    """Logit bias, then the repetition, frequency and presence penalties: the steps that move
+    the argmax, so greedy rows take them too. Returns a float32 copy # [N, V]."""
+    n, v = _check_rows(logits, batch, "logits")
     x = logits.to(torch.float32, copy=True)  # [N, V]
+    if batch.bias_rows is not None:
+        x = apply_logit_bias(x, batch.bias_rows, batch.bias_ids, batch.bias_values)  # type: ignore[arg-type]
     if batch.any_penalty:
         if seen is None or seen.shape != (n, v):
             raise ValueError(f"seen must have shape [{n}, {v}] when a row has a penalty")
         x = apply_repetition_penalty(x, seen, batch.repetition_penalty)
-    argmax = x.argmax(dim=-1)  # [N]
-    if batch.all_greedy:
-        return _one_hot(argmax, v)
+    if batch.any_output_penalty:
+        if counts is None or counts.shape != (n, v):
+            raise ValueError(f"counts must have shape [{n}, {v}] when a row has a presence or frequency penalty")
+        x = apply_output_penalties(x, counts, batch.presence_penalty, batch.frequency_penalty)  # type: ignore[arg-type]
+    return x
+
+
+def _sampling_logits(x: Tensor, batch: SamplingBatch) -> Tensor:
+    """Temperature, then top-k / top-p, then min-p (truncated tokens at -inf). x: # [N, V]."""
     temperature = torch.where(batch.is_greedy, 1.0, batch.temperature)  # [N]
     x = x / temperature.unsqueeze(1)
     if batch.any_top_k or batch.any_top_p:
@@ -237,10 +317,26 @@ def process_logits(logits: Tensor, batch: SamplingBatch, seen: Tensor | None = N
         )
     if batch.any_min_p:
         x = apply_min_p(x, batch.min_p)
-    probs = x.softmax(dim=-1)  # [N, V]
-    if batch.any_greedy:
-        probs = torch.where(batch.is_greedy.unsqueeze(1), _one_hot(argmax, v), probs)
-    return probs
+    return x
+
+
+def apply_logit_bias(logits: Tensor, rows: Tensor, ids: Tensor, values: Tensor) -> Tensor:
+    """Add values[m] to logits[rows[m], ids[m]] (OpenAI's logit_bias); ids >= V are skipped.
+
+    logits: # [N, V] float32, changed in place and returned; rows, ids: # [M] int64; values: # [M].
+    """
+    v = logits.shape[1]
+    inside = ids < v  # [M] the tiers refuse such ids; a stray one must not index out of range
+    logits.index_put_((rows[inside], ids[inside]), values[inside].to(logits.dtype), accumulate=True)
+    return logits
+
+
+def apply_output_penalties(logits: Tensor, counts: Tensor, presence: Tensor, frequency: Tensor) -> Tensor:
+    """OpenAI's rule: logit -= frequency * count + presence * (count > 0), count over the output.
+
+    logits, counts: # [N, V] float32; presence, frequency: # [N] float32.
+    """
+    return logits - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0).float()
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
@@ -333,21 +429,29 @@ def sample_sparse(ids: Tensor, probs: Tensor, batch: SamplingBatch) -> Tensor:
 
 
 def logprobs_of(logits: Tensor, token_ids: Tensor, num_top: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Logprobs of the raw model distribution (as vLLM returns by default).
+    """Logprobs of the raw model distribution (prompt logprobs, as vLLM returns them).
 
     logits: # [N, V]; token_ids: # [N] int64 the chosen tokens. Returns chosen # [N]
     float32, top ids # [N, num_top] int64 and top logprobs # [N, num_top] float32.
     """
-    if logits.dim() != 2 or token_ids.shape != (logits.shape[0],):
+    return pick_logprobs(logits.float().log_softmax(dim=-1), token_ids, num_top)
+
+
+def pick_logprobs(logprobs: Tensor, token_ids: Tensor, num_top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The chosen tokens' logprobs and the num_top best of each row.
+
+    logprobs: # [N, V] float32 (e.g. `processed_logprobs`); token_ids: # [N] int64.
+    Returns chosen # [N], top ids # [N, num_top] int64, top logprobs # [N, num_top].
+    """
+    if logprobs.dim() != 2 or token_ids.shape != (logprobs.shape[0],):
         raise ValueError(
-            f"need logits [N, V] and token_ids [N], got {list(logits.shape)}, "
+            f"need logprobs [N, V] and token_ids [N], got {list(logprobs.shape)}, "
             f"{list(token_ids.shape)}"
         )
     if num_top < 0:
         raise ValueError(f"num_top must be >= 0, got {num_top}")
-    logprobs = logits.float().log_softmax(dim=-1)  # [N, V]
     chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [N]
-    top_logprobs, top_ids = logprobs.topk(min(num_top, logits.shape[1]), dim=-1)  # [N, num_top]
+    top_logprobs, top_ids = logprobs.topk(min(num_top, logprobs.shape[1]), dim=-1)  # [N, num_top]
     return chosen, top_ids, top_logprobs
 
 

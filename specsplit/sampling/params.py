@@ -19,6 +19,9 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 256  # each is checked on every generated token
+MAX_PENALTY = 2.0  # presence / frequency penalties lie in [-2, 2] (OpenAI's range)
+MAX_LOGIT_BIAS = 100.0  # a bias lies in [-100, 100] (OpenAI's range)
+MAX_LOGIT_BIAS_ENTRIES = 1024  # one dense row per request would cost V floats on every step
 
 
 @dataclass
@@ -37,6 +40,10 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past EOS (benchmarks want fixed lengths)
     logprobs: int | None = None  # how many top logprobs to return per token, 0..20
     repetition_penalty: float = 1.0  # HF rule on tokens already seen; 1 turns it off
+    presence_penalty: float = 0.0  # subtracted once from every token already generated; 0 off
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens; 0 off
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI's rule)
+    prompt_logprobs: int | None = None  # top logprobs per prompt token (echo), 0..20; None: none
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, 1, MAX_N)
@@ -69,6 +76,14 @@ class SamplingParams:
             raise ValueError(
                 f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _check_float(name, getattr(self, name))
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ValueError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value}")
+            setattr(self, name, value)
+        self.logit_bias = _normalise_logit_bias(self.logit_bias)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
 
     @property
     def greedy(self) -> bool:
@@ -133,6 +148,26 @@ def _normalise_stop(stop: Any) -> list[str]:
                 f"each stop string must have 1 to {MAX_STOP_LENGTH} characters, got {len(s)}"
             )
     return list(stop)
+
+
+def _normalise_logit_bias(bias: Any) -> dict[int, float] | None:
+    """{id: bias} with int ids; JSON object keys are strings, so digit strings are accepted."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must be an object mapping token ids to numbers, got {bias!r}")
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"logit_bias must have at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(bias)}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        tok = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        v = _check_float(f"logit_bias[{key}]", value)
+        if not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias[{key}] must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {v}")
+        out[tok] = v
+    return out or None
 
 
 def _normalise_stop_token_ids(ids: Any) -> list[int]:

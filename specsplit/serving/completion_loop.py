@@ -31,6 +31,7 @@ from torch import Tensor
 from specsplit.outputs import SpecMetrics
 from specsplit.proto.v1 import common_pb2, draft_pb2, target_pb2
 from specsplit.serving.convert import (
+    logprobs_from_pb,
     proposal_from_pb,
     sparse_to_pb,
     token_choice_to_pb,
@@ -89,6 +90,7 @@ class Delta:
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # first delta, when asked: [None, ...]
     drafted: int = 0  # block length verified in this round
     accepted: int = 0
     pipelined: bool = False
@@ -108,6 +110,7 @@ class Verdict:
     logprobs: list[dict[int, float]] | None  # per emitted token
     verify_ns: int = 0
     queue_ns: int = 0
+    prompt_logprobs: list[dict[int, float]] | None = None  # the first verdict, when asked: tokens 1.. of the prompt
 
 
 class TargetLink(ABC):
@@ -219,8 +222,9 @@ class RemoteTarget(TargetLink):
     """A session stream to a target replica (the gateway-driven round)."""
 
     def __init__(self, pool: ReplicaPool, all_ids: Callable[[], list[int]], params_pb: common_pb2.TokenChoice,
-                 opts: LoopOptions, stats: SpecMetrics) -> None:
+                 opts: LoopOptions, stats: SpecMetrics, prompt_len: int) -> None:
         self.pool = pool
+        self.prompt_len = prompt_len  # presence/frequency penalties count only what follows
         self.all_ids = all_ids  # the ground truth a re-opened session is prefilled with
         self.params_pb = params_pb
         self.opts = opts
@@ -233,7 +237,7 @@ class RemoteTarget(TargetLink):
             s = TierSession(self.pool, self.failover.acquire(), self.opts.session_timeout_s)
             try:
                 await s.send(target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(
-                    token_ids=self.all_ids(), params=self.params_pb)))
+                    token_ids=self.all_ids(), params=self.params_pb, prompt_len=self.prompt_len)))
                 self.session = s
                 return
             except TierFailure as f:
@@ -251,7 +255,9 @@ class RemoteTarget(TargetLink):
                 pb = (await self.session.request(msg, self.opts.round_timeout_s)).result  # type: ignore[union-attr]
                 self.failover.succeeded()
                 res = verify_result_from_pb(pb, 0, block)
-                return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, pb.queue_ns)
+                prompt = logprobs_from_pb(list(pb.prompt_logprobs), self.all_ids()[1 : len(pb.prompt_logprobs) + 1]) \
+                    if pb.prompt_logprobs else None
+                return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, pb.queue_ns, prompt)
             except TierFailure as f:
                 s, self.session = self.session, None
                 await s.close()  # type: ignore[union-attr]
@@ -266,8 +272,10 @@ class CompletionLoop:
     """Rounds of one completion against a target link and (optionally) a draft replica pool."""
 
     def __init__(self, seq: Sequence, target: TargetLink | ReplicaPool, drafts: ReplicaPool | None,
-                 costs: CostModel, opts: LoopOptions) -> None:
+                 costs: CostModel, opts: LoopOptions, prompt_len: int | None = None) -> None:
         self.seq = seq
+        # how many leading tokens are the prompt (a direct round's sequence starts with committed ones too)
+        self.prompt_len = len(seq.prompt_ids) if prompt_len is None else prompt_len
         self.drafts = drafts
         self.costs = costs
         self.opts = opts
@@ -279,7 +287,7 @@ class CompletionLoop:
         self.times = RoundTimes()
         self._params_pb = token_choice_to_pb(seq.params)
         self.target: TargetLink = target if isinstance(target, TargetLink) else \
-            RemoteTarget(target, lambda: self.seq.all_ids, self._params_pb, opts, self.stats)
+            RemoteTarget(target, lambda: self.seq.all_ids, self._params_pb, opts, self.stats, self.prompt_len)
         self.draft: TierSession | None = None
         self.draft_valid = 0  # committed tokens the draft session holds
         self._round = 0
@@ -300,7 +308,7 @@ class CompletionLoop:
             s = TierSession(self.drafts, addr, self.opts.session_timeout_s)
             try:
                 await s.send(draft_pb2.DraftClientMessage(open=draft_pb2.DraftOpen(
-                    token_ids=self.seq.all_ids, params=self._params_pb)))
+                    token_ids=self.seq.all_ids, params=self._params_pb, prompt_len=self.prompt_len)))
                 self.draft = s
                 self.draft_valid = len(self.seq.all_ids)
                 return True
@@ -414,6 +422,8 @@ class CompletionLoop:
                 t_verify = time.perf_counter_ns() - t0
                 timing.verify_wait_ns, timing.verify_ns, timing.verify_queue_ns = t_verify, res.verify_ns, res.queue_ns
                 self.stats.verify_ns += t_verify
+                if res.prompt_logprobs and seq.prompt_logprobs is None:  # echo: the first verdict has them
+                    seq.prompt_logprobs = [None, *res.prompt_logprobs][: len(seq.prompt_ids)]
                 a = res.num_accepted
                 emitted, lps = res.emitted, res.logprobs
                 kept, text = seq.commit(emitted, lps)
@@ -480,7 +490,8 @@ class CompletionLoop:
         failure, self._draft_failure = self._draft_failure, ""
         seq = self.seq
         return Delta(seq.index, kept, text, lps[: len(kept)] if lps else None, seq.finish_reason, seq.stop_reason,
-                     drafted, min(accepted, len(kept)), pipelined, timing, failure)
+                     drafted=drafted, accepted=min(accepted, len(kept)), pipelined=pipelined, timing=timing,
+                     draft_failure=failure)
 
 
 def _rows(prop: Proposal, start: int, stop: int) -> Q:

@@ -16,8 +16,9 @@ from specsplit.speculation.target import VerifyResult
 
 # what a tier needs to choose tokens; the rest of SamplingParams (n, max_tokens, stop,
 # stop_token_ids, ignore_eos) decides when to stop, which only the gateway does
-TOKEN_CHOICE = ("temperature", "top_p", "top_k", "min_p", "seed", "logprobs", "repetition_penalty")
-_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty")
+TOKEN_CHOICE = ("temperature", "top_p", "top_k", "min_p", "seed", "logprobs", "repetition_penalty",
+                "presence_penalty", "frequency_penalty", "prompt_logprobs")
+_FLOATS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def _optional(pb: Any, names: tuple[str, ...]) -> dict[str, Any]:
@@ -25,6 +26,8 @@ def _optional(pb: Any, names: tuple[str, ...]) -> dict[str, Any]:
     for f in _FLOATS:
         if f in kw:
             kw[f] = float(kw[f])
+    if pb.logit_bias:
+        kw["logit_bias"] = dict(pb.logit_bias)
     return kw
 
 
@@ -41,16 +44,10 @@ def params_from_pb(pb: common_pb2.SamplingParams) -> SamplingParams:
 
 def params_to_pb(p: SamplingParams) -> common_pb2.SamplingParams:
     pb = common_pb2.SamplingParams(
-        n=p.n, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-        repetition_penalty=p.repetition_penalty, ignore_eos=p.ignore_eos,
-        stop=list(p.stop or []), stop_token_ids=list(p.stop_token_ids or []),
-    )
-    if p.seed is not None:
-        pb.seed = p.seed
+        n=p.n, ignore_eos=p.ignore_eos, stop=list(p.stop or []), stop_token_ids=list(p.stop_token_ids or []))
+    _choice_into(pb, p)
     if p.max_tokens is not None:
         pb.max_tokens = p.max_tokens
-    if p.logprobs is not None:
-        pb.logprobs = p.logprobs
     return pb
 
 
@@ -60,13 +57,20 @@ def token_choice_from_pb(pb: common_pb2.TokenChoice) -> SamplingParams:
 
 
 def token_choice_to_pb(p: SamplingParams) -> common_pb2.TokenChoice:
-    pb = common_pb2.TokenChoice(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-                                repetition_penalty=p.repetition_penalty)
-    if p.seed is not None:
-        pb.seed = p.seed
-    if p.logprobs is not None:
-        pb.logprobs = p.logprobs
+    pb = common_pb2.TokenChoice()
+    _choice_into(pb, p)
     return pb
+
+
+def _choice_into(pb: Any, p: SamplingParams) -> None:
+    """The token-choice fields, which SamplingParams and TokenChoice number alike."""
+    pb.temperature, pb.top_p, pb.top_k, pb.min_p = p.temperature, p.top_p, p.top_k, p.min_p
+    pb.repetition_penalty, pb.presence_penalty, pb.frequency_penalty = (
+        p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+    pb.logit_bias.update(p.logit_bias or {})
+    for f in ("seed", "logprobs", "prompt_logprobs"):
+        if getattr(p, f) is not None:
+            setattr(pb, f, getattr(p, f))
 
 
 def spec_stats_to_pb(m: SpecMetrics) -> common_pb2.SpecStats:

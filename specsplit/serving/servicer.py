@@ -40,7 +40,8 @@ class SessionEngine(Protocol):
 
     sessions: dict[int, Any]
 
-    def open(self, seq_id: int, token_ids: list[int], params: SamplingParams) -> None: ...
+    def open(self, seq_id: int, token_ids: list[int], params: SamplingParams,
+             prompt_len: int | None = None) -> None: ...
 
     def close(self, seq_id: int) -> None: ...
 
@@ -102,8 +103,9 @@ class SessionServicer(ABC, Generic[Req, Res]):
             params = token_choice_from_pb(first.open.params)
             ids = list(first.open.token_ids)
             self.check_open(ids, params)
+            prompt_len = first.open.prompt_len if first.open.HasField("prompt_len") else None
             # inside the try: a client that cancels while the open (prefill) runs must still free it
-            await self.batcher.call(self._open, seq_id, ids, params)
+            await self.batcher.call(self._open, seq_id, ids, params, prompt_len)
             async for msg in request_iterator:
                 if msg.WhichOneof("kind") != self.step_kind:
                     raise SessionError(f"after 'open', a {self.tier} session only takes '{self.step_kind}' messages")
@@ -117,8 +119,9 @@ class SessionServicer(ABC, Generic[Req, Res]):
             # runs on close and on client cancel; scheduled so cancellation cannot skip it
             asyncio.ensure_future(self.batcher.call(self._close, seq_id))
 
-    def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams) -> None:
-        self.engine.open(seq_id, token_ids, params)  # validates first: bad input stays INVALID_ARGUMENT
+    def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams, prompt_len: int | None = None) -> None:
+        # validates first: bad input stays INVALID_ARGUMENT; prompt_len: penalties count only what follows
+        self.engine.open(seq_id, token_ids, params, prompt_len)
         try:
             admit(self.cache, len(token_ids))  # full: RESOURCE_EXHAUSTED, the gateway retries later
         except Exception:

@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 
 from specsplit.runtime.runner import ModelRunner, StepInput
+from specsplit.sampling.history import output_counts, seen_mask
 from specsplit.sampling.logits import (
     SamplingBatch,
     make_generator,
     process_logits,
     sample_sparse,
-    seen_mask,
     topk_truncate,
 )
 from specsplit.sampling.params import SamplingParams
@@ -52,6 +52,7 @@ class DraftSession:
     params: SamplingParams
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)  # prompt + committed + last proposals
+    prompt_len: int = 0  # tokens[prompt_len:] were generated (frequency / presence penalties)
 
 
 # Mixed into a request's seed for the draft's RNG. The target seeds its RNG with the request's
@@ -79,13 +80,19 @@ class Drafter(ABC):
         self.device = device
         self.sessions: dict[int, DraftSession] = {}
 
-    def open(self, seq_id: int, prompt_ids: list[int], params: SamplingParams) -> None:
+    def open(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, prompt_len: int | None = None) -> None:
+        """`prompt_len`: how many of `prompt_ids` are the prompt (a re-opened session also
+        carries the tokens generated so far); None: all of them."""
         if seq_id in self.sessions:
             raise SessionError(f"draft session {seq_id} is already open")
         if not prompt_ids:
             raise SessionError("prompt is empty")
+        if prompt_len is not None and not 0 < prompt_len <= len(prompt_ids):
+            raise SessionError(f"prompt_len {prompt_len} outside 1..{len(prompt_ids)}")
         self._check(prompt_ids, "prompt")
-        self.sessions[seq_id] = DraftSession(seq_id, params, draft_generator(params, self.device), list(prompt_ids))
+        self._check(list(params.logit_bias or ()), "logit_bias")
+        self.sessions[seq_id] = DraftSession(seq_id, params, draft_generator(params, self.device), list(prompt_ids),
+                                             len(prompt_ids) if prompt_len is None else prompt_len)
         self._on_open(seq_id)
 
     def close(self, seq_id: int) -> None:
@@ -196,7 +203,7 @@ class DraftModelDrafter(Drafter):
     def _draft(self, reqs: list[DraftRequest]) -> list[Proposal]:
         sessions = [self.sessions[r.seq_id] for r in reqs]
         batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
-        if batch.any_penalty:
+        if batch.any_penalty or batch.any_output_penalty:
             return self._draft_with_penalty(reqs, sessions, batch)
         # every token stays on the device until the block is done: the chosen tokens are fed
         # straight back (ModelRunner.forward's device_ids), one host copy per block, not per token
@@ -209,7 +216,7 @@ class DraftModelDrafter(Drafter):
         for j in range(kmax):
             logits = self.runner.forward([inputs[i] for i in live], fed)  # [len(live), V]
             sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < n else batch
-            if sub.all_greedy:
+            if sub.all_greedy and sub.bias_rows is None:
                 step = logits.argmax(-1)  # [m]: the argmax of the processed distribution too
             else:
                 ids, p = topk_truncate(process_logits(logits, sub), self.top_k)  # [m, K]
@@ -250,8 +257,14 @@ class DraftModelDrafter(Drafter):
         for _ in range(max(r.k for r in reqs)):
             logits = self.runner.forward([inputs[i] for i in live])  # [len(live), V]
             sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < len(reqs) else batch
-            seen = seen_mask([torch.tensor(sessions[i].tokens + blocks[i]) for i in live], self.vocab_size, self.device)
-            probs = process_logits(logits, sub, seen)  # [n, V]
+            seen = counts = None
+            if sub.any_penalty:
+                seen = seen_mask([torch.tensor(sessions[i].tokens + blocks[i]) for i in live], self.vocab_size, self.device)
+            if sub.any_output_penalty:
+                outs = [torch.tensor(sessions[i].tokens[sessions[i].prompt_len :] + blocks[i], dtype=torch.int64)
+                        for i in live]
+                counts = output_counts(outs, self.vocab_size, self.device)  # [n, V]
+            probs = process_logits(logits, sub, seen, counts)  # [n, V]
             if sub.all_greedy:
                 toks = probs.argmax(-1).tolist()
             else:

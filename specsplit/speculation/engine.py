@@ -113,7 +113,7 @@ class SpecEngine:
             reqs = []
             for r in self.running:
                 if not r.opened:
-                    self.drafter.open(r.seq.seq_id, r.seq.all_ids, r.seq.params)
+                    self.drafter.open(r.seq.seq_id, r.seq.all_ids, r.seq.params, len(r.seq.prompt_ids))
                     r.drafter_valid = len(r.seq.all_ids)
                 ids = r.seq.all_ids
                 if ks[r.seq.seq_id] > 0 or not r.opened:
@@ -137,7 +137,7 @@ class SpecEngine:
         items = []
         for r in self.running:
             if not r.opened:
-                self.target.open(r.seq.seq_id, r.seq.all_ids, r.seq.params)
+                self.target.open(r.seq.seq_id, r.seq.all_ids, r.seq.params, len(r.seq.prompt_ids))
                 r.opened = True
             p = drafts.get(r.seq.seq_id)
             items.append(VerifyItem(r.seq.seq_id, p.token_ids if p else [], p.q_ids if p else None,
@@ -155,6 +155,8 @@ class SpecEngine:
             if k:
                 r.adaptive.observe(k, res.num_accepted)
             lps = _to_logprobs(res.logprobs) if res.logprobs is not None else None
+            if res.prompt_logprobs is not None and r.seq.prompt_logprobs is None:
+                r.seq.prompt_logprobs = [None, *_to_logprobs(res.prompt_logprobs)][: len(r.seq.prompt_ids)]
             kept, _ = r.seq.commit(res.emitted, lps)
             m = r.seq.metrics
             m.num_drafted_tokens += k
@@ -226,7 +228,8 @@ class SpecEngine:
                 s.cumulative_logprob if s.logprobs is not None else None, s.logprobs,
                 s.finish_reason, s.stop_reason, s.metrics,
             ))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, True, total)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, True, total,
+                             req.seqs[0].prompt_logprobs if req.seqs else None)
 
 
 def _eos_ids(config_eos: tuple[int, ...], tokenizer: Any) -> tuple[int, ...]:

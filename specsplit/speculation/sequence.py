@@ -57,6 +57,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, Any]] | None = None
+    prompt_logprobs: list[dict[int, Any] | None] | None = None  # [None, then per prompt token], when asked
     cumulative_logprob: float = 0.0
     metrics: SpecMetrics = field(default_factory=SpecMetrics)
     _held: str = ""  # text withheld because it may be the start of a stop string

@@ -16,14 +16,20 @@ import torch
 from torch import Tensor
 
 from specsplit.runtime.runner import ModelRunner, StepInput
+from specsplit.sampling.history import (
+    extend_counts_with_drafts,
+    extend_seen_with_drafts,
+    output_counts,
+    seen_mask,
+)
 from specsplit.sampling.logits import (
     SamplingBatch,
     argmax_is_enough,
-    extend_seen_with_drafts,
     logprobs_of,
     make_generator,
+    pick_logprobs,
     process_logits,
-    seen_mask,
+    processed_logprobs,
 )
 from specsplit.sampling.params import SamplingParams
 from specsplit.sampling.rejection import rejection_sample
@@ -38,6 +44,8 @@ class TargetSession:
     history: list[int]  # prompt + committed tokens (drives the repetition penalty)
     unfed: list[int]  # tokens emitted/committed but not yet in the cache
     num_logprobs: int | None = None
+    prompt_len: int = 0  # history[prompt_len:] was generated (frequency / presence penalties)
+    prompt_logprobs_due: bool = False  # the next step returns the prompt's logprobs (echo)
 
 
 @dataclass
@@ -57,6 +65,9 @@ class VerifyResult:
     emitted: list[int]  # draft_ids[:num_accepted] + [next token]
     logprobs: list[dict[int, float]] | None  # per emitted token: {id: logprob} incl. top-N
     verify_ns: int  # wall time of the batched step this result came from
+    # on a session's first step when asked: tokens 1.. of its opening ids, {id: logprob} each
+    prompt_logprobs: list[dict[int, float]] | None = None
+    prompt_ids: list[int] | None = None  # the prompt tokens those logprobs are of (tokens 1..)
 
 
 class TargetVerifier:
@@ -67,20 +78,28 @@ class TargetVerifier:
         self.sessions: dict[int, TargetSession] = {}
         self.vocab_size = runner.cfg.vocab_size
 
-    def open(self, seq_id: int, token_ids: list[int], params: SamplingParams) -> None:
-        """Register a session; its tokens are prefilled by the next `step` that names it."""
+    def open(self, seq_id: int, token_ids: list[int], params: SamplingParams, prompt_len: int | None = None) -> None:
+        """Register a session; its tokens are prefilled by the next `step` that names it.
+
+        `prompt_len`: how many of `token_ids` are the prompt (a session re-opened after a
+        failover also carries the tokens generated so far); None: all of them.
+        """
         if seq_id in self.sessions:
             raise SessionError(f"session {seq_id} is already open")
         self.check_ids(token_ids, "prompt")
         if not token_ids:
             raise SessionError("prompt is empty")
+        if prompt_len is not None and not 0 < prompt_len <= len(token_ids):
+            raise SessionError(f"prompt_len {prompt_len} outside 1..{len(token_ids)}")
+        self.check_ids(list(params.logit_bias or ()), "logit_bias")
         if len(token_ids) >= self.runner.max_model_len:
             raise SessionError(f"prompt of {len(token_ids)} tokens does not fit max_model_len "
                                f"{self.runner.max_model_len}")
         self.runner.add(seq_id)
         self.sessions[seq_id] = TargetSession(
             seq_id, params, make_generator(params, self.runner.device), list(token_ids), list(token_ids),
-            params.logprobs,
+            params.logprobs, len(token_ids) if prompt_len is None else prompt_len,
+            params.prompt_logprobs is not None,
         )
 
     def close(self, seq_id: int) -> None:
@@ -102,9 +121,20 @@ class TargetVerifier:
             if not s.params.greedy and it.draft_ids and it.q_ids is None:
                 raise SessionError(f"session {it.seq_id}: a sampled request needs the draft distribution q")
             sessions.append(s)
-        inputs = [StepInput(it.seq_id, s.unfed + it.draft_ids, len(it.draft_ids) + 1) for it, s in zip(items, sessions, strict=True)]
-        logits = self.runner.forward(inputs)  # [sum(k_i + 1), V]
+        # a session due its prompt logprobs reads logits at every fed position, not only k + 1
+        extra = [len(s.unfed) - 1 if s.prompt_logprobs_due else 0 for s in sessions]
+        inputs = [StepInput(it.seq_id, s.unfed + it.draft_ids, len(it.draft_ids) + 1 + e)
+                  for it, s, e in zip(items, sessions, extra, strict=True)]
+        logits = self.runner.forward(inputs)  # [sum(extra_i + k_i + 1), V]
+        prompt_lps: list[list[dict[int, float]] | None] = [[] if s.prompt_logprobs_due else None for s in sessions]
+        if any(extra):
+            logits, prompt_lps = self._split_prompt_logits(logits, items, sessions, extra)
+        for s in sessions:
+            s.prompt_logprobs_due = False
         results = self._accept(items, sessions, logits)
+        for r, lps, s in zip(results, prompt_lps, sessions, strict=True):
+            r.prompt_logprobs = lps
+            r.prompt_ids = s.unfed[1:] if lps else None
         dt = time.perf_counter_ns() - t0
         for it, s, r in zip(items, sessions, results, strict=True):
             fed = self.runner.length(it.seq_id)
@@ -113,6 +143,25 @@ class TargetVerifier:
             s.unfed = [r.emitted[-1]]
             r.verify_ns = dt
         return results
+
+    def _split_prompt_logits(self, logits: Tensor, items: list[VerifyItem], sessions: list[TargetSession],
+                             extra: list[int]) -> tuple[Tensor, list[list[dict[int, float]] | None]]:
+        """Take the prompt positions' rows out of `logits` # [sum(extra + k + 1), V]: the raw
+        model logprobs of tokens 1.. of each due session's fed ids (vLLM's prompt logprobs)."""
+        keep: list[int] = []
+        out: list[list[dict[int, float]] | None] = []
+        offset = 0
+        for it, s, e in zip(items, sessions, extra, strict=True):
+            n = e + len(it.draft_ids) + 1
+            if e:
+                ids = torch.tensor(s.unfed[1:], device=logits.device)  # [e] the tokens each row predicts
+                out.append(self._to_dicts(*logprobs_of(logits[offset : offset + e], ids, s.params.prompt_logprobs or 0),
+                                          s.unfed[1:]))
+            else:
+                out.append([] if s.prompt_logprobs_due else None)
+            keep.extend(range(offset + e, offset + n))
+            offset += n
+        return logits[torch.tensor(keep, device=logits.device)], out
 
     def _accept(self, items: list[VerifyItem], sessions: list[TargetSession], logits: Tensor) -> list[VerifyResult]:
         if all(argmax_is_enough(s.params) and s.num_logprobs is None for s in sessions):
@@ -133,11 +182,16 @@ class TargetVerifier:
         for i, it in enumerate(items):
             drafts[i, : ks[i]] = torch.tensor(it.draft_ids, dtype=torch.int64)
         drafts = drafts[:, :kmax].to(device)
-        seen = None
+        seen = counts = None
         if rows.any_penalty:
             base = seen_mask([torch.tensor(s.history) for s in sessions], self.vocab_size, device)
             seen = extend_seen_with_drafts(base, drafts).reshape(b * (kmax + 1), -1)
-        probs = process_logits(padded.reshape(b * (kmax + 1), -1), rows, seen)  # [B*(k+1), V]
+        if rows.any_output_penalty:
+            out = output_counts([torch.tensor(s.history[s.prompt_len :], dtype=torch.int64) for s in sessions],
+                                self.vocab_size, device)
+            counts = extend_counts_with_drafts(out, drafts).reshape(b * (kmax + 1), -1)
+        flat = padded.reshape(b * (kmax + 1), -1)  # [B*(k+1), V]
+        probs = process_logits(flat, rows, seen, counts)  # [B*(k+1), V]
         probs = probs.view(b, kmax + 1, -1)
         argmax = probs.argmax(-1)  # [B, kmax+1]
         q_ids = q_probs = None
@@ -155,12 +209,17 @@ class TargetVerifier:
         )
         num_acc_l, next_l = num_acc.tolist(), next_tok.tolist()
         want_lp = [s.num_logprobs is not None for s in sessions]
+        lp_all = None
+        if any(want_lp):  # the distribution each token was chosen from, as vLLM's processed logprobs
+            lp_all = processed_logprobs(flat, rows, seen, counts).view(b, kmax + 1, -1)  # [B, k+1, V]
         results = []
         for i, it in enumerate(items):
             emitted = it.draft_ids[: num_acc_l[i]] + [next_l[i]]
             lps = None
-            if want_lp[i]:
-                lps = self._logprobs(padded[i, : len(emitted)], emitted, sessions[i].num_logprobs or 0)
+            if lp_all is not None and want_lp[i]:
+                ids = torch.tensor(emitted, device=device)
+                lps = self._to_dicts(*pick_logprobs(lp_all[i, : len(emitted)], ids, sessions[i].num_logprobs or 0),
+                                     emitted)
             results.append(VerifyResult(it.seq_id, num_acc_l[i], emitted, lps, 0))
         return results
 
@@ -184,9 +243,8 @@ class TargetVerifier:
         return results
 
     @staticmethod
-    def _logprobs(logits: Tensor, emitted: list[int], num_top: int) -> list[dict[int, float]]:
-        ids = torch.tensor(emitted, device=logits.device)
-        chosen, top_ids, top_lp = logprobs_of(logits, ids, num_top)
+    def _to_dicts(chosen: Tensor, top_ids: Tensor, top_lp: Tensor, emitted: list[int]) -> list[dict[int, float]]:
+        """Per token {id: logprob}: its top alternatives and itself."""
         out = []
         for j, tok in enumerate(emitted):
             d = {int(t): float(v) for t, v in zip(top_ids[j].tolist(), top_lp[j].tolist(), strict=True)}

@@ -8,9 +8,12 @@ from scipy.stats import chisquare
 from specsplit.sampling import (
     SamplingBatch,
     SamplingParams,
+    extend_counts_with_drafts,
     extend_seen_with_drafts,
     logprobs_of,
+    output_counts,
     process_logits,
+    processed_logprobs,
     sample,
     sample_sparse,
     seen_mask,
@@ -25,11 +28,21 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def reference_probs(logits: np.ndarray, p: SamplingParams, seen: set[int]) -> np.ndarray:
-    """One row, step by step, the obvious way (HF's order)."""
+def reference_penalised(logits: np.ndarray, p: SamplingParams, seen: set[int], output: list[int]) -> np.ndarray:
+    """One row's bias and penalties, the obvious way (vLLM's order)."""
     x = logits.astype(np.float64).copy()
+    for t, b in (p.logit_bias or {}).items():
+        x[t] += b
     for t in seen:
         x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(output):
+        x[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return x
+
+
+def reference_probs(logits: np.ndarray, p: SamplingParams, seen: set[int], output: list[int] = ()) -> np.ndarray:
+    """One row, step by step, the obvious way (vLLM's order)."""
+    x = reference_penalised(logits, p, seen, list(output))
     if p.greedy:
         out = np.zeros_like(x)
         out[np.argmax(x)] = 1.0
@@ -56,13 +69,16 @@ def reference_probs(logits: np.ndarray, p: SamplingParams, seen: set[int]) -> np
     return _softmax(x)
 
 
-def _check_against_reference(params, logits, histories):
+def _check_against_reference(params, logits, histories, outputs=None):
+    """histories: prompt + output per row (repetition penalty); outputs: output only."""
+    outputs = outputs if outputs is not None else [[]] * len(params)
     batch = SamplingBatch.from_params(params, "cpu")
     seen = seen_mask([torch.tensor(h, dtype=torch.int64) for h in histories], V, "cpu")
-    probs = process_logits(logits, batch, seen)
+    counts = output_counts([torch.tensor(o, dtype=torch.int64) for o in outputs], V, "cpu")
+    probs = process_logits(logits, batch, seen, counts)
     assert probs.dtype == torch.float32 and probs.shape == logits.shape
     for i, p in enumerate(params):
-        ref = reference_probs(logits[i].numpy(), p, set(histories[i]))
+        ref = reference_probs(logits[i].numpy(), p, set(histories[i]), outputs[i])
         np.testing.assert_allclose(probs[i].numpy(), ref, atol=1e-5)
 
 
@@ -120,6 +136,9 @@ def test_penalty_without_seen_is_an_error():
             top_p=st.sampled_from([0.2, 0.6, 0.95, 1.0]),
             min_p=st.sampled_from([0.0, 0.1, 0.5]),
             repetition_penalty=st.sampled_from([1.0, 0.8, 1.5]),
+            presence_penalty=st.sampled_from([0.0, 0.7, -1.0]),
+            frequency_penalty=st.sampled_from([0.0, 0.4, -0.5]),
+            logit_bias=st.sampled_from([None, {3: 5.0}, {0: -100.0, 7: 2.5}]),
         ),
         min_size=1,
         max_size=6,
@@ -129,8 +148,57 @@ def test_penalty_without_seen_is_an_error():
 def test_mixed_batch_matches_reference(params, seed):
     n = len(params)
     rng = np.random.default_rng(seed)
-    histories = [rng.integers(0, V, size=rng.integers(0, 6)).tolist() for _ in range(n)]
-    _check_against_reference(params, _logits(n, seed), histories)
+    prompts = [rng.integers(0, V, size=rng.integers(0, 4)).tolist() for _ in range(n)]
+    outputs = [rng.integers(0, V, size=rng.integers(0, 5)).tolist() for _ in range(n)]
+    histories = [a + b for a, b in zip(prompts, outputs, strict=True)]
+    _check_against_reference(params, _logits(n, seed), histories, outputs)
+
+
+def test_presence_and_frequency_penalties_match_reference():
+    params = [SamplingParams(presence_penalty=1.5), SamplingParams(frequency_penalty=0.8),
+              SamplingParams(presence_penalty=-0.5, frequency_penalty=2.0, temperature=0.6)]
+    outputs = [[1, 1, 4], [2, 2, 2, 9], [5, 6, 5]]
+    # the prompt (here 0 and 3) counts for the repetition penalty only, never for these two
+    histories = [[0, 3] + o for o in outputs]
+    _check_against_reference(params, _logits(3), histories, outputs)
+
+
+def test_logit_bias_matches_reference_and_bans_a_token():
+    logits = _logits(2)
+    params = [SamplingParams(logit_bias={int(logits[0].argmax()): -100.0, 2: 1.0}), SamplingParams(logit_bias={"4": 3})]
+    assert params[1].logit_bias == {4: 3.0}  # JSON keys are strings
+    _check_against_reference(params, logits, [[]] * 2)
+    probs = process_logits(logits, SamplingBatch.from_params(params, "cpu"))
+    assert probs[0, logits[0].argmax()] < 1e-30
+
+
+def test_output_penalties_and_logit_bias_move_greedy_argmax():
+    logits = torch.tensor([[3.0, 2.0, -1.0, 0.0]] * 3)
+    params = [SamplingParams(temperature=0, presence_penalty=2.0), SamplingParams(temperature=0, frequency_penalty=0.6),
+              SamplingParams(temperature=0, logit_bias={3: 3.5})]
+    counts = output_counts([torch.tensor([0]), torch.tensor([0, 0]), torch.tensor([], dtype=torch.int64)], 4, "cpu")
+    probs = process_logits(logits, SamplingBatch.from_params(params, "cpu"), counts=counts)
+    assert probs.argmax(1).tolist() == [1, 1, 3]
+
+
+def test_output_penalty_without_counts_is_an_error():
+    batch = SamplingBatch.from_params([SamplingParams(frequency_penalty=0.5)], "cpu")
+    with pytest.raises(ValueError, match="counts"):
+        process_logits(_logits(1), batch)
+
+
+def test_processed_logprobs_are_log_of_what_rows_sample_from():
+    logits = _logits(3)
+    params = [SamplingParams(temperature=0.5, top_k=3), SamplingParams(temperature=0, top_k=3, logit_bias={1: 4.0}),
+              SamplingParams(min_p=0.2)]
+    batch = SamplingBatch.from_params(params, "cpu")
+    lp = processed_logprobs(logits, batch)
+    probs = process_logits(logits, batch)
+    torch.testing.assert_close(lp[[0, 2]].exp(), probs[[0, 2]])  # sampled rows: the same distribution
+    assert torch.isinf(lp[0]).sum() == V - 3  # cut by top-k
+    # a greedy row: the biased distribution at temperature 1, untruncated (not its one-hot)
+    ref = reference_penalised(logits[1].numpy(), params[1], set(), [])
+    np.testing.assert_allclose(lp[1].numpy(), ref - np.log(np.exp(ref).sum()), atol=1e-5)
 
 
 def test_greedy_rows_are_one_hot_at_argmax():
@@ -223,6 +291,38 @@ def test_extend_seen_with_drafts_matches_loop():
             assert torch.equal(out[b, j], expected), (b, j)
 
 
+def test_output_counts_and_extension_match_loop():
+    outputs = [torch.tensor([1, 1, 4]), torch.tensor([], dtype=torch.int64), torch.tensor([0, 11, -1, 99, 0])]
+    counts = output_counts(outputs, V, "cpu")
+    expected = torch.zeros(3, V)
+    for i, o in enumerate(outputs):
+        for t in o.tolist():
+            if 0 <= t < V:
+                expected[i, t] += 1
+    assert torch.equal(counts, expected)
+    drafts = torch.tensor([[5, 1, 5], [7, -1, -1], [0, 0, 2]])
+    out = extend_counts_with_drafts(counts, drafts)
+    assert out.shape == (3, 4, V)
+    for b in range(3):
+        for j in range(4):
+            row = counts[b].clone()
+            for t in drafts[b, :j].tolist():
+                if t >= 0:
+                    row[t] += 1
+            assert torch.equal(out[b, j], row), (b, j)
+
+
+def test_logit_bias_rows_follow_repeat_interleave_and_select():
+    params = [SamplingParams(), SamplingParams(logit_bias={2: 1.0, 5: -2.0}), SamplingParams(logit_bias={0: 3.0})]
+    batch = SamplingBatch.from_params(params, "cpu")
+    logits = torch.zeros(3 * 2, V)
+    rep = process_logits(logits, batch.repeat_interleave(2))
+    ref = process_logits(torch.zeros(3, V), batch)
+    assert torch.equal(rep, ref.repeat_interleave(2, dim=0))
+    sub = batch.select(torch.tensor([2, 1]))
+    assert torch.equal(process_logits(torch.zeros(2, V), sub), ref[[2, 1]])
+
+
 def test_seeded_sampling_reproducible():
     probs = torch.softmax(_logits(4), dim=1)
     params = [SamplingParams(seed=s) for s in (1, 2, 3, 4)]
@@ -290,3 +390,20 @@ def test_logprobs_of_matches_log_softmax():
     torch.testing.assert_close(top_lp.double(), ref.gather(1, top_ids), atol=1e-5, rtol=0)
     _, top_ids, top_lp = logprobs_of(logits, tokens, 0)
     assert top_ids.shape == top_lp.shape == (3, 0)
+
+
+def test_sampling_with_penalties_and_bias_follows_reference_distribution():
+    """Chi-square: tokens sampled through bias + all penalties follow the reference distribution."""
+    torch.manual_seed(3)
+    n = 40_000
+    p = SamplingParams(temperature=0.9, repetition_penalty=1.3, presence_penalty=0.8, frequency_penalty=0.6,
+                       logit_bias={2: 1.5, 9: -2.0})
+    logits, history, output = _logits(1, seed=5), [0, 3, 3, 7], [3, 3, 7]
+    ref = reference_probs(logits[0].numpy(), p, set(history), output)
+    batch = SamplingBatch.from_params([p] * n, "cpu")
+    seen = seen_mask([torch.tensor(history)] * n, V, "cpu")
+    counts = output_counts([torch.tensor(output)] * n, V, "cpu")
+    probs = process_logits(logits.expand(n, -1), batch, seen, counts)
+    drawn = torch.bincount(sample(probs, batch), minlength=V).numpy()
+    big = ref * n >= 5
+    assert chisquare(drawn[big], ref[big] / ref[big].sum() * drawn[big].sum()).pvalue > 1e-3

@@ -50,6 +50,10 @@ def test_greedy_threshold(temperature, greedy):
         {"logprobs": 20},
         {"repetition_penalty": 0.5},
         {"stop": ["x" * 256] * 16},
+        {"presence_penalty": -2, "frequency_penalty": 2},
+        {"logit_bias": {0: -100, "7": 100.0}},
+        {"logit_bias": {}},
+        {"prompt_logprobs": 0},
     ],
 )
 def test_valid_edges_accepted(kwargs):
@@ -94,6 +98,16 @@ def test_valid_edges_accepted(kwargs):
         ({"repetition_penalty": 0.0}, "repetition_penalty"),
         ({"repetition_penalty": -1.0}, "repetition_penalty"),
         ({"repetition_penalty": math.inf}, "repetition_penalty"),
+        ({"presence_penalty": 2.01}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"frequency_penalty": "1"}, "frequency_penalty"),
+        ({"logit_bias": [1, 2]}, "logit_bias"),
+        ({"logit_bias": {"a": 1}}, "logit_bias"),
+        ({"logit_bias": {-1: 1}}, "logit_bias"),
+        ({"logit_bias": {3: 100.5}}, "logit_bias"),
+        ({"logit_bias": {3: "1"}}, "logit_bias"),
+        ({"logit_bias": {i: 1 for i in range(1025)}}, "logit_bias"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
     ],
 )
 def test_invalid_value_names_field(kwargs, field):
@@ -139,8 +153,12 @@ def test_to_dict_from_dict_round_trip_through_json():
         ignore_eos=True,
         logprobs=5,
         repetition_penalty=1.1,
+        presence_penalty=0.5,
+        frequency_penalty=-0.25,
+        logit_bias={5: 2.0, 9: -100.0},
+        prompt_logprobs=1,
     )
-    d = json.loads(json.dumps(p.to_dict()))
+    d = json.loads(json.dumps(p.to_dict()))  # logit_bias keys become strings in JSON
     assert d["stop"] == ["END"]
     assert SamplingParams.from_dict(d) == p
 

@@ -184,3 +184,23 @@ def test_pipelined_block_never_runs_past_max_tokens(cluster: Cluster, reference:
         assert stats.rounds == max_tokens - stats.accepted_tokens, (max_tokens, stats)
         pipelined += stats.pipelined_rounds
     assert pipelined > 0
+
+
+@pytest.mark.timeout(60)
+def test_grpc_prompt_logprobs_and_penalties(cluster: Cluster, reference: Reference) -> None:
+    """The public proto carries what OpenAI's echo and penalties need: nothing is dropped."""
+    params = greedy_pb(8)
+    params.prompt_logprobs = 1
+    params.logprobs = 1
+    params.presence_penalty = 1.5
+    params.logit_bias[17] = -100.0
+    with grpc.insecure_channel(f"127.0.0.1:{cluster.gateway('draft_model').port}") as ch:
+        r = gateway_pb2_grpc.GatewayStub(ch).GenerateUnary(
+            gateway_pb2.GenerateRequest(text=PROMPTS[0], params=params), timeout=30)
+    prompt_ids = reference.tokenizer.encode(PROMPTS[0])
+    assert len(r.prompt_logprobs) == len(prompt_ids) - 1 and len(r.logprobs) == 8
+    assert all(lp.logprob <= 0 and len(lp.top_ids) >= 1 for lp in r.prompt_logprobs)
+    ref = reference.llm.generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                                              presence_penalty=1.5, logit_bias={17: -100.0}),
+                                 use_tqdm=False)[0].outputs[0]
+    assert list(r.token_ids) == ref.token_ids

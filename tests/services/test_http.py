@@ -59,7 +59,7 @@ def test_openai_client_streams_a_chat_completion(cluster: Cluster, reference: Re
     ref = reference.chat(CHAT, 24)
     stream = client(gw.http_port).chat.completions.create(
         model=str(cluster.models.target), messages=CHAT, max_tokens=24, temperature=0, stream=True,
-        extra_body={"ignore_eos": True})
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == ref.text
@@ -173,7 +173,7 @@ HTTP_ERRORS: dict[str, tuple[str, bytes | dict | list, int, str]] = {
     "unknown_field": ("/v1/completions", {"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
     "no_prompt": ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
     "empty_prompt": ("/v1/completions", {"prompt": ""}, 400, "empty"),
-    "two_prompts": ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    "mixed_prompts": ("/v1/completions", {"prompt": ["a", [1, 2]]}, 400, "prompt"),
     "token_id_out_of_range": ("/v1/completions", {"prompt": [1, 99999]}, 400, "vocabulary"),
     "over_long_prompt": ("/v1/completions", {"prompt": [5] * 600}, 400, "limit"),
     "negative_temperature": ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
@@ -232,7 +232,8 @@ def test_http_full_queue_is_429(cluster: Cluster) -> None:
 @pytest.mark.timeout(30)
 def test_http_unknown_path_and_health(cluster: Cluster) -> None:
     gw = cluster.gateway("draft_model")
-    assert http(gw.http_port, "/v1/nothing")[0] == 404
+    status, _, err = http(gw.http_port, "/v1/nothing")
+    assert status == 404 and err["error"]["code"] == 404
     assert http(gw.http_port, "/health")[2] == {"status": "ok"}
     status, _, body = http(gw.http_port, "/v1/models")
     assert status == 200 and body["data"][0]["id"] == str(cluster.models.target)

@@ -45,20 +45,29 @@ def exact_marginals(folder: Path, prompt: list[int], **params) -> tuple[np.ndarr
     seen[prompt] = True
     seen2 = seen.repeat(v, 1)  # [V, V]: row x has also seen x
     seen2[torch.arange(v), torch.arange(v)] = True
-    p1 = target_probs(first[None], seen[None], **params)[0]  # [V]
-    p2 = p1 @ target_probs(second, seen2, **params)  # [V]
+    out2 = torch.eye(v, dtype=torch.float64)  # [V, V]: row x has generated x once
+    p1 = target_probs(first[None], seen[None], torch.zeros(1, v, dtype=torch.float64), **params)[0]  # [V]
+    p2 = p1 @ target_probs(second, seen2, out2, **params)  # [V]
     return p1.numpy(), p2.numpy()
 
 
-def target_probs(logits: torch.Tensor, seen: torch.Tensor, temperature: float = 1.0, top_k: int = -1,
-                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0) -> torch.Tensor:
+def target_probs(logits: torch.Tensor, seen: torch.Tensor, out: torch.Tensor, temperature: float = 1.0,
+                 top_k: int = -1, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logit_bias: tuple[tuple[int, float], ...] = ()) -> torch.Tensor:
     """The distribution sampling params define, written out independently of specsplit.sampling.
 
-    logits: [N, V]; seen: [N, V] bool. HF/vLLM order: repetition penalty, temperature,
-    top-k, then top-p (smallest head whose mass reaches top_p), then min-p.
+    logits: [N, V]; seen: [N, V] bool (prompt + output); out: [N, V] counts of generated
+    tokens. vLLM order: logit bias, repetition penalty, frequency and presence penalties
+    (output tokens only), temperature, top-k, then top-p (smallest head whose mass reaches
+    top_p), then min-p.
     """
+    logits = logits.clone()
+    for t, b in logit_bias:
+        logits[:, t] += b
     x = torch.where(seen & (logits > 0), logits / repetition_penalty, logits)
     x = torch.where(seen & (logits <= 0), logits * repetition_penalty, x)
+    x = x - frequency_penalty * out - presence_penalty * (out > 0).double()
     p = (x / temperature).softmax(-1)
     p_sorted, order = p.sort(dim=-1, descending=True)  # [N, V]
     keep = torch.ones_like(p_sorted, dtype=torch.bool)
@@ -89,11 +98,16 @@ def first_two_tokens(llm, prompt: list[int], seeded: bool = False, **params) -> 
     """[NUM_REQUESTS * N, 2] first two generated tokens of many sampled completions."""
     params.setdefault("temperature", 1.0)
     if seeded:  # every completion has its own seed (request seed s: completions s .. s+15)
-        sp = [SamplingParams(n=N, max_tokens=3, seed=1000 + N * i, **params) for i in range(NUM_REQUESTS)]
+        sp = [SamplingParams(n=N, max_tokens=3, seed=1000 + N * i, **_kw(params)) for i in range(NUM_REQUESTS)]
     else:
-        sp = SamplingParams(n=N, max_tokens=3, **params)
+        sp = SamplingParams(n=N, max_tokens=3, **_kw(params))
     outs = llm.generate([{"prompt_token_ids": prompt}] * NUM_REQUESTS, sp, use_tqdm=False)
     return np.array([c.token_ids[:2] for o in outs for c in o.outputs])
+
+
+def _kw(params: dict) -> dict:
+    """SamplingParams keywords: logit_bias travels as a hashable tuple of pairs in the tests."""
+    return {k: dict(v) if k == "logit_bias" else v for k, v in params.items()}
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +155,9 @@ def test_draft_model_sampling_follows_target_distribution(spec_llm, exact, seede
 @pytest.mark.parametrize("params", [
     {"top_k": 12, "top_p": 0.8},
     {"temperature": 0.7, "min_p": 0.05, "repetition_penalty": 1.5},
-], ids=["top_k_top_p", "temperature_min_p_penalty"])
+    {"temperature": 0.8, "top_k": 20, "presence_penalty": 1.2, "frequency_penalty": 0.9,
+     "logit_bias": ((5, 2.0), (11, -3.0), (40, 1.5))},
+], ids=["top_k_top_p", "temperature_min_p_penalty", "presence_frequency_logit_bias"])
 def test_draft_model_sampling_with_truncation_follows_target_distribution(spec_llm, exact, params):
     tokens = first_two_tokens(spec_llm("draft_model"), PROMPT, **params)
     p1, p2 = exact(PROMPT, **params)

@@ -133,3 +133,46 @@ def test_greedy_fast_path_matches_general_path():
                                      logits)
     assert [(r.num_accepted, r.emitted) for r in fast] == [(r.num_accepted, r.emitted) for r in general]
     assert [r.num_accepted for r in fast] == [0, 2, 2, 1]
+
+
+def test_prompt_logprobs_on_the_first_step_only(verifier, tiny_target):
+    from transformers import AutoModelForCausalLM
+
+    prompt = [3, 1, 4, 1, 5, 9]
+    verifier.open(40, prompt, SamplingParams(temperature=0.0, logprobs=1, prompt_logprobs=2))
+    (first,) = verifier.step([VerifyItem(40, [])])
+    (second,) = verifier.step([VerifyItem(40, [])])
+    verifier.close(40)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_target, dtype=torch.float32)
+    with torch.inference_mode():
+        ref = hf(torch.tensor([prompt])).logits[0].double().log_softmax(-1)  # [L, V]
+    assert len(first.prompt_logprobs) == len(prompt) - 1 and second.prompt_logprobs is None
+    for i, d in enumerate(first.prompt_logprobs):
+        tok = prompt[i + 1]
+        assert d[tok] == pytest.approx(float(ref[i, tok]), abs=1e-4)
+        assert len(d) in (2, 3) and max(d.values()) == pytest.approx(float(ref[i].max()), abs=1e-4)
+    assert len(first.logprobs) == 1  # the verify rows are unchanged by the extra prompt rows
+
+
+def test_output_penalties_count_only_generated_tokens_after_a_reopen(verifier):
+    """A session re-opened with prompt + generated tokens (failover) continues exactly as the
+    original would: the frequency / presence penalties see the same generated tokens."""
+    params = SamplingParams(temperature=0.0, frequency_penalty=2.0, presence_penalty=1.0)
+    prompt = [7, 7, 7, 2, 9]
+    verifier.open(50, prompt, params)
+    generated = []
+    for _ in range(6):
+        (r,) = verifier.step([VerifyItem(50, [])])
+        generated += r.emitted
+    verifier.close(50)
+    verifier.open(51, prompt + generated[:3], params, prompt_len=len(prompt))
+    resumed = []
+    for _ in range(3):
+        (r,) = verifier.step([VerifyItem(51, [])])
+        resumed += r.emitted
+    verifier.close(51)
+    assert resumed == generated[3:]
+    with pytest.raises(SessionError, match="prompt_len"):
+        verifier.open(53, prompt, params, prompt_len=0)
+    with pytest.raises(SessionError, match="logit_bias"):
+        verifier.open(54, prompt, SamplingParams(logit_bias={10**6: 1.0}))

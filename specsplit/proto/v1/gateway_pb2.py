@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from specsplit.proto.v1 import common_pb2 as specsplit_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecsplit/v1/gateway.proto\x12\x0cspecsplit.v1\x1a\x19specsplit/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"3\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specsplit.v1.ChatMessage\"\x1b\n\x08TokenIds\x12\x0f\n\x03ids\x18\x01 \x03(\rB\x02\x10\x01\"\xcd\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.specsplit.v1.TokenIdsH\x00\x12\"\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x12.specsplit.v1.ChatH\x00\x12,\n\x06params\x18\x05 \x01(\x0b\x32\x1c.specsplit.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xa7\x02\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\ttoken_ids\x18\x02 \x03(\rB\x02\x10\x01\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.specsplit.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\'\n\x05usage\x18\x07 \x01(\x0b\x32\x13.specsplit.v1.UsageH\x00\x88\x01\x01\x12+\n\x05stats\x18\x08 \x01(\x0b\x32\x17.specsplit.v1.SpecStatsH\x01\x88\x01\x01\x42\x08\n\x06_usageB\x08\n\x06_stats\"\x13\n\x11ListModelsRequest\"C\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bspeculative\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.specsplit.v1.ModelInfo*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xf7\x01\n\x07Gateway\x12K\n\x08Generate\x12\x1d.specsplit.v1.GenerateRequest\x1a\x1e.specsplit.v1.GenerateResponse0\x01\x12N\n\rGenerateUnary\x12\x1d.specsplit.v1.GenerateRequest\x1a\x1e.specsplit.v1.GenerateResponse\x12O\n\nListModels\x12\x1f.specsplit.v1.ListModelsRequest\x1a .specsplit.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecsplit/v1/gateway.proto\x12\x0cspecsplit.v1\x1a\x19specsplit/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"3\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.specsplit.v1.ChatMessage\"\x1b\n\x08TokenIds\x12\x0f\n\x03ids\x18\x01 \x03(\rB\x02\x10\x01\"\xcd\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.specsplit.v1.TokenIdsH\x00\x12\"\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x12.specsplit.v1.ChatH\x00\x12,\n\x06params\x18\x05 \x01(\x0b\x32\x1c.specsplit.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xdd\x02\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\ttoken_ids\x18\x02 \x03(\rB\x02\x10\x01\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.specsplit.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\'\n\x05usage\x18\x07 \x01(\x0b\x32\x13.specsplit.v1.UsageH\x00\x88\x01\x01\x12+\n\x05stats\x18\x08 \x01(\x0b\x32\x17.specsplit.v1.SpecStatsH\x01\x88\x01\x01\x12\x34\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobsB\x08\n\x06_usageB\x08\n\x06_stats\"\x13\n\x11ListModelsRequest\"C\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bspeculative\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.specsplit.v1.ModelInfo*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xf7\x01\n\x07Gateway\x12K\n\x08Generate\x12\x1d.specsplit.v1.GenerateRequest\x1a\x1e.specsplit.v1.GenerateResponse0\x01\x12N\n\rGenerateUnary\x12\x1d.specsplit.v1.GenerateRequest\x1a\x1e.specsplit.v1.GenerateResponse\x12O\n\nListModels\x12\x1f.specsplit.v1.ListModelsRequest\x1a .specsplit.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS'].fields_by_name['ids']._serialized_options = b'\020\001'
   _globals['_GENERATERESPONSE'].fields_by_name['token_ids']._loaded_options = None
   _globals['_GENERATERESPONSE'].fields_by_name['token_ids']._serialized_options = b'\020\001'
-  _globals['_FINISHREASON']._serialized_start=917
-  _globals['_FINISHREASON']._serialized_end=1037
+  _globals['_FINISHREASON']._serialized_start=971
+  _globals['_FINISHREASON']._serialized_end=1091
   _globals['_CHATMESSAGE']._serialized_start=71
   _globals['_CHATMESSAGE']._serialized_end=115
   _globals['_CHAT']._serialized_start=117
@@ -50,13 +50,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=407
   _globals['_USAGE']._serialized_end=464
   _globals['_GENERATERESPONSE']._serialized_start=467
-  _globals['_GENERATERESPONSE']._serialized_end=762
-  _globals['_LISTMODELSREQUEST']._serialized_start=764
-  _globals['_LISTMODELSREQUEST']._serialized_end=783
-  _globals['_MODELINFO']._serialized_start=785
-  _globals['_MODELINFO']._serialized_end=852
-  _globals['_LISTMODELSRESPONSE']._serialized_start=854
-  _globals['_LISTMODELSRESPONSE']._serialized_end=915
-  _globals['_GATEWAY']._serialized_start=1040
-  _globals['_GATEWAY']._serialized_end=1287
+  _globals['_GENERATERESPONSE']._serialized_end=816
+  _globals['_LISTMODELSREQUEST']._serialized_start=818
+  _globals['_LISTMODELSREQUEST']._serialized_end=837
+  _globals['_MODELINFO']._serialized_start=839
+  _globals['_MODELINFO']._serialized_end=906
+  _globals['_LISTMODELSRESPONSE']._serialized_start=908
+  _globals['_LISTMODELSRESPONSE']._serialized_end=969
+  _globals['_GATEWAY']._serialized_start=1094
+  _globals['_GATEWAY']._serialized_end=1341
 # @@protoc_insertion_point(module_scope)

@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TargetOpen(_message.Message):
-    __slots__ = ("token_ids", "params")
+    __slots__ = ("token_ids", "params", "prompt_len")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.TokenChoice
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ...) -> None: ...
+    prompt_len: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., prompt_len: _Optional[int] = ...) -> None: ...
 
 class TargetVerify(_message.Message):
     __slots__ = ("round_id", "draft_ids", "q")
@@ -34,20 +36,22 @@ class TargetClientMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[TargetOpen, _Mapping]] = ..., verify: _Optional[_Union[TargetVerify, _Mapping]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("round_id", "num_accepted", "next_token", "logprobs", "verify_ns", "queue_ns")
+    __slots__ = ("round_id", "num_accepted", "next_token", "logprobs", "verify_ns", "queue_ns", "prompt_logprobs")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     num_accepted: int
     next_token: int
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
     verify_ns: int
     queue_ns: int
-    def __init__(self, round_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ...) -> None: ...
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
+    def __init__(self, round_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class TargetServerMessage(_message.Message):
     __slots__ = ("result",)
@@ -64,7 +68,7 @@ class Stopping(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., end_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateStart(_message.Message):
-    __slots__ = ("token_ids", "params", "stopping", "draft_address", "num_speculative_tokens", "adaptive", "pipeline")
+    __slots__ = ("token_ids", "params", "stopping", "draft_address", "num_speculative_tokens", "adaptive", "pipeline", "prompt_len")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +76,7 @@ class GenerateStart(_message.Message):
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.TokenChoice
     stopping: Stopping
@@ -79,7 +84,8 @@ class GenerateStart(_message.Message):
     num_speculative_tokens: int
     adaptive: bool
     pipeline: bool
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., draft_address: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: bool = ..., pipeline: bool = ...) -> None: ...
+    prompt_len: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., draft_address: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: bool = ..., pipeline: bool = ..., prompt_len: _Optional[int] = ...) -> None: ...
 
 class GenerateClientMessage(_message.Message):
     __slots__ = ("start",)
@@ -106,7 +112,7 @@ class RoundTiming(_message.Message):
     def __init__(self, round_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., verify_queue_ns: _Optional[int] = ..., draft_wait_ns: _Optional[int] = ..., draft_ns: _Optional[int] = ..., draft_queue_ns: _Optional[int] = ..., verify_wait_ns: _Optional[int] = ...) -> None: ...
 
 class GenerateDelta(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "drafted", "accepted", "pipelined", "timing", "draft_failure")
+    __slots__ = ("token_ids", "logprobs", "drafted", "accepted", "pipelined", "timing", "draft_failure", "prompt_logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +120,7 @@ class GenerateDelta(_message.Message):
     PIPELINED_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
     drafted: int
@@ -121,7 +128,8 @@ class GenerateDelta(_message.Message):
     pipelined: bool
     timing: RoundTiming
     draft_failure: str
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., pipelined: bool = ..., timing: _Optional[_Union[RoundTiming, _Mapping]] = ..., draft_failure: _Optional[str] = ...) -> None: ...
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., pipelined: bool = ..., timing: _Optional[_Union[RoundTiming, _Mapping]] = ..., draft_failure: _Optional[str] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class GenerateServerMessage(_message.Message):
     __slots__ = ("delta",)
