@@ -157,6 +157,12 @@ class TensorParallelRunner:
         self._send("forward", inputs)
         return self.local.forward(inputs)
 
+    def forward_hidden(self, inputs: list[StepInput], layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` plus hidden states; every rank runs the same (eager) path, rank 0 returns them."""
+        self.local.check(inputs)
+        self._send("forward_hidden", inputs, layers)
+        return self.local.forward_hidden(inputs, layers)
+
     def shutdown(self) -> None:
         if self._stopped:
             return

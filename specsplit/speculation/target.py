@@ -63,6 +63,10 @@ class VerifyResult:
     emitted: list[int]  # draft_ids[:num_accepted] + [next token]
     logprobs: list[dict[int, float]] | None  # per emitted token: {id: logprob} incl. top-N
     verify_ns: int  # wall time of the batched step this result came from
+    # [len(emitted) - 1 + tokens fed before the block, D] when hidden states are exposed (EAGLE):
+    # the target's state at every fed position up to the last accepted one, i.e. the state that
+    # predicted each token after it; D = len(hidden_layers) * hidden_size
+    hidden_states: Tensor | None = None
 
 
 class TargetVerifier:
@@ -72,6 +76,13 @@ class TargetVerifier:
         self.runner = runner
         self.sessions: dict[int, TargetSession] = {}
         self.vocab_size = runner.cfg.vocab_size
+        self.hidden_layers: tuple[int, ...] = ()  # layers whose states each step returns (EAGLE heads)
+
+    def expose_hidden(self, layers: tuple[int, ...]) -> None:
+        """Return hidden states from every step from now on (numbering of `ModelRunner.forward_hidden`)."""
+        if not all(0 <= i <= self.runner.cfg.num_layers for i in layers):
+            raise ValueError(f"hidden layers {layers} outside 0..{self.runner.cfg.num_layers}")
+        self.hidden_layers = tuple(layers)
 
     def open(self, seq_id: int, token_ids: list[int], params: SamplingParams) -> None:
         """Register a session; its tokens are prefilled by the next `step` that names it."""
@@ -110,11 +121,21 @@ class TargetVerifier:
             if not s.params.greedy and it.draft_ids and it.q_ids is None:
                 raise SessionError(f"session {it.seq_id}: a sampled request needs the draft distribution q")
             sessions.append(s)
-        inputs = [StepInput(it.seq_id, s.unfed + it.draft_ids, len(it.draft_ids) + 1) for it, s in zip(items, sessions, strict=True)]
-        logits = self.runner.forward(inputs)  # [sum(k_i + 1), V]
+        n_hidden = [len(s.unfed) + len(it.draft_ids) if self.hidden_layers else 0 for it, s in zip(items, sessions, strict=True)]
+        inputs = [StepInput(it.seq_id, s.unfed + it.draft_ids, len(it.draft_ids) + 1, n)
+                  for it, s, n in zip(items, sessions, n_hidden, strict=True)]
+        hidden = None
+        if self.hidden_layers:
+            logits, hidden = self.runner.forward_hidden(inputs, self.hidden_layers)  # hidden: [sum(n_hidden), D]
+        else:
+            logits = self.runner.forward(inputs)  # [sum(k_i + 1), V]
         results = self._accept(items, sessions, logits)
         dt = time.perf_counter_ns() - t0
-        for it, s, r in zip(items, sessions, results, strict=True):
+        offset = 0
+        for it, s, r, n in zip(items, sessions, results, n_hidden, strict=True):
+            if hidden is not None:  # states up to the last accepted position; the rest were rejected
+                r.hidden_states = hidden[offset : offset + len(s.unfed) + r.num_accepted]
+                offset += n
             fed = self.runner.length(it.seq_id)
             self.runner.truncate(it.seq_id, fed - len(it.draft_ids) + r.num_accepted)
             s.history.extend(r.emitted)
