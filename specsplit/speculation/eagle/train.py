@@ -27,7 +27,12 @@ from torch import Tensor, nn
 from specsplit.runtime.config import ModelConfig
 from specsplit.speculation.eagle.build import read_target_tensors
 from specsplit.speculation.eagle.checkpoint import head_config_dict, save_head
-from specsplit.speculation.eagle.data import Features, self_sequences, stdlib_sequences, target_features
+from specsplit.speculation.eagle.data import (
+    Features,
+    self_sequences,
+    stdlib_sequences,
+    target_features,
+)
 from specsplit.speculation.eagle.head import EagleHead, HeadConfig
 
 log = logging.getLogger(__name__)
