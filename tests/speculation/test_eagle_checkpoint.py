@@ -124,3 +124,15 @@ def test_cached_steps_match_dense_recomputation(tmp_path, target, method):
     with torch.no_grad():
         d3, _ = head.forward_train(embed[toks[:3]][None], states[None, :3], torch.arange(3) + 5, [])
     torch.testing.assert_close(outs[1], d3[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_wire_packing_round_trips_bf16_rows():
+    from specsplit.speculation.eagle.wire import bytes_per_token, pack_states, unpack_states
+
+    x = torch.randn(3, 12)
+    data = pack_states(x)
+    assert len(data) == 3 * 12 * 2
+    assert torch.equal(unpack_states(data, 12), x.bfloat16())
+    assert bytes_per_token(4096, 3) == 24576 and bytes_per_token(4096, 1) == 8192
+    with pytest.raises(ValueError, match="whole rows"):
+        unpack_states(data[:-2], 12)

@@ -57,7 +57,7 @@ def load_eagle_drafter(
     max_model_len: int, kv_cache_bytes: int | None = None, top_k: int = 32,
 ) -> EagleDrafter:
     """The drafter of `speculative_config={"method": "eagle"|"eagle3", "model": head_path}`."""
-    head_path = Path(head_path)
+    head_path = Path(head_path).expanduser()
     if not (head_path / "config.json").exists():
         raise ValueError(f"EAGLE head {str(head_path)!r} is not a folder with config.json and weights "
                          "(train one with `specsplit eagle train TARGET`)")
