@@ -44,9 +44,9 @@ class TrainConfig:
 
     method: str = "eagle3"  # "eagle3" or "eagle" (EAGLE-1)
     data: str = "auto"  # "stdlib" (Python source), "self" (own answers), auto: stdlib for code models
-    sequences: int = 40  # training sequences
-    seq_len: int = 256  # tokens per sequence
-    epochs: int = 2  # passes over the data
+    sequences: int = 12  # training sequences
+    seq_len: int = 192  # tokens per sequence
+    epochs: int = 3  # passes over the data
     batch: int = 2  # sequences per optimiser step
     unroll: int = 2  # drafted steps trained per position (EAGLE-3's training-time test)
     lr: float = 5e-4  # AdamW peak, cosine to 10% after a short warm-up
