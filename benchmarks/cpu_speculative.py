@@ -4,6 +4,8 @@ In one run, on the same prompts and greedy settings (fp32, 128 new tokens):
   1. our plain decoding (the baseline)     2. our speculation, draft_model
   3. our speculation, ngram                4. Hugging Face `generate`
   5. Hugging Face assisted generation (`assistant_model`)
+  6. our speculation, eagle / eagle3 with a head trained by `specsplit eagle train` (--eagle3 DIR,
+     --eagle DIR); the trainer's text (standard-library source) holds none of these prompts
 Reports tokens/s, acceptance rate and mean accepted length as a table, a JSON file under
 benchmarks/results/ and a bar plot. Every speculative output is checked token-identical to
 our plain output (and ours to Hugging Face's), so a speed-up never hides a wrong answer.
@@ -126,6 +128,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("-k", type=int, default=5, help="num_speculative_tokens (k_max with adaptive k)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--eagle3", help="EAGLE-3 head folder (specsplit eagle train qwen2.5-coder-1.5b)")
+    ap.add_argument("--eagle", help="EAGLE-1 head folder (specsplit eagle train ... --method eagle)")
     args = ap.parse_args()
     from specsplit.factory import load_tokenizer, model_folder
 
@@ -140,6 +144,11 @@ def main() -> int:
         run_ours("ours ngram", target, {"method": "ngram", "num_speculative_tokens": args.k}, prompts,
                  args.max_tokens),
     ]
+    for method in ("eagle", "eagle3"):
+        head = getattr(args, method)
+        if head:
+            rows.append(run_ours(f"ours {method}", target, {"method": method, "model": head,
+                                                           "num_speculative_tokens": args.k}, prompts, args.max_tokens))
     if not args.skip_hf:
         rows += [run_hf("HF generate", prompts, args.max_tokens, False),
                  run_hf("HF assisted", prompts, args.max_tokens, True)]
@@ -154,6 +163,11 @@ def main() -> int:
         goals["draft_model_vs_hf_assisted"] = {"value": ratio, "goal": ">= 1.2", "met": ratio >= 1.2}
     goals["draft_model_vs_ours_plain"] = {"value": by["ours draft_model"]["speedup_vs_plain"], "goal": "> 1.0",
                                           "met": by["ours draft_model"]["speedup_vs_plain"] > 1.0}
+    for method in ("eagle", "eagle3"):
+        if f"ours {method}" in by:
+            sp = by[f"ours {method}"]["speedup_vs_plain"]
+            goals[f"{method}_vs_draft_model"] = {"value": sp / by["ours draft_model"]["speedup_vs_plain"],
+                                                 "goal": ">= 1.0", "met": sp >= by["ours draft_model"]["speedup_vs_plain"]}
     print("\n| run | tok/s | vs ours plain | acceptance | tokens/round | identical to plain |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_models_subparser = None
     if add_models_subparser is not None:
         add_models_subparser(sub)
+    from specsplit.speculation.eagle.cli import add_eagle_subparser
+
+    add_eagle_subparser(sub)
     return ap
 
 
@@ -222,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             from specsplit.models.cli import run_models
 
             return run_models(a)
+        if a.command == "eagle":
+            from specsplit.speculation.eagle.cli import run_eagle
+
+            return run_eagle(a)
     except ValueError as e:
         print(f"specsplit: error: {e}", file=sys.stderr)
         return 2

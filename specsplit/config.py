@@ -9,7 +9,7 @@ from typing import Any
 from specsplit.sampling.params import unknown_fields
 from specsplit.speculation.session import MAX_SPECULATIVE_TOKENS
 
-METHODS = ("draft_model", "ngram")
+METHODS = ("draft_model", "ngram", "eagle", "eagle3")
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class SpeculativeConfig:
 
     method: str = "draft_model"  # how blocks are proposed: a small LM or prompt lookup
     num_speculative_tokens: int = 5  # k, the longest block; adaptive k stays at or below it
-    model: str | None = None  # draft model (folder, GGUF, hub id, catalogue name); draft_model only
+    model: str | None = None  # draft model (folder, GGUF, hub id, catalogue name), or EAGLE head folder
     prompt_lookup_max: int = 4  # longest n-gram matched against the history (ngram)
     prompt_lookup_min: int = 1  # shortest n-gram that still counts as a match (ngram)
     draft_tensor_parallel_size: int = 1  # GPUs the draft model is sharded over
@@ -33,6 +33,8 @@ class SpeculativeConfig:
                              f"got {self.num_speculative_tokens}")
         if self.method == "draft_model" and not self.model:
             raise ValueError("speculative_config: method 'draft_model' needs 'model' (the draft model)")
+        if self.method in ("eagle", "eagle3") and not self.model:
+            raise ValueError(f"speculative_config: method {self.method!r} needs 'model' (the EAGLE head folder)")
         if self.method == "ngram" and self.model:
             raise ValueError("speculative_config: method 'ngram' takes no 'model'")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 32:

@@ -82,12 +82,17 @@ def load_drafter(
     cfg: SpeculativeConfig, target_tokenizer: Any, target_vocab_size: int, *, dtype: str = "auto",
     device: torch.device | None = None, max_model_len: int | None = None,
     kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+    target: TargetVerifier | None = None, target_model: str | Path | None = None,
 ) -> Drafter:
-    """The drafter named by a speculative config, checked against the target's vocabulary."""
+    """The drafter named by a speculative config, checked against the target's vocabulary.
+
+    EAGLE heads read the target's hidden states: `target` (in process) is told to expose them."""
     device = device or default_device()
     if cfg.method == "ngram":
         return NgramDrafter(target_vocab_size, device, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
     assert cfg.model is not None  # guaranteed by SpeculativeConfig
+    if cfg.method in ("eagle", "eagle3"):
+        return _load_eagle(cfg, target, target_model, target_vocab_size, device, max_model_len, kv_cache_bytes)
     runner, tok = load_runner(
         cfg.model, dtype=dtype, device=device, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
         gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=cfg.draft_tensor_parallel_size,
@@ -100,3 +105,23 @@ def load_drafter(
             f"target's {target_vocab_size}"
         )
     return DraftModelDrafter(runner, cfg.draft_top_k)
+
+
+def _load_eagle(cfg: SpeculativeConfig, target: TargetVerifier | None, target_model: str | Path | None,
+                vocab_size: int, device: torch.device, max_model_len: int | None,
+                kv_cache_bytes: int | None) -> Drafter:
+    from specsplit.speculation.eagle.build import load_eagle_drafter
+
+    if target is None:
+        raise ValueError(f"method {cfg.method!r} runs in process (LLM) only for now: the draft tier does not "
+                         "receive the target's hidden states yet")
+    runner = target.runner
+    drafter = load_eagle_drafter(
+        cfg.method, cfg.model, target=runner, target_folder=model_folder(target_model) if target_model else None,
+        vocab_size=vocab_size, num_target_layers=runner.cfg.num_layers, device=device,
+        dtype=runner.dtype if hasattr(runner, "dtype") else runner.local.dtype,  # the target's own
+        max_model_len=min(max_model_len or runner.max_model_len, runner.max_model_len),
+        kv_cache_bytes=kv_cache_bytes, top_k=cfg.draft_top_k,
+    )
+    target.expose_hidden(drafter.target_layers(runner.cfg.num_layers))
+    return drafter

@@ -49,7 +49,8 @@ class LLM:
         drafter = None
         sc = self.speculative_config
         if sc is not None:
-            drafter = load_drafter(sc, self.tokenizer, self.target.runner.cfg.vocab_size, **common)
+            drafter = load_drafter(sc, self.tokenizer, self.target.runner.cfg.vocab_size, **common,
+                                   target=self.target, target_model=model)
         self.engine = SpecEngine(
             self.target, drafter, self.tokenizer,
             num_speculative_tokens=sc.num_speculative_tokens if sc else 0,

@@ -16,8 +16,14 @@ def test_unknown_speculative_config_key(tiny_target):
 
 
 def test_unknown_method(tiny_target):
-    with pytest.raises(ValueError, match="unknown method 'eagle3'"):
-        LLM(str(tiny_target), speculative_config={"method": "eagle3"})
+    with pytest.raises(ValueError, match="unknown method 'medusa'"):
+        LLM(str(tiny_target), speculative_config={"method": "medusa"})
+
+
+@pytest.mark.parametrize("method", ["eagle", "eagle3"])
+def test_eagle_without_head_is_refused(tiny_target, method):
+    with pytest.raises(ValueError, match=f"method '{method}' needs 'model'"):
+        LLM(str(tiny_target), speculative_config={"method": method})
 
 
 def test_draft_model_without_model(tiny_target):

@@ -152,23 +152,38 @@ class Transformer(nn.Module):
 
     def forward(
         self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
-        meta: AttentionMetadata, backend: str = "sdpa",
+        meta: AttentionMetadata, backend: str = "sdpa", aux_layers: tuple[int, ...] = (),
+        aux_out: list[Tensor] | None = None,
     ) -> Tensor:
-        """input_ids, positions: [T] -> final hidden states [T, hidden] (after the norm)."""
+        """input_ids, positions: [T] -> final hidden states [T, hidden] (after the norm).
+
+        For EAGLE heads: appends to `aux_out` the residual stream entering each layer named in
+        `aux_layers` ([T, hidden] each; index num_layers = the final normed output), as
+        Hugging Face's `hidden_states[i]` numbers them.
+        """
         x = self.embed_tokens(input_ids)
+        n = len(self.layers)
         if backend == "triton":  # imported here: Triton is only loaded where it runs
             from specsplit.runtime import triton_kernels as tk
 
             residual = None
-            for layer, kv in zip(self.layers, kv_caches, strict=True):
+            for i, (layer, kv) in enumerate(zip(self.layers, kv_caches, strict=True)):
+                if i in aux_layers and aux_out is not None:
+                    aux_out.append(x if residual is None else x + residual)
                 x, residual = layer.forward_fused(x, residual, positions, self.inv_freq, kv, meta, tk)
-            return tk.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv, meta, backend)
-        return self.norm(x)
+            x = tk.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
+        else:
+            freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+            cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+            for i, (layer, kv) in enumerate(zip(self.layers, kv_caches, strict=True)):
+                if i in aux_layers and aux_out is not None:
+                    aux_out.append(x)
+                x = layer(x, cos, sin, kv, meta, backend)
+            x = self.norm(x)
+        if n in aux_layers and aux_out is not None:
+            aux_out.append(x)
+        return x
 
     def prepack_cpu(self) -> None:
         """Switch every linear layer to oneDNN packed weights (fp32 on CPU)."""

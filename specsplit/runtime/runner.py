@@ -54,6 +54,7 @@ class StepInput:
     seq_id: int
     token_ids: list[int]  # tokens appended to the sequence's cache this step
     num_logits: int = 1  # trailing positions whose logits are returned (k+1 when verifying)
+    num_hidden: int = 0  # trailing positions whose hidden states `forward_hidden` returns (EAGLE)
 
 
 class ModelRunner:
@@ -210,7 +211,8 @@ class ModelRunner:
         for inp in inputs:
             if inp.seq_id not in cache.seqs:
                 raise ValueError(f"sequence {inp.seq_id} has no cache")
-            if not inp.token_ids or not 1 <= inp.num_logits <= len(inp.token_ids):
+            if not inp.token_ids or not 1 <= inp.num_logits <= len(inp.token_ids) \
+                    or not 0 <= inp.num_hidden <= len(inp.token_ids):
                 raise ValueError(f"bad step input for sequence {inp.seq_id}")
             new_len = cache.seqs[inp.seq_id].length + len(inp.token_ids)
             if new_len > self.max_model_len:
@@ -222,7 +224,6 @@ class ModelRunner:
             raise OutOfKVMemory(f"KV cache full ({cache.num_free_blocks} of {cache.num_blocks} blocks free)")
         return needs
 
-    @torch.inference_mode()
     def forward(self, inputs: list[StepInput], device_ids: Tensor | None = None) -> Tensor:
         """Append each input's tokens and return logits [sum(num_logits), vocab] float32.
 
@@ -234,6 +235,21 @@ class ModelRunner:
         if device_ids is not None and (device_ids.shape != (len(inputs),)
                                        or any(len(i.token_ids) != 1 for i in inputs)):
             raise ValueError("device_ids needs exactly one token per input")
+        return self._step(inputs, (), device_ids)[0]
+
+    def forward_hidden(self, inputs: list[StepInput], layers: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """`forward`, plus the hidden states an EAGLE head reads: [sum(num_hidden), len(layers) * hidden],
+        the residual stream entering each of `layers` (num_layers = the final normed output),
+        concatenated in the order given."""
+        if not layers or not all(0 <= i <= self.cfg.num_layers for i in layers):
+            raise ValueError(f"hidden layers {layers} outside 0..{self.cfg.num_layers}")
+        logits, hidden = self._step(inputs, layers)
+        assert hidden is not None
+        return logits, hidden
+
+    @torch.inference_mode()
+    def _step(self, inputs: list[StepInput], layers: tuple[int, ...],
+              device_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         cache = self.cache
         needs = self.check(inputs)
         for seq_id, n in needs.items():
@@ -242,8 +258,10 @@ class ModelRunner:
         batch, logit_rows = self._uniform_batch(inputs, *shape) if shape else self._ragged_batch(inputs)
         rows = None if len(logit_rows) == batch.num_tokens else \
             torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        # one-token inputs sit at rows 0..n-1 of the ids in both layouts (uniform: q = 1)
-        logits = self.graphs.run(batch, device_ids) if shape and self.graphs is not None else None
+        # one-token inputs sit at rows 0..n-1 of the ids in both layouts (uniform: q = 1);
+        # hidden states are read in eager mode: the captured graphs return logits only
+        logits = self.graphs.run(batch, device_ids) if shape and self.graphs is not None and not layers else None
+        aux: list[Tensor] = []
         if logits is not None:  # a copy: the graph's output buffer is reused by the next replay
             logits = logits.clone() if rows is None else logits[rows]
         else:
@@ -251,11 +269,15 @@ class ModelRunner:
             if device_ids is not None:
                 buf[: len(inputs)].copy_(device_ids)
             input_ids, positions, meta = batch.unpack(buf)
-            hidden = self.model(input_ids, positions, cache.layers, meta, self.backend)  # [T, H]
+            hidden = self.model(input_ids, positions, cache.layers, meta, self.backend, layers, aux)  # [T, H]
             logits = self.model.compute_logits(hidden if rows is None else hidden[rows])  # [N, V]
         for inp in inputs:
             cache.seqs[inp.seq_id].length += len(inp.token_ids)
-        return logits
+        if not layers:
+            return logits, None
+        by_layer = dict(zip(sorted(set(layers)), aux, strict=True))
+        hrows = torch.tensor(_hidden_rows(inputs, shape[1] if shape else None), dtype=torch.int64, device=self.device)
+        return logits, torch.cat([by_layer[i][hrows] for i in layers], dim=-1)  # [sum(num_hidden), len(layers)*H]
 
     def _ragged_batch(self, inputs: list[StepInput]) -> tuple[StepBatch, list[int]]:
         """The step as it is (prefill chunks, or uniform steps turned off); returns the batch
@@ -316,6 +338,16 @@ class ModelRunner:
         batch = StepBatch.build(ids, [q] * b, seq_lens, tables, cache.block_size, pad, dense=self.dense,
                                 write_lens=write_lens, scratch_slot=scratch)
         return batch, rows
+
+
+def _hidden_rows(inputs: list[StepInput], q: int | None) -> list[int]:
+    """Flat token rows of each input's trailing `num_hidden` tokens (q: uniform step's query length)."""
+    rows, offset = [], 0
+    for inp in inputs:
+        n = len(inp.token_ids)
+        rows.extend(range(offset + n - inp.num_hidden, offset + n))
+        offset += q if q is not None else n
+    return rows
 
 
 def use_skinny_linear(model: Transformer) -> None:

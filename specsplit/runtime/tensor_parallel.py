@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("SPECSPLIT_TP_TIMEOUT_S", "120")))
 
 # message opcodes (word 0 of every message)
-ADD, FREE, TRUNCATE, FORWARD, STOP, ALL_REDUCE_BENCH, REPLAY_BENCH = 1, 2, 3, 4, 5, 6, 7
+ADD, FREE, TRUNCATE, FORWARD, STOP, ALL_REDUCE_BENCH, REPLAY_BENCH, FORWARD_HIDDEN = 1, 2, 3, 4, 5, 6, 7, 8
 # per-rank teardown states (ShmBroadcast.states)
 LOADING, READY, LEFT, DONE = 0, 1, 2, 3
 
@@ -88,25 +88,34 @@ def _load(folder: str | None, random_weights: Any, device: torch.device, ctx: Pa
 
 
 # ---- messages ----------------------------------------------------------------------------
-def encode_forward(inputs: list[StepInput]) -> list[int]:
-    """[FORWARD, n, seq_ids[n], lengths[n], num_logits[n], token ids...] (int64 words)."""
-    msg = [FORWARD, len(inputs)]
+def encode_forward(inputs: list[StepInput], layers: tuple[int, ...] = ()) -> list[int]:
+    """[FORWARD | FORWARD_HIDDEN, n, len(layers), layers..., seq_ids[n], lengths[n], num_logits[n],
+    num_hidden[n], token ids...] (int64 words)."""
+    msg = [FORWARD_HIDDEN if layers else FORWARD, len(inputs), len(layers), *layers]
     msg += [i.seq_id for i in inputs]
     msg += [len(i.token_ids) for i in inputs]
     msg += [i.num_logits for i in inputs]
+    msg += [i.num_hidden for i in inputs]
     for i in inputs:
         msg += i.token_ids
     return msg
 
 
 def decode_forward(msg: list[int]) -> list[StepInput]:
-    n = msg[1]
-    seq_ids, lens, logits = msg[2 : 2 + n], msg[2 + n : 2 + 2 * n], msg[2 + 2 * n : 2 + 3 * n]
-    out, at = [], 2 + 3 * n
-    for s, ln, nl in zip(seq_ids, lens, logits, strict=True):
-        out.append(StepInput(s, msg[at : at + ln], nl))
+    return decode_forward_layers(msg)[0]
+
+
+def decode_forward_layers(msg: list[int]) -> tuple[list[StepInput], tuple[int, ...]]:
+    n, nl = msg[1], msg[2]
+    layers = tuple(msg[3 : 3 + nl])
+    at = 3 + nl
+    seq_ids, lens = msg[at : at + n], msg[at + n : at + 2 * n]
+    logits, hidden = msg[at + 2 * n : at + 3 * n], msg[at + 3 * n : at + 4 * n]
+    out, at = [], at + 4 * n
+    for s, ln, nlog, nh in zip(seq_ids, lens, logits, hidden, strict=True):
+        out.append(StepInput(s, msg[at : at + ln], nlog, nh))
         at += ln
-    return out
+    return out, layers
 
 
 # ---- teardown, shared by every rank -------------------------------------------------------
@@ -191,6 +200,7 @@ def _worker(rank: int, world: int, port: int, device_type: str, folder: str | No
         FREE: lambda m: runner.free(m[1]),
         TRUNCATE: lambda m: runner.truncate(m[1], m[2]),
         FORWARD: lambda m: runner.forward(decode_forward(m)),
+        FORWARD_HIDDEN: lambda m: runner.forward_hidden(*decode_forward_layers(m)),
         ALL_REDUCE_BENCH: lambda m: _bench(all_reduce_ms, ctx, device, m[1], m[2], ALL_REDUCE_METHODS[m[3]]),
         REPLAY_BENCH: lambda m: replay_ms(runner, tuple(m[2:]), m[1]),
     }
@@ -322,6 +332,12 @@ class TensorParallelRunner:
             raise ValueError(f"no captured graph {key}")
         self._send(REPLAY_BENCH, n, *key)
         return replay_ms(self.local, key, n)
+
+    def forward_hidden(self, inputs: list[StepInput], layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` plus hidden states (EAGLE); every rank runs the same (eager) path, rank 0 returns them."""
+        self.local.check(inputs)
+        self.ring.send(encode_forward(inputs, layers), alive=self._workers_alive)
+        return self.local.forward_hidden(inputs, layers)
 
     def shutdown(self, timeout_s: float = 5.0) -> bool:
         """Stop every rank within `timeout_s` (never more); True if all left cleanly.

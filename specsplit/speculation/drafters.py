@@ -35,6 +35,10 @@ class DraftRequest:
     prefix_len: int  # keep this many of the session's tokens (prompt + earlier drafts)
     new_tokens: list[int]  # then append these committed tokens (often just the target's last one)
     k: int  # tokens to propose
+    # EAGLE heads only: [n, D] the target's hidden states that predicted each of the sequence's
+    # last n tokens (after this update), as the target's verify step returned them; D is the
+    # head's state width (hidden size, x3 for EAGLE-3). None for drafters that do not read them.
+    hidden_states: Tensor | None = None
 
 
 @dataclass

@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from specsplit.outputs import CompletionOutput, Logprob, RequestOutput, SpecMetrics
 from specsplit.runtime.kv_cache import OutOfKVMemory
 from specsplit.sampling.params import SamplingParams
@@ -34,6 +36,7 @@ class _Running:
     adaptive: AdaptiveK
     drafter_valid: int = 0  # committed tokens the drafter session already holds
     opened: bool = False
+    hidden: list[Any] = field(default_factory=list)  # target states not yet handed to the drafter (EAGLE)
 
 
 @dataclass
@@ -115,9 +118,12 @@ class SpecEngine:
                 if not r.opened:
                     self.drafter.open(r.seq.seq_id, r.seq.all_ids, r.seq.params, len(r.seq.prompt_ids))
                     r.drafter_valid = len(r.seq.all_ids)
+                    r.hidden.clear()  # the target's re-prefill sends every position's state again
                 ids = r.seq.all_ids
                 if ks[r.seq.seq_id] > 0 or not r.opened:
-                    reqs.append(DraftRequest(r.seq.seq_id, r.drafter_valid, ids[r.drafter_valid:], ks[r.seq.seq_id]))
+                    hidden = torch.cat(r.hidden) if len(r.hidden) > 1 else (r.hidden[0] if r.hidden else None)
+                    reqs.append(DraftRequest(r.seq.seq_id, r.drafter_valid, ids[r.drafter_valid:], ks[r.seq.seq_id],
+                                             hidden))
             if reqs:
                 t0 = time.perf_counter()
                 try:
@@ -134,6 +140,7 @@ class SpecEngine:
                     drafts[q.seq_id] = p
                     run = next(r for r in self.running if r.seq.seq_id == q.seq_id)
                     run.drafter_valid = len(run.seq.all_ids)
+                    run.hidden.clear()
         items = []
         for r in self.running:
             if not r.opened:
@@ -152,6 +159,8 @@ class SpecEngine:
         for r, it, res in zip(self.running, items, results, strict=True):
             k = len(it.draft_ids)
             r.drafter_valid += res.num_accepted if k else 0
+            if res.hidden_states is not None:
+                r.hidden.append(res.hidden_states)
             if k:
                 r.adaptive.observe(k, res.num_accepted)
             lps = _to_logprobs(res.logprobs) if res.logprobs is not None else None

@@ -68,6 +68,10 @@ class VerifyResult:
     # on a session's first step when asked: tokens 1.. of its opening ids, {id: logprob} each
     prompt_logprobs: list[dict[int, float]] | None = None
     prompt_ids: list[int] | None = None  # the prompt tokens those logprobs are of (tokens 1..)
+    # [len(emitted) - 1 + tokens fed before the block, D] when hidden states are exposed (EAGLE):
+    # the target's state at every fed position up to the last accepted one, i.e. the state that
+    # predicted each token after it; D = len(hidden_layers) * hidden_size
+    hidden_states: Tensor | None = None
 
 
 class TargetVerifier:
@@ -77,6 +81,13 @@ class TargetVerifier:
         self.runner = runner
         self.sessions: dict[int, TargetSession] = {}
         self.vocab_size = runner.cfg.vocab_size
+        self.hidden_layers: tuple[int, ...] = ()  # layers whose states each step returns (EAGLE heads)
+
+    def expose_hidden(self, layers: tuple[int, ...]) -> None:
+        """Return hidden states from every step from now on (numbering of `ModelRunner.forward_hidden`)."""
+        if not all(0 <= i <= self.runner.cfg.num_layers for i in layers):
+            raise ValueError(f"hidden layers {layers} outside 0..{self.runner.cfg.num_layers}")
+        self.hidden_layers = tuple(layers)
 
     def open(self, seq_id: int, token_ids: list[int], params: SamplingParams, prompt_len: int | None = None) -> None:
         """Register a session; its tokens are prefilled by the next `step` that names it.
@@ -123,9 +134,16 @@ class TargetVerifier:
             sessions.append(s)
         # a session due its prompt logprobs reads logits at every fed position, not only k + 1
         extra = [len(s.unfed) - 1 if s.prompt_logprobs_due else 0 for s in sessions]
-        inputs = [StepInput(it.seq_id, s.unfed + it.draft_ids, len(it.draft_ids) + 1 + e)
-                  for it, s, e in zip(items, sessions, extra, strict=True)]
-        logits = self.runner.forward(inputs)  # [sum(extra_i + k_i + 1), V]
+        # EAGLE: the target's states at every fed position (the head drafts from them)
+        n_hidden = [len(s.unfed) + len(it.draft_ids) if self.hidden_layers else 0
+                    for it, s in zip(items, sessions, strict=True)]
+        inputs = [StepInput(it.seq_id, s.unfed + it.draft_ids, len(it.draft_ids) + 1 + e, n)
+                  for it, s, e, n in zip(items, sessions, extra, n_hidden, strict=True)]
+        hidden = None
+        if self.hidden_layers:
+            logits, hidden = self.runner.forward_hidden(inputs, self.hidden_layers)  # hidden: [sum(n_hidden), D]
+        else:
+            logits = self.runner.forward(inputs)  # [sum(extra_i + k_i + 1), V]
         prompt_lps: list[list[dict[int, float]] | None] = [[] if s.prompt_logprobs_due else None for s in sessions]
         if any(extra):
             logits, prompt_lps = self._split_prompt_logits(logits, items, sessions, extra)
@@ -136,7 +154,11 @@ class TargetVerifier:
             r.prompt_logprobs = lps
             r.prompt_ids = s.unfed[1:] if lps else None
         dt = time.perf_counter_ns() - t0
-        for it, s, r in zip(items, sessions, results, strict=True):
+        offset = 0
+        for it, s, r, n in zip(items, sessions, results, n_hidden, strict=True):
+            if hidden is not None:  # states up to the last accepted position; the rest were rejected
+                r.hidden_states = hidden[offset : offset + len(s.unfed) + r.num_accepted]
+                offset += n
             fed = self.runner.length(it.seq_id)
             self.runner.truncate(it.seq_id, fed - len(it.draft_ids) + r.num_accepted)
             s.history.extend(r.emitted)

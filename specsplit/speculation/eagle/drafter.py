@@ -1,0 +1,198 @@
+"""EagleDrafter: an EAGLE / EAGLE-3 head behind the Drafter interface.
+
+The head keeps its own paged KV cache, one entry per position: entry p pairs the target's
+state at p with token p+1. Each request brings the target states of the tokens committed
+since the last one (`DraftRequest.hidden_states`), so the drafter never calls the target:
+in process the engine hands them over, over the split they arrive with the round's commit.
+The entries the head made from its own states while drafting are dropped at the next
+request and rebuilt from the target's states, as EAGLE does. If states for some positions
+never arrive (a draft session re-opened elsewhere), the head restarts its cache at the first
+position it has states for: fewer drafts accepted for a while, never a wrong token.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from specsplit.runtime.attention import StepBatch, select_backend
+from specsplit.runtime.cpu_kernels import packing_enabled
+from specsplit.runtime.kv_cache import PagedKVCache
+from specsplit.sampling.history import output_counts, seen_mask
+from specsplit.sampling.logits import (
+    SamplingBatch,
+    process_logits,
+    sample_sparse,
+    topk_truncate,
+)
+from specsplit.speculation.drafters import Drafter, DraftRequest, Proposal
+from specsplit.speculation.eagle.head import EagleHead
+from specsplit.speculation.target import SessionError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _HeadState:
+    base: int = 0  # position of the head cache's first entry
+    valid: int = 0  # entries from `base` on that were built from target states
+
+
+class HeadRunner:
+    """The head, the target embeddings (and LM head for EAGLE-1) and the head's paged cache."""
+
+    def __init__(self, head: EagleHead, embed: Tensor, target_head: nn.Module | None, vocab_size: int, *,
+                 device: torch.device, max_model_len: int, kv_cache_bytes: int | None = None,
+                 block_size: int = 16) -> None:
+        self.head = head
+        self.embed = embed  # [V, H]
+        self.target_head = target_head  # EAGLE-1: the target's LM head ([N, H] -> [N, V])
+        self.vocab_size = vocab_size
+        self.device = device
+        self.max_model_len = max_model_len
+        self.cfg = head.hc.model
+        backend = select_backend(device)
+        self.backend = backend if backend in ("flash", "sdpa") else "sdpa"  # the head runs unfused layers
+        if self.backend == "flash":
+            block_size = max(block_size, 256)
+        dtype = head.post_attention_layernorm.weight.dtype
+        if packing_enabled(device, dtype):  # oneDNN packed weights, as the target's on CPU
+            for m in head.modules():
+                if m is not head and hasattr(m, "prepack"):
+                    m.prepack()
+        per_block = PagedKVCache.bytes_per_block(1, block_size, self.cfg.num_kv_heads, self.cfg.head_dim, dtype)
+        budget = kv_cache_bytes if kv_cache_bytes is not None else 256 * 2**20
+        blocks = max(budget // per_block, -(-max_model_len // block_size))
+        self.cache = PagedKVCache(1, int(blocks), block_size, self.cfg.num_kv_heads, self.cfg.head_dim, dtype, device)
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the head lives in the caller's process."""
+
+    @torch.inference_mode()
+    def step(self, seq_ids: list[int], tokens: list[list[int]], states: Tensor, bases: list[int]) -> Tensor:
+        """Append one entry per token (token i with state row i) to each sequence's cache and
+        return the output state at each sequence's last entry [B, H]. states: [sum(len), H]."""
+        cache = self.cache
+        needs = {s: cache.seqs[s].length + len(t) for s, t in zip(seq_ids, tokens, strict=True)}
+        for s, n in needs.items():
+            if n + bases[seq_ids.index(s)] > self.max_model_len:
+                raise SessionError(f"draft session {s} would pass max_model_len {self.max_model_len}")
+            cache.reserve(s, n)
+        qlens = [len(t) for t in tokens]
+        batch = StepBatch.build([x for t in tokens for x in t], qlens, list(needs.values()),
+                                [cache.seqs[s].blocks for s in seq_ids], cache.block_size,
+                                dense=self.backend == "sdpa")
+        ids, positions, meta = batch.unpack(batch.to_device(self.device))
+        positions = positions + torch.tensor(bases, device=self.device)[meta.token_seq]
+        embeds = nn.functional.embedding(ids, self.embed).to(states.dtype)
+        out = self.head(embeds, states, positions, cache.layers[0], meta, self.backend)  # [T, H]
+        for s, n in needs.items():
+            cache.seqs[s].length = n
+        last = torch.tensor(qlens, device=self.device).cumsum(0) - 1
+        return out[last]
+
+    def logits(self, out: Tensor) -> Tensor:
+        """[B, H] -> [B, V] float32 over the target vocabulary."""
+        return self.head.draft_logits(out, self.target_head, self.vocab_size)
+
+
+class EagleDrafter(Drafter):
+    """Drafts k tokens per request: one head step over the new target states, then k - 1
+    steps on the head's own output."""
+
+    def __init__(self, runner: HeadRunner, top_k: int = 32) -> None:
+        super().__init__(runner.vocab_size, runner.device)
+        self.runner = runner
+        self.method = runner.head.hc.method
+        self.top_k = top_k
+        self.state: dict[int, _HeadState] = {}
+
+    def target_layers(self, num_target_layers: int) -> tuple[int, ...]:
+        """The target states this head reads (see HeadConfig.target_layers)."""
+        return self.runner.head.hc.target_layers(num_target_layers)
+
+    def _on_open(self, seq_id: int) -> None:
+        self.runner.cache.add(seq_id)
+        self.state[seq_id] = _HeadState()
+
+    def _on_close(self, seq_id: int) -> None:
+        self.runner.cache.free(seq_id)
+        self.state.pop(seq_id, None)
+
+    def _draft(self, reqs: list[DraftRequest]) -> list[Proposal]:
+        head = self.runner.head
+        width = head.hc.state_size
+        feed: list[tuple[int, list[int], Tensor, int]] = []  # seq_id, tokens, states, start position
+        for r in reqs:
+            h = r.hidden_states
+            if h is None or h.shape[0] == 0:
+                continue  # nothing new from the target: no state to draft from (propose nothing)
+            s, st = self.sessions[r.seq_id], self.state[r.seq_id]
+            n, length = h.shape[0], len(self.sessions[r.seq_id].tokens)
+            if h.dim() != 2 or h.shape[1] != width or n > length - 1:
+                raise SessionError(f"draft session {r.seq_id}: hidden states of shape {tuple(h.shape)}, want "
+                                   f"[n <= {length - 1}, {width}]")
+            start = length - 1 - n  # position of the first new entry
+            cache = self.runner.cache
+            if st.base <= start <= st.base + st.valid:
+                cache.truncate(r.seq_id, start - st.base)
+            else:  # states for positions before `start` are missing: restart the cache there
+                cache.truncate(r.seq_id, 0)
+                st.base = start
+            st.valid = start - st.base + n
+            feed.append((r.seq_id, s.tokens[length - n :], head.project(h.to(self.device, head.fc.weight.dtype)), start))
+        if not feed:
+            return [Proposal([]) for _ in reqs]
+        by_id = {r.seq_id: r for r in reqs}
+        made = self._run([by_id[f[0]] for f in feed], feed)
+        return [made.get(r.seq_id, Proposal([])) for r in reqs]
+
+    def _run(self, reqs: list[DraftRequest], feed: list[tuple[int, list[int], Tensor, int]]) -> dict[int, Proposal]:
+        sessions = [self.sessions[r.seq_id] for r in reqs]
+        batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
+        blocks: list[list[int]] = [[] for _ in reqs]
+        q_ids: list[list[Tensor]] = [[] for _ in reqs]
+        q_probs: list[list[Tensor]] = [[] for _ in reqs]
+        live = list(range(len(reqs)))
+        ids = {i: f[1] for i, f in enumerate(feed)}  # tokens of the next entries, per live request
+        states = torch.cat([f[2] for f in feed])  # [sum(len(ids)), H] their states
+        for _ in range(max(r.k for r in reqs)):
+            seq_ids = [reqs[i].seq_id for i in live]
+            bases = [self.state[s].base for s in seq_ids]
+            out = self.runner.step(seq_ids, [ids[i] for i in live], states, bases)  # [n, H]
+            logits = self.runner.logits(out)  # [n, V]
+            sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < len(reqs) else batch
+            seen = counts = None
+            if sub.any_penalty:
+                seen = seen_mask([torch.tensor(sessions[i].tokens + blocks[i]) for i in live], self.vocab_size, self.device)
+            if sub.any_output_penalty:  # presence / frequency penalties count generated tokens only
+                outs = [torch.tensor(sessions[i].tokens[sessions[i].prompt_len :] + blocks[i], dtype=torch.int64)
+                        for i in live]
+                counts = output_counts(outs, self.vocab_size, self.device)  # [n, V]
+            probs = process_logits(logits, sub, seen, counts)  # [n, V]
+            if sub.all_greedy:
+                toks = probs.argmax(-1).tolist()
+            else:
+                top_ids, top_p = topk_truncate(probs, self.top_k)  # [n, K]
+                toks = sample_sparse(top_ids, top_p, sub).tolist()
+            for j, i in enumerate(live):
+                blocks[i].append(toks[j])
+                if not sub.all_greedy and not sessions[i].params.greedy:
+                    q_ids[i].append(top_ids[j])
+                    q_probs[i].append(top_p[j])
+            keep = [j for j, i in enumerate(live) if len(blocks[i]) < reqs[i].k]
+            live = [live[j] for j in keep]
+            if not live:
+                break
+            ids = {i: [blocks[i][-1]] for i in live}
+            states = out[keep]  # the head continues from its own output state
+        made = {}
+        for i, (r, s) in enumerate(zip(reqs, sessions, strict=True)):
+            if s.params.greedy:
+                made[r.seq_id] = Proposal(blocks[i])
+            else:
+                made[r.seq_id] = Proposal(blocks[i], torch.stack(q_ids[i]), torch.stack(q_probs[i]))
+        return made
