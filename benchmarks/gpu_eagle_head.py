@@ -40,10 +40,10 @@ def main() -> int:
     from transformers import LlamaConfig
 
     from specsplit.runtime.config import ModelConfig
+    from specsplit.runtime.random_weights import LLAMA_31_8B, random_model
     from specsplit.runtime.runner import ModelRunner, StepInput
     from specsplit.speculation.eagle.drafter import HeadRunner
     from specsplit.speculation.eagle.head import EagleHead, HeadConfig
-    from specsplit.runtime.random_weights import LLAMA_31_8B, random_model
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     cfg, model = random_model(LLAMA_31_8B, dev, dt)
