@@ -74,6 +74,19 @@ def draft_generator(params: SamplingParams, device: torch.device) -> torch.Gener
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def penalty_inputs(batch: SamplingBatch, sessions: list[DraftSession], blocks: list[list[int]], vocab_size: int,
+                   device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """What the penalties of a drafting step need, per row (session + its block so far): the seen
+    mask # [n, V] for the repetition penalty, the output counts # [n, V] for presence/frequency."""
+    seen = counts = None
+    if batch.any_penalty:
+        seen = seen_mask([torch.tensor(s.tokens + b) for s, b in zip(sessions, blocks, strict=True)], vocab_size, device)
+    if batch.any_output_penalty:  # generated tokens only
+        outs = [torch.tensor(s.tokens[s.prompt_len :] + b, dtype=torch.int64) for s, b in zip(sessions, blocks, strict=True)]
+        counts = output_counts(outs, vocab_size, device)
+    return seen, counts
+
+
 class Drafter(ABC):
     """Common session bookkeeping; subclasses only say how a batch of blocks is made."""
 
@@ -261,13 +274,8 @@ class DraftModelDrafter(Drafter):
         for _ in range(max(r.k for r in reqs)):
             logits = self.runner.forward([inputs[i] for i in live])  # [len(live), V]
             sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < len(reqs) else batch
-            seen = counts = None
-            if sub.any_penalty:
-                seen = seen_mask([torch.tensor(sessions[i].tokens + blocks[i]) for i in live], self.vocab_size, self.device)
-            if sub.any_output_penalty:
-                outs = [torch.tensor(sessions[i].tokens[sessions[i].prompt_len :] + blocks[i], dtype=torch.int64)
-                        for i in live]
-                counts = output_counts(outs, self.vocab_size, self.device)  # [n, V]
+            seen, counts = penalty_inputs(sub, [sessions[i] for i in live], [blocks[i] for i in live], self.vocab_size,
+                                          self.device)
             probs = process_logits(logits, sub, seen, counts)  # [n, V]
             if sub.all_greedy:
                 toks = probs.argmax(-1).tolist()

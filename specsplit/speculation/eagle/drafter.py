@@ -21,14 +21,13 @@ from torch import Tensor, nn
 from specsplit.runtime.attention import StepBatch, select_backend
 from specsplit.runtime.cpu_kernels import packing_enabled
 from specsplit.runtime.kv_cache import PagedKVCache
-from specsplit.sampling.history import output_counts, seen_mask
 from specsplit.sampling.logits import (
     SamplingBatch,
     process_logits,
     sample_sparse,
     topk_truncate,
 )
-from specsplit.speculation.drafters import Drafter, DraftRequest, Proposal
+from specsplit.speculation.drafters import Drafter, DraftRequest, Proposal, penalty_inputs
 from specsplit.speculation.eagle.head import EagleHead
 from specsplit.speculation.target import SessionError
 
@@ -165,13 +164,8 @@ class EagleDrafter(Drafter):
             out = self.runner.step(seq_ids, [ids[i] for i in live], states, bases)  # [n, H]
             logits = self.runner.logits(out)  # [n, V]
             sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < len(reqs) else batch
-            seen = counts = None
-            if sub.any_penalty:
-                seen = seen_mask([torch.tensor(sessions[i].tokens + blocks[i]) for i in live], self.vocab_size, self.device)
-            if sub.any_output_penalty:  # presence / frequency penalties count generated tokens only
-                outs = [torch.tensor(sessions[i].tokens[sessions[i].prompt_len :] + blocks[i], dtype=torch.int64)
-                        for i in live]
-                counts = output_counts(outs, self.vocab_size, self.device)  # [n, V]
+            seen, counts = penalty_inputs(sub, [sessions[i] for i in live], [blocks[i] for i in live], self.vocab_size,
+                                          self.device)
             probs = process_logits(logits, sub, seen, counts)  # [n, V]
             if sub.all_greedy:
                 toks = probs.argmax(-1).tolist()
