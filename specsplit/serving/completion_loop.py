@@ -10,7 +10,7 @@ tiers' KV caches are soft state: when a replica fails mid-generation, the sessio
 re-opened on another replica with every committed token and the round is re-run; nothing
 is lost or duplicated because only committed tokens are ever emitted.
 
-Pipelining (DESIGN.md): while the target verifies block i, the draft already proposes
+Pipelining (docs/architecture.md): while the target verifies block i, the draft already proposes
 block i+1 assuming block i is fully accepted; its first proposed token is its guess of
 the target's bonus token. If both hold, block i+1 is ready at once; otherwise it is dropped.
 """
