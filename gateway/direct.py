@@ -123,18 +123,26 @@ class DirectLoop:
                 self.times.add(timing)
                 stats.verify_ns += t.verify_ns + t.verify_queue_ns
                 stats.draft_ns += t.draft_wait_ns
-                if d.draft_failure:
-                    log.warning("draft replica %s failed (%s): the target tier goes on with plain decoding",
-                                draft, d.draft_failure)
-                    stats.draft_fallback = True
-                    if self.drafts is not None:
-                        self.drafts.mark_failed(draft)
-                        self._bad_drafts.add(draft)
+                move = False
+                if d.draft_failure and self.drafts is not None:
+                    self.drafts.mark_failed(draft)
+                    self._bad_drafts.add(draft)
+                    # another draft replica: start again there (the target re-prefills what we hold);
+                    # none: the target tier goes on with plain decoding, as it already does
+                    move = bool(self.drafts.healthy(self._bad_drafts))
+                    log.warning("draft replica %s failed (%s): %s", draft, d.draft_failure,
+                                "moving the completion to another draft replica" if move else "plain decoding")
+                    if move:
+                        stats.num_failovers += 1
+                    else:
+                        stats.draft_fallback = True
                 out = Delta(seq.index, kept, text, lps[: len(kept)] if lps else None, seq.finish_reason,
                             seq.stop_reason, drafted=d.drafted, accepted=min(d.accepted, len(kept)),
                             pipelined=d.pipelined, timing=timing, draft_failure=d.draft_failure)
                 self.times.relay_ns += time.perf_counter_ns() - t_relay
                 yield out
+                if move and not seq.finished:
+                    return  # run() starts again with every token received and another draft replica
         except grpc.aio.AioRpcError as e:
             raise TierFailure("target", target, e.code(), e.details() or "") from None
 
