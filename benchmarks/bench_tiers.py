@@ -185,23 +185,6 @@ def tier_stats(handle: Any, runner: Any, since: dict[str, float] | None = None) 
             "mean_step_ms": 1000 * d["seconds_sum"] / n if n else 0.0}
 
 
-def copy_rate(dev: torch.device) -> float:
-    """Bytes per second a large device-to-device copy reads (the rate a weight-bound step can reach)."""
-    n = 2**30
-    x = torch.empty(n, dtype=torch.uint8, device=dev)
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    _sync(dev)
-    t = time.perf_counter()
-    for _ in range(20):
-        y.copy_(x)
-    _sync(dev)
-    bw = 2 * n * 20 / (time.perf_counter() - t)  # read + written per second, as gpu_bench measures it
-    del x, y
-    return bw
-
-
 def _device_info(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -265,7 +248,11 @@ async def run_draft(a: argparse.Namespace, ch: Channel) -> None:
     timing = time_draft(drafter, a.ctx, a.k, a.reps)
     if dev.type == "cuda":  # bandwidth bound of one draft token: read every weight once
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        timing["draft_bound_ms"] = weight_bytes / copy_rate(dev) * 1000
+        from gpu_bench import (
+            copy_bandwidth,  # benchmarks/: the copy rate every bound here is measured with
+        )
+
+        timing["draft_bound_ms"] = weight_bytes / copy_bandwidth(dev) * 1000
         timing["draft_weight_gb"] = weight_bytes / 1e9
     timing.update({k: v for k, v in time_draft(drafter, a.ctx, a.k + 1, a.reps).items() if k != "draft_token_ms"})
     print(f"[draft] {timing}", file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -32,6 +33,12 @@ class TargetServicer(SessionServicer[VerifyItem, VerifyResult], target_pb2_grpc.
     step_kind = "verify"
     add_to_server = staticmethod(target_pb2_grpc.add_TargetServiceServicer_to_server)
     service_name = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
+
+    def __init__(self, *args: Any, drafts: DraftPools, round_timeout_s: float, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.drafts = drafts  # direct rounds: the draft replicas this tier dials
+        self.costs = CostModel()  # step costs measured here steer adaptive k of direct rounds
+        self.round_timeout_s = round_timeout_s  # a slower draft round counts as a failed draft replica
 
     def request(self, seq_id: int, msg: target_pb2.TargetVerify) -> VerifyItem:
         k = len(msg.draft_ids)
@@ -96,10 +103,8 @@ async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None
         )
     runner = verifier.runner
     servicer = TargetServicer(verifier, verifier.step, max_batch=cfg.max_batch, cache=runner.cache,
-                              max_model_len=runner.max_model_len)
-    servicer.drafts = DraftPools(cfg.draft_tls)  # direct rounds: the draft replicas this tier dials
-    servicer.costs = CostModel()  # step costs measured here steer adaptive k of direct rounds
-    servicer.round_timeout_s = cfg.round_timeout_s
+                              max_model_len=runner.max_model_len, drafts=DraftPools(cfg.draft_tls),
+                              round_timeout_s=cfg.round_timeout_s)
     handle = await servicer.start(cfg, runner.shutdown)
     handle.on_close.append(servicer.drafts.close)
     return handle
