@@ -17,7 +17,7 @@ def _addresses(s: str) -> tuple[str, ...]:
 def run(a: argparse.Namespace) -> int:
     cfg = GatewayConfig(
         model=a.model, speculative=SpeculativeConfig.from_any(a.speculative_config),
-        served_model_name=a.served_model_name, host=a.host, port=a.port, grpc_port=a.grpc_port,
+        served_model_name=tuple(a.served_model_name or ()), host=a.host, port=a.port, grpc_port=a.grpc_port,
         discovery=a.discovery, draft_addresses=_addresses(a.draft_addresses),
         target_addresses=_addresses(a.target_addresses), draft_service=a.draft_service,
         target_service=a.target_service, namespace=a.namespace, draft_port=a.draft_port,

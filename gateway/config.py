@@ -15,7 +15,9 @@ DISCOVERY_MODES = ("static", "dns", "kubernetes")
 class GatewayConfig:
     model: str  # target model: the gateway loads only its tokenizer and config
     speculative: SpeculativeConfig | None = None  # None: plain decoding on the target tier
-    served_model_name: str | None = None  # name clients pass as `model`; default: MODEL as given
+    # names clients pass as `model` (vLLM's --served-model-name; the first is the one reported in
+    # responses); a string is one name; default: MODEL exactly as the user gave it
+    served_model_name: tuple[str, ...] | str | None = None
     host: str = "0.0.0.0"  # interface for HTTP and gRPC
     port: int = 8000  # OpenAI-compatible HTTP API and /metrics
     grpc_port: int = 50051  # public gRPC API
@@ -55,6 +57,11 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.round_mode not in ("direct", "gateway"):
             raise ValueError(f"round_mode must be 'direct' or 'gateway', got {self.round_mode!r}")
+        names = self.served_model_name
+        names = (names,) if isinstance(names, str) else tuple(names or ())
+        if any(not isinstance(n, str) or not n.strip() for n in names):
+            raise ValueError(f"served model names must be non-empty strings, got {names!r}")
+        object.__setattr__(self, "served_model_name", names or None)
         if self.discovery not in DISCOVERY_MODES:
             raise ValueError(f"discovery must be one of {DISCOVERY_MODES}, got {self.discovery!r}")
         if self.discovery == "static" and not self.target_addresses:
@@ -69,6 +76,11 @@ class GatewayConfig:
             raise ValueError("API key limits must be >= 0 (0 = unlimited)")
         if self.max_concurrent_requests < 1 or self.max_queued_requests < 0:
             raise ValueError("max_concurrent_requests must be >= 1 and max_queued_requests >= 0")
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        """Every name the gateway answers to; the first is its primary name."""
+        return self.served_model_name or (self.model,)  # type: ignore[return-value]
 
     @property
     def tls(self) -> ServerTLS | None:

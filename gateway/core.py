@@ -23,7 +23,7 @@ from specsplit.outputs import SpecMetrics
 from specsplit.proto.v1 import draft_pb2_grpc, target_pb2_grpc
 from specsplit.sampling.params import SamplingParams
 from specsplit.serving.completion_loop import CompletionLoop, Delta, LoopOptions, RoundTimes
-from specsplit.serving.errors import Overloaded
+from specsplit.serving.errors import Overloaded, Unavailable
 from specsplit.serving.replicas import ReplicaPool
 from specsplit.speculation.adaptive import CostModel
 from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence
@@ -31,6 +31,7 @@ from specsplit.speculation.session import check_token_ids
 
 log = logging.getLogger(__name__)
 MAX_COMPLETIONS = 64  # prompts x n in one request: each is a session on both tiers
+DRAINING = "the gateway is shutting down and takes no new requests; retry on another replica"
 
 
 @dataclass
@@ -59,7 +60,8 @@ class GatewayCore:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.eos_ids = eos_ids
-        self.model_name = cfg.served_model_name or cfg.model
+        self.model_names = cfg.served_model_names  # what ListModels and /v1/models show
+        self.model_name = self.model_names[0]  # reported in responses
         self.vocab_size = len(tokenizer)
         sc = cfg.speculative
         self.targets = ReplicaPool("target", target_pb2_grpc.TargetServiceStub, tls=cfg.tier_tls("target"))
@@ -77,6 +79,7 @@ class GatewayCore:
         self._waiting = 0
         self._running = 0
         self._ids = itertools.count()
+        self.draining = False  # set on SIGTERM: new requests are refused, running ones finish
         self.metrics.queue_depth.set_function(lambda: self._waiting)
         self.metrics.sessions.set_function(lambda: self._running)
 
@@ -89,8 +92,10 @@ class GatewayCore:
 
     # ---- input -----------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
-        if name and name not in (self.model_name, self.cfg.model):
-            raise LookupError(f"model {name!r} is not served here; available: {self.model_name!r}")
+        """A request names one of the served names (or none); anything else is NOT_FOUND / 404."""
+        if name and name not in self.model_names:
+            raise LookupError(f"model {name!r} is not served here; available: "
+                              f"{', '.join(repr(n) for n in self.model_names)}")
 
     def encode_text(self, text: str) -> Prompt:
         if not isinstance(text, str) or not text:
@@ -147,6 +152,8 @@ class GatewayCore:
             raise ValueError(f"a request may ask for 1 to {MAX_COMPLETIONS} completions (prompts x n), "
                              f"got {len(prompts)} x {params.n}")
         params = self.check_params(params)
+        if self.draining:
+            raise Unavailable(DRAINING)
         if self._slots.locked() and self._waiting >= self.cfg.max_queued_requests:
             self.metrics.requests.labels("rejected").inc()
             raise Overloaded(f"gateway is at capacity ({self.cfg.max_concurrent_requests} running, "
@@ -229,6 +236,12 @@ class GatewayCore:
     @staticmethod
     def _new_timeline() -> dict[str, int]:
         return {"completions": 0, "rounds": 0, "tokens": 0, "relay_ns": 0}
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request runs or waits, at most `timeout_s`; True if none is left."""
+        deadline = time.monotonic() + timeout_s
+        while self._running + self._waiting > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self._running + self._waiting == 0
 
     async def close(self) -> None:
         await self.targets.close()

@@ -103,7 +103,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                          ) -> gateway_pb2.ListModelsResponse:
         self._authenticate(context)
         return gateway_pb2.ListModelsResponse(models=[gateway_pb2.ModelInfo(
-            id=self.core.model_name, speculative=self.core.speculative_label, max_model_len=self.core.max_model_len)])
+            id=name, speculative=self.core.speculative_label, max_model_len=self.core.max_model_len)
+            for name in self.core.model_names])
 
 
 class _NotFound(Exception):

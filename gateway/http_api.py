@@ -129,8 +129,9 @@ class OpenAIApi:
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{
-            "id": self.core.model_name, "object": "model", "created": 0, "owned_by": "specsplit",
-            "max_model_len": self.core.max_model_len, "speculative": self.core.speculative_label}]})
+            "id": name, "object": "model", "created": 0, "owned_by": "specsplit",
+            "max_model_len": self.core.max_model_len, "speculative": self.core.speculative_label}
+            for name in self.core.model_names]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._respond(request, parse_completion(await _json(request), self.core))

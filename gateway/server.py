@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.auth import ApiKeys, KeyLimits
 from gateway.config import GatewayConfig
-from gateway.core import GatewayCore
+from gateway.core import DRAINING, GatewayCore
 from gateway.discovery import Discovery, make_discovery
 from gateway.grpc_api import GatewayServicer
 from gateway.http_api import OpenAIApi
@@ -36,8 +36,14 @@ class GatewayHandle:
         return self.grpc.port
 
     async def shutdown(self, grace_s: float) -> None:
-        await self.grpc.shutdown(grace_s)
-        await self.http.cleanup()
+        """SIGTERM: NOT_SERVING and HTTP /health 503, new requests refused (UNAVAILABLE / 503),
+        requests in flight (gRPC and HTTP) finish within `grace_s`, the rest are ended."""
+        t0 = asyncio.get_running_loop().time()
+        self.core.draining = True
+        await self.grpc.begin_drain()
+        await self.core.wait_idle(grace_s)
+        await self.grpc.finish(max(0.0, grace_s - (asyncio.get_running_loop().time() - t0)))
+        await self.http.cleanup()  # HTTP requests still running after the grace period are cancelled
         for d in self.discoveries:
             await d.stop()
         await self.core.close()
@@ -87,7 +93,9 @@ async def start_gateway(cfg: GatewayConfig, *, max_model_len: int | None = None,
     servicer = GatewayServicer(core, keys)
     srv = await start_grpc_server(lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s),
                                   [SERVICE_NAME], host=cfg.host, port=cfg.grpc_port, tls=tls)
-    runner = web.AppRunner(OpenAIApi(core, keys).app(), access_log=None)
+    app = OpenAIApi(core, keys).app()
+    app.middlewares.insert(0, _refuse_while_draining(core))
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=tls.ssl_context() if tls else None)
     await site.start()
@@ -100,6 +108,21 @@ async def start_gateway(cfg: GatewayConfig, *, max_model_len: int | None = None,
     log.info("gateway ready: HTTP %s://%s:%d/v1, gRPC %s:%d%s", scheme, cfg.host, http_port, cfg.host, srv.port,
              "" if tls else " (plaintext)")
     return GatewayHandle(core, srv, runner, http_port, discoveries)
+
+
+def _refuse_while_draining(core: GatewayCore) -> Any:
+    """While shutting down, /health answers 503 (the readiness probe fails, the pod leaves the
+    Service) and new API calls get 503 before any work; requests in flight go on."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        if not core.draining or request.path == "/metrics":
+            return await handler(request)
+        if request.path == "/health":
+            return web.json_response({"status": "shutting down"}, status=503)
+        return web.json_response({"error": {"message": DRAINING, "type": "service_unavailable", "param": None,
+                                            "code": 503}}, status=503)
+    return middleware
 
 
 async def serve_gateway_forever(handle: GatewayHandle, grace_s: float) -> None:

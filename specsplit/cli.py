@@ -46,6 +46,17 @@ def _add(p: argparse.ArgumentParser, flag: str, *, type: Callable[[str], Any] = 
     p.add_argument(flag, type=type, default=_env(name, default, type), help=f"{help} [env SPECSPLIT_{name.upper().replace('-', '_')}]", **kw)
 
 
+def _names(s: str) -> list[str]:
+    """A list of names from one environment variable: comma- or space-separated."""
+    return s.replace(",", " ").split()
+
+
+def _served_names(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME", default=_env("served-model-name", None, _names),
+                   help="names clients use as `model`, as vLLM's flag: the first is reported in responses; "
+                        "default: MODEL as given [env SPECSPLIT_SERVED_MODEL_NAME, comma-separated]")
+
+
 def _model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
     env = _env("model")
     p.add_argument("model", nargs="?" if (env or not required) else None, default=env,
@@ -81,7 +92,10 @@ def _server_flags(p: argparse.ArgumentParser, grpc_port: int, metrics: bool = Tr
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from specsplit import __version__
+
     ap = argparse.ArgumentParser(prog="specsplit", description="Speculative decoding as gRPC microservices.")
+    ap.add_argument("--version", action="version", version=f"specsplit {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("target", help="run the target (verify) service")
@@ -104,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gateway", help="run the gateway (OpenAI HTTP + public gRPC)")
     _model_arg(p)
     _add(p, "--speculative-config", help="same JSON as the draft service; omit for plain decoding")
-    _add(p, "--served-model-name", help="name clients use as `model` (default: MODEL)")
+    _served_names(p)
     _add(p, "--port", type=int, default=8000, help="HTTP port (OpenAI API, /metrics)")
     _server_flags(p, 50051, metrics=False)
     _add(p, "--discovery", default="static", help="static | dns | kubernetes")
@@ -144,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="start target, draft and gateway as local processes (quick start)")
     _model_arg(p)
     _add(p, "--speculative-config", help="JSON as for `draft`; default: n-gram lookup")
+    _served_names(p)
     _add(p, "--host", default="127.0.0.1", help="interface for all three")
     _add(p, "--port", type=int, default=8000, help="gateway HTTP port")
     _add(p, "--grpc-port", type=int, default=50051, help="gateway gRPC port")
@@ -205,12 +220,28 @@ def run_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def die_with_parent() -> None:
+    """Under `specsplit up` (launcher.PARENT_ENV set): get SIGTERM when the launcher dies, even by
+    SIGKILL, so no server outlives it re-parented to PID 1 (Linux; elsewhere a no-op)."""
+    parent = os.environ.pop("SPECSPLIT_PARENT_PID", None)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):  # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     if a.command in ("target", "draft", "gateway", "up") and not a.model:
         ap.error(f"{a.command}: MODEL is required (or set SPECSPLIT_MODEL)")
     if a.command in ("target", "draft", "gateway"):
+        die_with_parent()
         _setup_logging(a.log_level)
     try:
         if a.command in TIER_COMMANDS:

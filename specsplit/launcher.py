@@ -15,6 +15,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 DEFAULT_SPEC = {"method": "ngram", "num_speculative_tokens": 5}
+GRACE_S = 10.0  # each process's drain time on stop (--shutdown-grace-seconds)
+STOP_WAIT_S = 20.0  # then stragglers are killed
+PARENT_ENV = "SPECSPLIT_PARENT_PID"  # children of `up` stop when this process dies (cli.die_with_parent)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -43,13 +46,10 @@ def wait_serving(address: str, procs: list[subprocess.Popen], timeout_s: float =
 
 
 def run_up(a: argparse.Namespace) -> int:
+    """Start target and draft, then the gateway; serve (or answer --prompt); stop all three on
+    Ctrl-C, SIGTERM or SIGHUP, and with them whatever had been started."""
     spec = a.speculative_config or json.dumps(DEFAULT_SPEC)
-    host = a.host
-    tport, dport = free_port(host), free_port(host)
-    base = [sys.executable, "-m", "specsplit.cli"]
-    common = ["--dtype", a.dtype, "--log-level", a.log_level]
-    if a.max_model_len:
-        common += ["--max-model-len", str(a.max_model_len)]
+    names = list(a.served_model_name or [a.model])  # clients use the name the user typed, not the cache path
     # resolve (pull/convert) models once here, with a progress bar, before three processes race for it
     from specsplit.factory import model_folder
 
@@ -58,38 +58,57 @@ def run_up(a: argparse.Namespace) -> int:
     if spec_dict.get("model"):
         spec_dict["model"] = str(model_folder(spec_dict["model"]))
         spec = json.dumps(spec_dict)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs = [
-        subprocess.Popen([*base, "target", model, "--host", host, "--grpc-port", str(tport), "--metrics-port", "0",
-                          *common], env=env),
-        subprocess.Popen([*base, "draft", model, "--speculative-config", spec, "--host", host, "--grpc-port",
-                          str(dport), "--metrics-port", "0", *common], env=env),
-    ]
+    # SIGTERM (kill, docker, systemd, Kubernetes) and SIGHUP stop everything as Ctrl-C does
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    procs: list[subprocess.Popen] = []
     try:
-        print(f"starting target on {host}:{tport} and draft ({spec_dict['method']}) on {host}:{dport} ...",
-              file=sys.stderr)
-        wait_serving(f"{host}:{tport}", procs)
-        wait_serving(f"{host}:{dport}", procs)
-        gw = [*base, "gateway", model, "--speculative-config", spec, "--host", host, "--port", str(a.port),
-              "--grpc-port", str(a.grpc_port), "--target-addresses", f"{host}:{tport}",
-              "--draft-addresses", f"{host}:{dport}", "--log-level", a.log_level]
-        if a.max_model_len:
-            gw += ["--max-model-len", str(a.max_model_len)]
-        procs.append(subprocess.Popen(gw, env=env))
-        wait_serving(f"{host}:{a.grpc_port}", procs)
-        print(f"specsplit is up:\n  OpenAI HTTP  http://{host}:{a.port}/v1  (model {a.model!r})\n"
-              f"  gRPC         {host}:{a.grpc_port}   (specsplit generate --address {host}:{a.grpc_port} 'prompt')\n"
-              f"  metrics      http://{host}:{a.port}/metrics", file=sys.stderr)
-        if a.prompt:
-            return _demo(f"{host}:{a.grpc_port}", a.prompt, a.max_tokens)
-        print("Ctrl-C stops all three.", file=sys.stderr)
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        return 1
+        return _start_and_serve(a, model, spec, names, procs)
     except KeyboardInterrupt:
         return 0
     finally:
+        for sig in previous:  # a second signal must not cut the stop short
+            signal.signal(sig, signal.SIG_IGN)
         _stop(procs)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _start_and_serve(a: argparse.Namespace, model: str, spec: str, names: list[str],
+                     procs: list[subprocess.Popen]) -> int:
+    """Start the three processes into `procs` (the caller stops them) and serve."""
+    host = a.host
+    tport, dport = free_port(host), free_port(host)
+    base = [sys.executable, "-m", "specsplit.cli"]
+    common = ["--host", host, "--log-level", a.log_level, "--shutdown-grace-seconds", str(GRACE_S)]
+    if a.max_model_len:
+        common += ["--max-model-len", str(a.max_model_len)]
+    tier = [*common, "--metrics-port", "0", "--dtype", a.dtype]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
+    procs.append(subprocess.Popen([*base, "target", model, "--grpc-port", str(tport), *tier], env=env))
+    procs.append(subprocess.Popen([*base, "draft", model, "--speculative-config", spec, "--grpc-port", str(dport),
+                                   *tier], env=env))
+    print(f"starting target on {host}:{tport} and draft ({json.loads(spec)['method']}) on {host}:{dport} ...",
+          file=sys.stderr)
+    wait_serving(f"{host}:{tport}", procs)
+    wait_serving(f"{host}:{dport}", procs)
+    procs.append(subprocess.Popen([
+        *base, "gateway", model, "--speculative-config", spec, "--port", str(a.port), "--grpc-port", str(a.grpc_port),
+        "--target-addresses", f"{host}:{tport}", "--draft-addresses", f"{host}:{dport}", *common,
+        "--served-model-name", *names], env=env))
+    wait_serving(f"{host}:{a.grpc_port}", procs)
+    print(f"specsplit is up:\n  OpenAI HTTP  http://{host}:{a.port}/v1  (model {', '.join(map(repr, names))})\n"
+          f"  gRPC         {host}:{a.grpc_port}   (specsplit generate --address {host}:{a.grpc_port} 'prompt')\n"
+          f"  metrics      http://{host}:{a.port}/metrics", file=sys.stderr)
+    if a.prompt:
+        return _demo(f"{host}:{a.grpc_port}", a.prompt, a.max_tokens)
+    print("Ctrl-C (or SIGTERM) stops all three.", file=sys.stderr)
+    while all(p.poll() is None for p in procs):
+        time.sleep(0.5)
+    return 1
 
 
 def _demo(address: str, prompt: str, max_tokens: int) -> int:
@@ -114,13 +133,14 @@ def _demo(address: str, prompt: str, max_tokens: int) -> int:
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM (graceful: NOT_SERVING, drain) then SIGKILL stragglers."""
+    """SIGTERM (graceful: NOT_SERVING, drain) then SIGKILL stragglers; the gateway first, so its
+    requests end before the tiers they run on go away."""
+    deadline = time.monotonic() + STOP_WAIT_S
     for p in reversed(procs):
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for p in procs:
         try:
             p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()

@@ -1,7 +1,8 @@
 """The server skeleton every tier shares: grpc.aio server, health, reflection, shutdown.
 
 Follows grpc's examples: add servicers, start, report SERVING only after warm-up, and on
-SIGTERM report NOT_SERVING first, then stop with a grace period so in-flight rounds finish.
+SIGTERM report NOT_SERVING first, refuse new calls, let those in flight finish within a grace
+period and hand back the rest (drain.py), then stop, so the process exits 0.
 """
 
 from __future__ import annotations
@@ -10,19 +11,21 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from specsplit.serving.drain import Drain
 from specsplit.serving.malformed import RejectMalformed
 from specsplit.serving.tls import ServerTLS, add_port
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 16 * 2**20  # a 32k-token prompt is ~130 kB packed; 16 MiB is generous
+HAND_BACK_WAIT_S = 2.0  # after the grace period: time for handed-back calls to send their status
 
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -42,26 +45,55 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
     ]
 
 
+class HealthServicer(health_aio.HealthServicer):
+    """grpc's health servicer, whose NOT_FOUND says which services it knows (grpc's is empty)."""
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+                    ) -> health_pb2.HealthCheckResponse:
+        known = getattr(self, "_server_status", None)
+        if known is not None and request.service not in known:
+            names = ", ".join(repr(n) for n in sorted(known))
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"unknown service {request.service!r}; this server reports health for {names} "
+                                "('' is the server as a whole)")
+        return await super().Check(request, context)
+
+
 @dataclass
 class GrpcServer:
     server: grpc.aio.Server
-    health: health_aio.HealthServicer
+    health: HealthServicer
     port: int
     service_names: tuple[str, ...]
     health_server: grpc.aio.Server | None = None  # plaintext health-only port (kubelet probes)
     health_port: int = 0
+    drain: Drain = field(default_factory=Drain)  # the server's interceptor: in-flight calls, refusals
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
-    async def shutdown(self, grace_s: float) -> None:
-        """NOT_SERVING first (load balancers and the gateway stop sending), then drain."""
+    async def begin_drain(self) -> None:
+        """NOT_SERVING for good (probes, load balancers and the gateway stop sending), and new
+        calls get UNAVAILABLE; health checks and calls in flight go on."""
         await self.set_serving(False)
-        await self.server.stop(grace_s)
+        await self.health.enter_graceful_shutdown()  # nothing may report SERVING again
+        self.drain.begin()
+
+    async def finish(self, grace_s: float) -> None:
+        """Let calls in flight finish within `grace_s`, hand back the rest, then stop."""
+        if not await self.drain.wait_idle(grace_s):
+            self.drain.hand_back()
+            await self.drain.wait_idle(HAND_BACK_WAIT_S)
+        await self.server.stop(min(grace_s, 1.0))
         if self.health_server is not None:
             await self.health_server.stop(0)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """SIGTERM as Kubernetes expects: NOT_SERVING, no new calls, drain or hand back, stop."""
+        await self.begin_drain()
+        await self.finish(grace_s)
 
 
 async def start_grpc_server(
@@ -76,9 +108,11 @@ async def start_grpc_server(
     serves nothing but grpc.health.v1.
     """
     opts = [*channel_options(), ("grpc.max_concurrent_streams", max_concurrent_streams)]
-    server = grpc.aio.server(options=opts, interceptors=[RejectMalformed()])  # undecodable: INVALID_ARGUMENT
+    drain = Drain()
+    # undecodable: INVALID_ARGUMENT; while shutting down: UNAVAILABLE
+    server = grpc.aio.server(options=opts, interceptors=[RejectMalformed(), drain])
     add_servicers(server)
-    health = health_aio.HealthServicer()
+    health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = tuple(service_names)
     reflection.enable_server_reflection((*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -87,7 +121,7 @@ async def start_grpc_server(
     if bound == 0:
         raise OSError(f"could not bind gRPC port {host}:{port}")
     await server.start()
-    srv = GrpcServer(server, health, bound, names)
+    srv = GrpcServer(server, health, bound, names, drain=drain)
     if health_port is not None:
         hs = grpc.aio.server(options=[("grpc.max_concurrent_streams", 16)])
         health_pb2_grpc.add_HealthServicer_to_server(health, hs)

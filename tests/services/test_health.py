@@ -55,6 +55,7 @@ def test_health_reports_serving(cluster: Cluster, tier: str) -> None:
         with pytest.raises(grpc.RpcError) as e:
             stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "unknown service 'no.such.Service'" in e.value.details() and SERVICES[tier] in e.value.details()
 
 
 def _reflect(address: str, requests: list[reflection_pb2.ServerReflectionRequest]
