@@ -26,6 +26,7 @@ from tests.services.conftest import (
     LoopThread,
     ReplicaProcess,
     TinyModels,
+    greedy_choice_pb,
     greedy_pb,
     health_status,
     spec_config,
@@ -48,7 +49,7 @@ class Session:
         self.requests: queue.Queue[Any] = queue.Queue()
         self.call = target_pb2_grpc.TargetServiceStub(self.channel).Session(iter(self.requests.get, None), timeout=60)
         self.requests.put(target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(token_ids=[1, 2, 3],
-                                                                                    params=greedy_pb(8))))
+                                                                                    params=greedy_choice_pb())))
         self.round = 0
 
     def verify(self) -> target_pb2.VerifyResult:
