@@ -202,6 +202,7 @@ class GatewayCore:
             first = True
             async for delta in loop.run():
                 self.metrics.tokens.labels("completion").inc(len(delta.token_ids))
+                self.metrics.observe_round(delta)
                 if first and params.prompt_logprobs is not None:  # echo: [None] for a one-token prompt
                     delta.prompt_logprobs = seq.prompt_logprobs or [None]
                 first = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from specsplit.outputs import SpecMetrics
+from specsplit.serving.completion_loop import Delta
 from specsplit.serving.metrics import ROUND_BUCKETS
 
 # SpecMetrics field -> the counter that adds it up over every finished completion
@@ -35,13 +36,21 @@ class GatewayMetrics:
                                       ["tier", "replica"], registry=r)
         self.total = SpecMetrics()  # every finished completion since start: the gauges' source
 
+    def observe_round(self, d: Delta) -> None:
+        """One sample per round and part; the last round, which drafts nothing, adds only its verify."""
+        t = d.timing
+        if t is None:
+            return
+        self.round_seconds.labels("verify").observe(t.verify_wait_ns / 1e9)
+        if d.finish_reason is None:
+            self.round_seconds.labels("draft").observe(t.draft_wait_ns / 1e9)
+            overhead = max(0, t.round_ns - t.verify_wait_ns - t.draft_wait_ns)
+            self.round_seconds.labels("overhead").observe(overhead / 1e9)
+
     def record(self, m: SpecMetrics) -> None:
         """Add one finished completion's statistics."""
         self.total.add(m)
         for f, counter in self.spec.items():
             counter.inc(getattr(m, f))
-        if m.num_rounds:
-            for part, ns in (("draft", m.draft_ns), ("verify", m.verify_ns), ("overhead", m.overhead_ns)):
-                self.round_seconds.labels(part).observe(ns / 1e9 / m.num_rounds)
         self.acceptance.set(self.total.acceptance_rate)
         self.mean_len.set(self.total.mean_accepted_length)

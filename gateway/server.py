@@ -53,15 +53,13 @@ def _tokenizer_and_limits(model: str) -> tuple[Any, int, tuple[int, ...], int]:
     from transformers import AutoConfig
 
     from specsplit.factory import load_tokenizer, model_folder
-    from specsplit.runtime.config import ModelConfig
+    from specsplit.runtime.config import ModelConfig, with_generation_eos
+    from specsplit.speculation.sequence import end_token_ids
 
     folder = model_folder(model)
-    cfg = ModelConfig.from_hf(AutoConfig.from_pretrained(folder))
+    cfg = with_generation_eos(ModelConfig.from_hf(AutoConfig.from_pretrained(folder)), folder)
     tok = load_tokenizer(folder)
-    eos = set(cfg.eos_token_ids)
-    if tok.eos_token_id is not None:
-        eos.add(int(tok.eos_token_id))
-    return tok, cfg.max_position_embeddings, tuple(sorted(eos)), cfg.vocab_size
+    return tok, cfg.max_position_embeddings, end_token_ids(cfg.eos_token_ids, tok), cfg.vocab_size
 
 
 async def start_gateway(cfg: GatewayConfig, *, max_model_len: int | None = None,

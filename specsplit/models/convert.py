@@ -26,7 +26,12 @@ from typing import Any
 import torch
 
 MARKER = "specsplit.json"  # written last; its presence means the folder is complete
-MARKER_FORMAT = 1  # bumped if the folder layout changes, so old caches can be told apart
+MARKER_FORMAT = 2  # bumped if the folder layout changes, so old caches can be told apart (2: end tokens)
+# llama.cpp's end-of-generation markers (llama-vocab.cpp): a GGUF runtime stops on these special
+# tokens besides eos/eot/eom, so a folder converted from a GGUF must list them as end tokens too
+# (Qwen2.5's GGUF names only <|im_end|> as eos; its upstream generation config also <|endoftext|>)
+EOG_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
+             "<|end_of_text|>", "<EOT>", "_<EOT>", "<end_of_utterance>")
 MAX_SHARD_SIZE = "2GB"  # bounds the memory save_pretrained needs per shard and keeps files small
 
 _log = logging.getLogger(__name__)
@@ -88,9 +93,10 @@ def convert_gguf(
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 gguf_path.parent, gguf_file=gguf_path.name
             )
-            _match_gguf_special_tokens(tokenizer, gguf_path)
+            gguf_ends = _match_gguf_special_tokens(tokenizer, gguf_path)
             tokenizer.save_pretrained(tmp)
             _make_tokenizer_portable(tmp, max_positions)
+            write_end_tokens(tmp, end_token_ids(tokenizer, gguf_ends))
         seconds = time.monotonic() - start
         Marker(
             name=name,
@@ -154,8 +160,9 @@ def _transformers_progress(enabled: bool) -> Iterator[None]:
         (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
 
 
-def _match_gguf_special_tokens(tokenizer: Any, gguf_path: Path) -> None:
-    """Make BOS/EOS/PAD and the BOS prefix exactly what the GGUF metadata says.
+def _match_gguf_special_tokens(tokenizer: Any, gguf_path: Path) -> list[int]:
+    """Make BOS/EOS/PAD and the BOS prefix exactly what the GGUF metadata says; return the
+    GGUF's own end tokens (eos, eot, eom).
 
     transformers 4.x builds Llama GGUF tokenizers with eos = the BOS token (4.56 reads
     `tokens[bos_token_id]` for both) and always prepends BOS (SmolLM2 wants none); 5.x gets
@@ -178,14 +185,62 @@ def _match_gguf_special_tokens(tokenizer: Any, gguf_path: Path) -> None:
         token_id = scalar(key)
         if token_id is not None and getattr(tokenizer, f"{attr}_id") != token_id:
             setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(token_id)))
+    ends = [int(i) for i in (scalar("eos_token_id"), scalar("eot_token_id"), scalar("eom_token_id")) if i is not None]
     add_bos = scalar("add_bos_token")
     if add_bos is None or tokenizer.bos_token_id is None:
-        return
+        return ends
     if hasattr(tokenizer, "add_bos_token"):  # 4.x fast tokenizers rebuild their post-processor
         tokenizer.add_bos_token = bool(add_bos)
     ids = tokenizer("a").input_ids
     if (bool(ids) and ids[0] == tokenizer.bos_token_id) != bool(add_bos):
         _log.warning("%s: tokenizer BOS does not follow add_bos_token=%s", gguf_path.name, add_bos)
+    return ends
+
+
+def end_token_ids(tokenizer: Any, known: tuple[int, ...] | list[int] = ()) -> list[int]:
+    """The tokenizer's EOS first, then `known` (the GGUF's eos/eot/eom), then every special token
+    whose text llama.cpp treats as an end of generation (EOG_TEXTS)."""
+    special = {str(t): int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+               if getattr(t, "special", False)}
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    ids += list(known)
+    ids += [special[text] for text in EOG_TEXTS if text in special]
+    return list(dict.fromkeys(ids))
+
+
+def write_end_tokens(folder: Path, ids: list[int]) -> None:
+    """Record every end token as `eos_token_id` of generation_config.json (where Hugging Face and
+    vLLM read the ids that stop generation); config.json keeps the primary one."""
+    if not ids:
+        return
+    path = folder / "generation_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        config = {}
+    config["eos_token_id"] = ids if len(ids) > 1 else ids[0]
+    _write_json(path, config)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Replace `path` atomically: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.rename(path)
+
+
+def upgrade_folder(folder: Path) -> None:
+    """Bring a folder converted by an older specsplit (marker format 1) up to date in place: its
+    generation config gets every end token. Idempotent; the GGUF is not needed."""
+    marker = read_marker(folder)
+    if marker is None or int(marker.get("format", 1)) >= MARKER_FORMAT:
+        return
+    import transformers
+
+    ids = end_token_ids(transformers.AutoTokenizer.from_pretrained(folder))
+    write_end_tokens(folder, ids)
+    _write_json(folder / MARKER, {**marker, "format": MARKER_FORMAT})
+    _log.info("%s: end tokens %s recorded in generation_config.json", folder, ids)
 
 
 def _make_tokenizer_portable(folder: Path, max_positions: int) -> None:

@@ -13,8 +13,10 @@ the file's name, size and mtime so an edited file is converted again.
 
 from __future__ import annotations
 
+import difflib
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -25,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specsplit.models.catalog import CATALOG, get_entry
-from specsplit.models.convert import convert_gguf, read_marker
+from specsplit.models.convert import convert_gguf, read_marker, upgrade_folder
 from specsplit.models.fetch import check_gguf_magic, fetch_gguf
 
+log = logging.getLogger(__name__)
 ENV_CACHE = "SPECSPLIT_CACHE"
 # the files a model folder needs; everything else in a hub repo (other formats, docs) is skipped
 HUB_PATTERNS = (
@@ -87,9 +90,11 @@ def pull(name: str, *, progress: bool = True, force: bool = False) -> Path:
     entry = get_entry(name)
     dest = cache_dir() / "models" / name
     if not force and read_marker(dest):
+        upgrade_folder(dest)
         return dest
     with _locked(name, progress):
         if not force and read_marker(dest):  # another process finished it while we waited
+            upgrade_folder(dest)
             return dest
         _remove_leftovers(name)
         work = cache_dir() / "work" / name
@@ -126,6 +131,7 @@ def _convert_local_gguf(path: Path, *, progress: bool, force: bool) -> Path:
     name = f"gguf-{path.stem}-{key[:12]}"
     dest = cache_dir() / "models" / name
     if not force and read_marker(dest):
+        upgrade_folder(dest)
         return dest
     with _locked(name, progress):
         if force or not read_marker(dest):
@@ -146,15 +152,32 @@ def _from_hub(spec: str, path: Path) -> Path:
 
             folder = Path(snapshot_download(spec, allow_patterns=list(HUB_PATTERNS)))
         except Exception as exc:  # noqa: BLE001 - any hub failure becomes the one message below
-            reason = f"the Hugging Face hub could not provide it ({type(exc).__name__}: {exc})"
+            log.debug("hub download of %r failed", spec, exc_info=True)
+            reason = _hub_reason(spec, exc)
         else:
             if is_hf_folder(folder):
                 return folder
             reason = f"hub repo {spec} has no config.json + *.safetensors"
+    close = difflib.get_close_matches(spec, list(CATALOG), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(
-        f"cannot resolve model {spec!r}: not a model folder (config.json + *.safetensors), "
+        f"cannot resolve model {spec!r}{hint}: not a model folder (config.json + *.safetensors), "
         f"not a .gguf file, not a catalogue name ({', '.join(CATALOG)}); {reason}"
     )
+
+
+def _hub_reason(spec: str, exc: Exception) -> str:
+    """One short clause for a failed hub download: the hub's own errors run to several lines of
+    URLs and advice, which would bury the message above (the full error is logged at debug)."""
+    name = type(exc).__name__
+    text = str(exc)
+    if name in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+        return f"the Hugging Face hub has no repo {spec!r} this machine may read ({name})"
+    if name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or any(
+            w in text for w in ("ConnectError", "ConnectionError", "Name or service not known", "timed out")):
+        return "the Hugging Face hub is not reachable from here (offline), so it was not tried as a hub id"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"the Hugging Face hub could not provide it ({name}: {first[:120]})"
 
 
 def _remove_leftovers(name: str) -> None:

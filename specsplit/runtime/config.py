@@ -6,7 +6,10 @@ transformers object (whose attribute names move between releases).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
@@ -31,7 +34,7 @@ class ModelConfig:
     qkv_bias: bool  # Qwen2 has biases on q/k/v projections
     rope_scaling: dict[str, Any] = field(default_factory=dict)  # e.g. Llama 3.1 "llama3" scaling
     bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()  # every id that ends generation
+    eos_token_ids: tuple[int, ...] = ()  # every id that ends generation (config, then generation config)
 
     @classmethod
     def from_hf(cls, hf: Any) -> ModelConfig:
@@ -73,3 +76,20 @@ class ModelConfig:
             bos_token_id=getattr(hf, "bos_token_id", None),
             eos_token_ids=tuple(int(e) for e in eos_ids),
         )
+
+
+def generation_eos_ids(folder: str | Path) -> tuple[int, ...]:
+    """The end tokens of `generation_config.json` (Qwen2.5 ends on <|im_end|> *and* <|endoftext|>
+    there, while config.json names one); vLLM stops on these too."""
+    try:
+        eos = json.loads((Path(folder) / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return ()
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return tuple(int(i) for i in ids if isinstance(i, int))
+
+
+def with_generation_eos(cfg: ModelConfig, folder: str | Path) -> ModelConfig:
+    """`cfg` whose end tokens also hold the generation config's, config.json's first."""
+    extra = tuple(i for i in generation_eos_ids(folder) if i not in cfg.eos_token_ids)
+    return dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + extra) if extra else cfg

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from specsplit.runtime.attention import StepBatch, select_backend
-from specsplit.runtime.config import ModelConfig
+from specsplit.runtime.config import ModelConfig, with_generation_eos
 from specsplit.runtime.cpu_kernels import packing_enabled
 from specsplit.runtime.kv_cache import OutOfKVMemory, PagedKVCache
 from specsplit.runtime.model import Transformer
@@ -140,7 +140,7 @@ class ModelRunner:
         folder = Path(folder)
         device = torch.device(device)
         hf = AutoConfig.from_pretrained(folder)
-        cfg = ModelConfig.from_hf(hf)
+        cfg = with_generation_eos(ModelConfig.from_hf(hf), folder)
         ckpt_dtype = str(getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", "")).replace("torch.", "")
         tdtype = resolve_dtype(dtype, device, ckpt_dtype)
         t0 = time.perf_counter()

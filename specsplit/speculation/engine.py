@@ -23,7 +23,7 @@ from specsplit.runtime.kv_cache import OutOfKVMemory
 from specsplit.sampling.params import SamplingParams
 from specsplit.speculation.adaptive import AdaptiveK, CostModel
 from specsplit.speculation.drafters import Drafter, DraftRequest
-from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence
+from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence, end_token_ids
 from specsplit.speculation.target import TargetVerifier, VerifyItem
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class SpecEngine:
         self.adaptive = adaptive
         self.max_num_seqs = max_num_seqs
         self.costs = CostModel()
-        self.eos_ids = _eos_ids(target.runner.cfg.eos_token_ids, tokenizer)
+        self.eos_ids = end_token_ids(target.runner.cfg.eos_token_ids, tokenizer)
         self.max_model_len = target.runner.max_model_len
         if drafter is not None and hasattr(drafter, "runner"):
             self.max_model_len = min(self.max_model_len, drafter.runner.max_model_len)
@@ -239,14 +239,6 @@ class SpecEngine:
             ))
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, True, total,
                              req.seqs[0].prompt_logprobs if req.seqs else None)
-
-
-def _eos_ids(config_eos: tuple[int, ...], tokenizer: Any) -> tuple[int, ...]:
-    ids = set(config_eos)
-    tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    if tok_eos is not None:
-        ids.add(int(tok_eos))
-    return tuple(sorted(ids))
 
 
 def _to_logprobs(raw: list[dict[int, float]]) -> list[dict[int, Any]]:

@@ -4,6 +4,11 @@ Shared by the in-process engine and the gateway, so that "which tokens does the 
 and why did it stop" has one answer. A verify round emits `accepted + 1` tokens at once;
 `Sequence.commit` walks them one by one so a stop string, stop token, EOS or max_tokens
 that falls inside a drafted block ends the sequence exactly where the target alone would.
+
+End tokens as vLLM handles them: the token that ended the sequence (an EOS or one of
+`stop_token_ids`) stays in the token ids, its text stays out of `.text`, the finish reason is
+"stop", and the stop reason is None for the tokenizer's EOS and the token id for any other
+(a generation config's further EOS ids, stop_token_ids), so which token ended it is never lost.
 """
 
 from __future__ import annotations
@@ -41,6 +46,14 @@ class IncrementalDetokenizer:
         return ""
 
 
+def end_token_ids(model_eos: tuple[int, ...], tokenizer: Any) -> tuple[int, ...]:
+    """Every id that ends generation, the tokenizer's EOS first (the one reported as stop reason
+    None), then the model's config and generation config ids in their order."""
+    tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    first = [int(tok_eos)] if tok_eos is not None else list(model_eos[:1])
+    return tuple(dict.fromkeys([*first, *model_eos]))
+
+
 @dataclass
 class Sequence:
     """One completion being generated."""
@@ -48,7 +61,7 @@ class Sequence:
     seq_id: int
     prompt_ids: list[int]
     params: SamplingParams
-    eos_token_ids: tuple[int, ...]
+    eos_token_ids: tuple[int, ...]  # every end token, the primary EOS first (end_token_ids)
     max_model_len: int
     detokenizer: IncrementalDetokenizer | None = None
     index: int = 0  # which of the request's n completions
@@ -96,7 +109,7 @@ class Sequence:
             is_eos = tok in self.eos_token_ids and not self.params.ignore_eos
             is_stop_id = tok in (self.params.stop_token_ids or ())
             piece = ""
-            if self.detokenizer is not None and not is_eos:
+            if self.detokenizer is not None and not is_eos and not is_stop_id:
                 piece = self.detokenizer.push(tok)
             if piece and stops:
                 piece = self._held + piece
@@ -115,7 +128,8 @@ class Sequence:
             self.text += piece
             delta += piece
             if is_eos:
-                self.finish_reason, self.stop_reason = "stop", None
+                self.finish_reason = "stop"
+                self.stop_reason = None if tok == self.eos_token_ids[0] else tok
             elif is_stop_id:
                 self.finish_reason, self.stop_reason = "stop", tok
             elif self.max_new_tokens() == 0:

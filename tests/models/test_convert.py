@@ -96,3 +96,25 @@ def test_bos_follows_the_gguf(add_bos: bool, tmp_path: Path) -> None:
     folder = convert_gguf(gguf, tmp_path / "out", name="bos", source="test", progress=False)
     ids = AutoTokenizer.from_pretrained(folder)("hi").input_ids
     assert ids == ([1, 259] if add_bos else [259])
+
+
+def test_every_end_token_survives_conversion(converted: Path) -> None:
+    """The tiny GGUF names <|im_end|> (2) as eos, as Qwen2.5-Coder's does; <|endoftext|> (0) ends
+    generation too (llama.cpp, and Qwen's upstream generation config)."""
+    from gateway.server import _tokenizer_and_limits
+
+    assert json.loads((converted / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
+    assert json.loads((converted / "config.json").read_text())["eos_token_id"] == 2
+    assert _tokenizer_and_limits(str(converted))[2] == (2, 0)
+
+
+def test_a_cache_converted_before_end_tokens_were_kept_is_upgraded(converted: Path, cache: Path) -> None:
+    folder = cache / "models" / "smollm2-135m"
+    shutil.copytree(converted, folder)
+    old = {**read_marker(folder), "format": 1}
+    (folder / MARKER).write_text(json.dumps(old))
+    gen = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": 2}))
+    assert resolve_model("smollm2-135m", progress=False) == folder
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
+    assert read_marker(folder)["format"] == 2

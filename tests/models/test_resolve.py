@@ -133,3 +133,24 @@ def test_lock_serializes_two_pullers(cache: Path) -> None:
     hold("b")
     first.join()
     assert order == ["a in", "a out", "b in", "b out"]
+
+
+def test_unknown_name_offline_is_one_short_line_with_a_suggestion(
+    cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args: object, **kwargs: object) -> str:
+        raise LocalEntryNotFoundError(
+            "Got: ConnectError: [Errno -2] Name or service not known\nAn error happened while trying to "
+            "locate the files on the Hub, and we cannot find the appropriate snapshot folder for the "
+            "specified revision on the local disk. Please check your internet connection and try again."
+        )
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ValueError) as info:
+        resolve_model("smollm2-13m")
+    message = str(info.value)
+    assert "\n" not in message and "internet connection" not in message and len(message) < 400
+    assert "did you mean 'smollm2-135m'?" in message and "not reachable" in message

@@ -150,3 +150,27 @@ def test_logprobs_accumulate_over_kept_tokens(tok):
     seq.commit(ids, lps)
     assert seq.logprobs == lps[:2]
     assert seq.cumulative_logprob == pytest.approx(-1.5)
+
+
+def test_a_further_end_token_ends_the_sequence_and_is_named_as_stop_reason(tok):
+    a, b, c = tok.encode("The quick")[:3]
+    prompt_ids = tok.encode("Hello")
+    seq = Sequence(0, prompt_ids, SamplingParams(max_tokens=100), (EOS, b), 512, IncrementalDetokenizer(tok, prompt_ids))
+    kept, delta = seq.commit([a, b, c])
+    assert kept == [a, b] and delta == seq.text == "The"  # b (" qu") ends it: in the ids, not the text
+    assert seq.finish_reason == "stop" and seq.stop_reason == b  # vLLM: None only for the primary EOS
+
+
+def test_stop_token_id_stays_out_of_the_text_as_in_vllm(tok):
+    ids = tok.encode(TEXT)
+    seq = make_seq(tok, stop_token_ids=[ids[2]])
+    kept, delta = seq.commit(ids)
+    assert kept == ids[:3] and delta == seq.text == "The qu"  # "ick" ended it
+
+
+def test_end_token_ids_put_the_tokenizers_eos_first(tok):
+    from specsplit.speculation.sequence import end_token_ids
+
+    assert tok.eos_token_id == EOS
+    assert end_token_ids((7, 0, 9), tok) == (0, 7, 9)
+    assert end_token_ids((7, 9), None) == (7, 9)
