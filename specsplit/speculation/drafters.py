@@ -27,6 +27,7 @@ from specsplit.sampling.logits import (
 )
 from specsplit.sampling.params import SamplingParams
 from specsplit.speculation.session import SessionError, UnknownSession, check_token_ids
+from specsplit.speculation.target import default_prefill_chunk, plan_chunks
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Proposal:
     q_probs: Tensor | None = None  # [k, K]
     draft_ns: int = 0  # the batched step(s) that made it
     queue_ns: int = 0  # served: how long the request waited for its batch (as the draft tier reported it)
+    prefilling: bool = False  # empty because this step cached a chunk of a long prompt instead
 
 
 @dataclass
@@ -198,14 +200,20 @@ class NgramDrafter(Drafter):
 
 
 class DraftModelDrafter(Drafter):
-    """A small causal LM with its own paged cache, drafting a whole batch per forward."""
+    """A small causal LM with its own paged cache, drafting a whole batch per forward.
+
+    Chunked prefill as the target's (target.py): a session with more than the step's share of
+    `prefill_chunk` tokens still to cache gets a chunk of them and an empty proposal (which the
+    caller verifies as a plain round), so no step is unbounded.
+    """
 
     method = "draft_model"
 
-    def __init__(self, runner: ModelRunner, top_k: int = 32) -> None:
+    def __init__(self, runner: ModelRunner, top_k: int = 32, prefill_chunk: int | None = None) -> None:
         super().__init__(runner.cfg.vocab_size, runner.device)
         self.runner = runner
         self.top_k = top_k
+        self.prefill_chunk = prefill_chunk or default_prefill_chunk(runner.device)
 
     def _on_open(self, seq_id: int) -> None:
         self.runner.add(seq_id)
@@ -218,6 +226,20 @@ class DraftModelDrafter(Drafter):
             self.runner.truncate(seq_id, valid)
 
     def _draft(self, reqs: list[DraftRequest]) -> list[Proposal]:
+        uncached = [len(self.sessions[r.seq_id].tokens) - self.runner.length(r.seq_id) for r in reqs]
+        chunks = plan_chunks(uncached, uncached, self.prefill_chunk)
+        cut = [StepInput(r.seq_id, self._uncached(r.seq_id)[:n]) for r, n in zip(reqs, chunks, strict=True) if n]
+        if cut:
+            self.runner.forward(cut)  # prefill only: the logits are not used
+        whole = [r for r, n in zip(reqs, chunks, strict=True) if n is None]
+        made = dict(zip([r.seq_id for r in whole], self._draft_blocks(whole), strict=True)) if whole else {}
+        return [made.get(r.seq_id, Proposal([], prefilling=True)) for r in reqs]
+
+    def _uncached(self, seq_id: int) -> list[int]:
+        return self.sessions[seq_id].tokens[self.runner.length(seq_id) :]
+
+    def _draft_blocks(self, reqs: list[DraftRequest]) -> list[Proposal]:
+        """Draft k tokens for each request, whose uncached tokens fit one step."""
         sessions = [self.sessions[r.seq_id] for r in reqs]
         batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
         if batch.any_penalty or batch.any_output_penalty:

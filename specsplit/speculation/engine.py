@@ -134,8 +134,9 @@ class SpecEngine:
                             self.drafter.close(r.seq.seq_id)
                     self._preempt_one()
                     return self._reap()
-                self.costs.observe_draft_call(time.perf_counter() - t0, max(q.k for q in reqs),
-                                              max(len(q.new_tokens) for q in reqs), self.k_max)
+                if not any(p.prefilling for p in props):  # a prompt chunk is no draft cost
+                    self.costs.observe_draft_call(time.perf_counter() - t0, max(q.k for q in reqs),
+                                                  max(len(q.new_tokens) for q in reqs), self.k_max)
                 for q, p in zip(reqs, props, strict=True):
                     drafts[q.seq_id] = p
                     run = next(r for r in self.running if r.seq.seq_id == q.seq_id)
@@ -155,8 +156,11 @@ class SpecEngine:
         except OutOfKVMemory:
             self._preempt_one()
             return self._reap()
-        self.costs.observe_verify(max(len(i.draft_ids) for i in items), time.perf_counter() - t0)
+        if not any(r.pending for r in results):  # a prompt chunk is no verify cost
+            self.costs.observe_verify(max(len(i.draft_ids) for i in items), time.perf_counter() - t0)
         for r, it, res in zip(self.running, items, results, strict=True):
+            if res.pending:  # a chunk of a long prompt went in; its first token comes in a later step
+                continue
             k = len(it.draft_ids)
             r.drafter_valid += res.num_accepted if k else 0
             if res.hidden_states is not None:

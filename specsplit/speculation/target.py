@@ -5,6 +5,11 @@ A session's cache holds every committed token except the last one the target emi
 One step per session therefore feeds `[pending] + drafts` (or `prompt + drafts` on the
 first step), reads logits at the last `len(drafts) + 1` positions, and keeps
 `accepted` drafts: the rollback is a cache truncation.
+
+Chunked prefill: a step feeds at most `prefill_chunk` prompt tokens in all (beyond the short
+rounds of sessions that are decoding). A session with more left to prefill gets a chunk of its
+prompt and a result with no token (`prefill` says how far it is) and is asked again, so no step
+is unbounded and other sessions' rounds go on between the chunks of a long prompt.
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ class TargetSession:
     num_logprobs: int | None = None
     prompt_len: int = 0  # history[prompt_len:] was generated (frequency / presence penalties)
     prompt_logprobs_due: bool = False  # the next step returns the prompt's logprobs (echo)
+    # what the chunks of a long prompt produced, handed over with the session's first token
+    prompt_lps: list[dict[int, float]] = field(default_factory=list)
+    prompt_lp_ids: list[int] = field(default_factory=list)
+    hidden: list[Tensor] = field(default_factory=list)  # EAGLE: states of the chunks fed so far
 
 
 @dataclass
@@ -62,7 +71,7 @@ class VerifyItem:
 class VerifyResult:
     seq_id: int
     num_accepted: int  # drafts kept, 0..len(draft_ids)
-    emitted: list[int]  # draft_ids[:num_accepted] + [next token]
+    emitted: list[int]  # draft_ids[:num_accepted] + [next token]; empty while prefilling
     logprobs: list[dict[int, float]] | None  # per emitted token: {id: logprob} incl. top-N
     verify_ns: int  # wall time of the batched step this result came from
     # on a session's first step when asked: tokens 1.. of its opening ids, {id: logprob} each
@@ -72,16 +81,35 @@ class VerifyResult:
     # the target's state at every fed position up to the last accepted one, i.e. the state that
     # predicted each token after it; D = len(hidden_layers) * hidden_size
     hidden_states: Tensor | None = None
+    prefill: tuple[int, int] | None = None  # (tokens prefilled, of) when this step fed only a chunk
+
+    @property
+    def pending(self) -> bool:
+        """Only a chunk of the prompt was fed: step the same item again for its token."""
+        return self.prefill is not None
+
+
+MIN_CHUNK = 32  # the first prefilling session of a step gets at least this many tokens
+ROUND_TOKENS = 64  # a feed this short (pending token + a block) is a round, never cut
+
+
+def default_prefill_chunk(device: torch.device) -> int:
+    """Prompt tokens per step: a few seconds of work for a small model on a CPU; on a GPU a
+    chunk large enough to keep the device busy."""
+    return 2048 if device.type == "cuda" else 512
 
 
 class TargetVerifier:
     """Owns the target runner and every open session's sampling state."""
 
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, prefill_chunk: int | None = None) -> None:
         self.runner = runner
         self.sessions: dict[int, TargetSession] = {}
         self.vocab_size = runner.cfg.vocab_size
         self.hidden_layers: tuple[int, ...] = ()  # layers whose states each step returns (EAGLE heads)
+        self.prefill_chunk = prefill_chunk or default_prefill_chunk(runner.device)
+        if self.prefill_chunk < MIN_CHUNK:
+            raise ValueError(f"prefill_chunk must be >= {MIN_CHUNK}, got {self.prefill_chunk}")
 
     def expose_hidden(self, layers: tuple[int, ...]) -> None:
         """Return hidden states from every step from now on (numbering of `ModelRunner.forward_hidden`)."""
@@ -132,58 +160,67 @@ class TargetVerifier:
             if not s.params.greedy and it.draft_ids and it.q_ids is None:
                 raise SessionError(f"session {it.seq_id}: a sampled request needs the draft distribution q")
             sessions.append(s)
-        # a session due its prompt logprobs reads logits at every fed position, not only k + 1
-        extra = [len(s.unfed) - 1 if s.prompt_logprobs_due else 0 for s in sessions]
-        # EAGLE: the target's states at every fed position (the head drafts from them)
-        n_hidden = [len(s.unfed) + len(it.draft_ids) if self.hidden_layers else 0
-                    for it, s in zip(items, sessions, strict=True)]
-        inputs = [StepInput(it.seq_id, s.unfed + it.draft_ids, len(it.draft_ids) + 1 + e, n)
-                  for it, s, e, n in zip(items, sessions, extra, n_hidden, strict=True)]
-        hidden = None
-        if self.hidden_layers:
-            logits, hidden = self.runner.forward_hidden(inputs, self.hidden_layers)  # hidden: [sum(n_hidden), D]
-        else:
-            logits = self.runner.forward(inputs)  # [sum(extra_i + k_i + 1), V]
-        prompt_lps: list[list[dict[int, float]] | None] = [[] if s.prompt_logprobs_due else None for s in sessions]
-        if any(extra):
-            logits, prompt_lps = self._split_prompt_logits(logits, items, sessions, extra)
-        for s in sessions:
-            s.prompt_logprobs_due = False
-        results = self._accept(items, sessions, logits)
-        for r, lps, s in zip(results, prompt_lps, sessions, strict=True):
-            r.prompt_logprobs = lps
-            r.prompt_ids = s.unfed[1:] if lps else None
+        chunks = plan_chunks([len(s.unfed) + len(it.draft_ids) for it, s in zip(items, sessions, strict=True)],
+                             [len(s.unfed) for s in sessions], self.prefill_chunk)
+        # per item: what it feeds, and its rows of logits and of hidden states in the step's output
+        inputs: list[StepInput] = []
+        spans: list[tuple[int, int, int, int, int]] = []  # (logit row, prompt rows, rows, hidden row, hidden rows)
+        row = hrow = 0
+        for it, s, n in zip(items, sessions, chunks, strict=True):
+            feed = s.unfed + it.draft_ids if n is None else s.unfed[:n]
+            # a session due its prompt logprobs reads logits at every fed prompt position
+            e = (len(s.unfed) - 1 if n is None else n) if s.prompt_logprobs_due else 0
+            rows = e + len(it.draft_ids) + 1 if n is None else max(e, 1)  # a chunk's one row is unused
+            nh = len(feed) if self.hidden_layers else 0  # EAGLE: the state at every fed position
+            spans.append((row, e, rows if feed else 0, hrow, nh))
+            if feed:
+                inputs.append(StepInput(it.seq_id, feed, rows, nh))
+                row, hrow = row + rows, hrow + nh
+        logits = hidden = None
+        if inputs and self.hidden_layers:
+            logits, hidden = self.runner.forward_hidden(inputs, self.hidden_layers)  # [rows, V], [hidden rows, D]
+        elif inputs:
+            logits = self.runner.forward(inputs)  # [rows, V]
+        whole = [i for i, n in enumerate(chunks) if n is None]
+        results: list[VerifyResult | None] = [None] * len(items)
+        if whole:
+            assert logits is not None
+            sel = [r for i in whole for r in range(spans[i][0] + spans[i][1], spans[i][0] + spans[i][2])]
+            lg = logits if len(sel) == logits.shape[0] else logits[torch.tensor(sel, device=logits.device)]
+            for i, r in zip(whole, self._accept([items[i] for i in whole], [sessions[i] for i in whole], lg),
+                            strict=True):
+                results[i] = r
         dt = time.perf_counter_ns() - t0
-        offset = 0
-        for it, s, r, n in zip(items, sessions, results, n_hidden, strict=True):
+        out: list[VerifyResult] = []
+        for it, s, r, n, (r0, e, _, h0, nh) in zip(items, sessions, results, chunks, spans, strict=True):
+            fed = (s.unfed if n is None else s.unfed[: n + 1])[: e + 1]  # the prompt rows predict fed[1:]
+            if e:
+                assert logits is not None
+                ids = torch.tensor(fed[1:], device=logits.device)
+                s.prompt_lps.extend(self._to_dicts(*logprobs_of(logits[r0 : r0 + e], ids, s.params.prompt_logprobs or 0),
+                                                   fed[1:]))
+                s.prompt_lp_ids.extend(fed[1:])
+            if r is None:  # prefilling: n tokens of the prompt went in (possibly none this step)
+                if hidden is not None and nh:
+                    s.hidden.append(hidden[h0 : h0 + nh])
+                del s.unfed[: n or 0]
+                done = self.runner.length(it.seq_id)
+                out.append(VerifyResult(it.seq_id, 0, [], None, dt, prefill=(done, done + len(s.unfed))))
+                continue
             if hidden is not None:  # states up to the last accepted position; the rest were rejected
-                r.hidden_states = hidden[offset : offset + len(s.unfed) + r.num_accepted]
-                offset += n
-            fed = self.runner.length(it.seq_id)
-            self.runner.truncate(it.seq_id, fed - len(it.draft_ids) + r.num_accepted)
+                s.hidden.append(hidden[h0 : h0 + len(s.unfed) + r.num_accepted])
+                r.hidden_states = torch.cat(s.hidden) if len(s.hidden) > 1 else s.hidden[0]
+                s.hidden = []
+            if s.prompt_logprobs_due:
+                r.prompt_logprobs, r.prompt_ids = s.prompt_lps, s.prompt_lp_ids or None
+                s.prompt_logprobs_due, s.prompt_lps, s.prompt_lp_ids = False, [], []
+            done = self.runner.length(it.seq_id)
+            self.runner.truncate(it.seq_id, done - len(it.draft_ids) + r.num_accepted)
             s.history.extend(r.emitted)
             s.unfed = [r.emitted[-1]]
             r.verify_ns = dt
-        return results
-
-    def _split_prompt_logits(self, logits: Tensor, items: list[VerifyItem], sessions: list[TargetSession],
-                             extra: list[int]) -> tuple[Tensor, list[list[dict[int, float]] | None]]:
-        """Take the prompt positions' rows out of `logits` # [sum(extra + k + 1), V]: the raw
-        model logprobs of tokens 1.. of each due session's fed ids (vLLM's prompt logprobs)."""
-        keep: list[int] = []
-        out: list[list[dict[int, float]] | None] = []
-        offset = 0
-        for it, s, e in zip(items, sessions, extra, strict=True):
-            n = e + len(it.draft_ids) + 1
-            if e:
-                ids = torch.tensor(s.unfed[1:], device=logits.device)  # [e] the tokens each row predicts
-                out.append(self._to_dicts(*logprobs_of(logits[offset : offset + e], ids, s.params.prompt_logprobs or 0),
-                                          s.unfed[1:]))
-            else:
-                out.append([] if s.prompt_logprobs_due else None)
-            keep.extend(range(offset + e, offset + n))
-            offset += n
-        return logits[torch.tensor(keep, device=logits.device)], out
+            out.append(r)
+        return out
 
     def _accept(self, items: list[VerifyItem], sessions: list[TargetSession], logits: Tensor) -> list[VerifyResult]:
         if all(argmax_is_enough(s.params) and s.num_logprobs is None for s in sessions):
@@ -273,3 +310,27 @@ class TargetVerifier:
             d[tok] = float(chosen[j])
             out.append(d)
         return out
+
+
+def plan_chunks(feeds: list[int], prompts: list[int], budget: int) -> list[int | None]:
+    """How much of each item a step feeds: None = all of it (a round, or a prompt that fits the
+    budget left), else a chunk of n < prompts[i] prompt tokens (0: none this step).
+
+    `feeds[i]` is what item i would feed whole, `prompts[i]` its part still to prefill. Rounds
+    always go whole; prompts share `budget` in item order, and the first prompt that has to be
+    cut gets at least MIN_CHUNK tokens, so every step moves some prefill forward.
+    """
+    left = budget
+    cut_one = False
+    out: list[int | None] = []
+    for feed, prompt in zip(feeds, prompts, strict=True):
+        if feed <= ROUND_TOKENS or feed <= left or prompt <= 1:
+            out.append(None)
+            left -= feed
+            continue
+        n = max(left, 0 if cut_one else MIN_CHUNK)
+        n = min(n, prompt - 1)  # the last prompt token goes with the block, whose logits it gives
+        out.append(max(n, 0))
+        left -= max(n, 0)
+        cut_one = True
+    return out
