@@ -38,7 +38,7 @@ class DraftServicer(SessionServicer[DraftRequest, Proposal], draft_pb2_grpc.Draf
     def reply(self, msg: draft_pb2.DraftPropose, result: Proposal, queue_ns: int) -> draft_pb2.DraftServerMessage:
         return draft_pb2.DraftServerMessage(proposal=draft_pb2.DraftProposal(
             round_id=msg.round_id, token_ids=result.token_ids, q=sparse_to_pb(result.q_ids, result.q_probs),
-            draft_ns=result.draft_ns, queue_ns=queue_ns,
+            draft_ns=result.draft_ns, queue_ns=queue_ns, prefilling=result.prefilling,
         ))
 
     def warmup_request(self, seq_id: int, prompt_len: int) -> DraftRequest:

@@ -198,6 +198,7 @@ class GatewayCore:
                        IncrementalDetokenizer(self.tokenizer, prompt.token_ids), index=index)
         loop: CompletionLoop | DirectLoop = DirectLoop(seq, self.targets, self.drafts, self.opts) \
             if self.cfg.round_mode == "direct" else CompletionLoop(seq, self.targets, self.drafts, self.costs, self.opts)
+        recorded = False
         try:
             first = True
             async for delta in loop.run():
@@ -207,7 +208,8 @@ class GatewayCore:
                     delta.prompt_logprobs = seq.prompt_logprobs or [None]
                 first = False
                 out.put_nowait(delta)
-            self.metrics.record(loop.stats)
+            self.metrics.record(loop.stats, loop.failures)
+            recorded = True
             self._add_timeline(loop.stats, loop.times, len(seq.output_ids))
             out.put_nowait(Finished(index, loop.stats, len(prompt.token_ids), len(seq.output_ids),
                                     seq.finish_reason, seq.stop_reason, prompt_index))
@@ -216,6 +218,8 @@ class GatewayCore:
         except BaseException as exc:  # noqa: BLE001 - forwarded to the request's stream
             out.put_nowait(exc)
         finally:
+            if not recorded:  # a failed or cancelled completion: its failovers and failures count too
+                self.metrics.record(loop.stats, loop.failures)
             # shielded: `generate` cancels this task as soon as it has read `Finished`, which
             # would otherwise interrupt the close and leave a tier session (and its KV) open
             await asyncio.shield(loop.close())

@@ -37,6 +37,7 @@ class DirectLoop:
         self.stats = SpecMetrics()
         self.times = RoundTimes()
         self.failover = Failover(targets, opts, self.stats)
+        self.failures = self.failover.failures  # (tier, status) -> tier sessions that broke
         self._params_pb = token_choice_to_pb(seq.params)
         self._call: grpc.aio.StreamStreamCall | None = None
         self._bad_drafts: set[str] = set()
@@ -63,6 +64,7 @@ class DirectLoop:
         seq = self.seq
         while not seq.finished:
             target = self.failover.acquire()
+            self.failover.reopened(target)
             draft = self._draft_address()
             start = target_pb2.GenerateStart(
                 token_ids=seq.all_ids, params=self._params_pb,
@@ -90,18 +92,25 @@ class DirectLoop:
                                                                 wait_for_ready=False)
         try:
             await call.write(target_pb2.GenerateClientMessage(start=start))
+            progress: tuple[int, int] | None = None
             while not seq.finished:
                 try:
                     msg = await asyncio.wait_for(call.read(), self.opts.round_timeout_s)
                 except asyncio.TimeoutError:
+                    done = f" after prefilling {progress[0]} of {progress[1]} tokens" if progress else ""
                     raise TierFailure("target", target, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                      f"no round within {self.opts.round_timeout_s:.1f}s") from None
+                                      f"no round and no progress for {self.opts.round_timeout_s:.1f}s{done} "
+                                      "(round timeout)") from None
                 if msg is grpc.aio.EOF:
                     code = await call.code()
                     details = await call.details()
                     if code == grpc.StatusCode.OK:
                         code, details = grpc.StatusCode.UNAVAILABLE, "the completion ended early"
                     raise TierFailure("target", target, code, details or "")
+                if msg.WhichOneof("kind") == "progress":  # a long prefill: slow, not hung
+                    progress = (msg.progress.prefilled, msg.progress.total)
+                    log.debug("target replica %s: prefilled %d of %d tokens", target, *progress)
+                    continue
                 t_relay = time.perf_counter_ns()
                 d = msg.delta
                 self.failover.succeeded()
@@ -132,6 +141,7 @@ class DirectLoop:
                     move = bool(self.drafts.healthy(self._bad_drafts))
                     log.warning("draft replica %s failed (%s): %s", draft, d.draft_failure,
                                 "moving the completion to another draft replica" if move else "plain decoding")
+                    self.failures[("draft", "UNAVAILABLE")] = self.failures.get(("draft", "UNAVAILABLE"), 0) + 1
                     if move:
                         stats.num_failovers += 1
                     else:

@@ -34,6 +34,9 @@ class GatewayMetrics:
         self.sessions = Gauge("specsplit_active_sessions", "Completions running", registry=r)
         self.replica_sessions = Gauge("specsplit_replica_sessions", "Live sessions per replica",
                                       ["tier", "replica"], registry=r)
+        self.tier_failures = Counter("specsplit_tier_failures_total",
+                                     "Tier sessions that broke (round timeout, replica gone, ...), by status",
+                                     ["tier", "code"], registry=r)
         self.total = SpecMetrics()  # every finished completion since start: the gauges' source
 
     def observe_round(self, d: Delta) -> None:
@@ -47,8 +50,10 @@ class GatewayMetrics:
             overhead = max(0, t.round_ns - t.verify_wait_ns - t.draft_wait_ns)
             self.round_seconds.labels("overhead").observe(overhead / 1e9)
 
-    def record(self, m: SpecMetrics) -> None:
-        """Add one finished completion's statistics."""
+    def record(self, m: SpecMetrics, failures: dict[tuple[str, str], int] | None = None) -> None:
+        """Add one completion's statistics (finished or failed) and its broken tier sessions."""
+        for (tier, code), n in (failures or {}).items():
+            self.tier_failures.labels(tier, code).inc(n)
         self.total.add(m)
         for f, counter in self.spec.items():
             counter.inc(getattr(m, f))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from specsplit.proto.v1 import draft_pb2_grpc, target_pb2
@@ -47,14 +47,22 @@ class LocalTarget(TargetLink):
         self._open_fn, self._close_fn = open_fn, close_fn
         self.opened = False
         self.prompt_len: int | None = None  # leading tokens that are the prompt (None: all)
+        self.on_progress: Callable[[int, int], None] | None = None  # (prefilled, total) of a long prefill
 
     async def open(self) -> None:
         await self.batcher.call(self._open_fn, self.seq_id, self.seq.all_ids, self.seq.params, self.prompt_len)
         self.opened = True
 
     async def verify(self, block: list[int], q: Q) -> Verdict:
-        res, queue_ns = await self.batcher.submit(VerifyItem(self.seq_id, list(block), *q))
-        return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, queue_ns, res.prompt_logprobs)
+        item = VerifyItem(self.seq_id, list(block), *q)
+        res, queue_ns = await self.batcher.submit(item)
+        chunked = res.pending
+        while res.prefill is not None:  # a chunk of a long prompt went in: report it, step again
+            if self.on_progress is not None:
+                self.on_progress(*res.prefill)
+            res, queue_ns = await self.batcher.submit(item)
+        return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, queue_ns, res.prompt_logprobs,
+                       chunked)
 
     async def close(self) -> None:
         if self.opened:
@@ -120,13 +128,30 @@ async def run_generate(start: target_pb2.GenerateStart, link: LocalTarget,
     prompt_len = start.prompt_len if start.HasField("prompt_len") else None
     link.prompt_len = prompt_len
     loop = CompletionLoop(seq, link, pool if start.num_speculative_tokens > 0 else None, costs, opts, prompt_len)
+    # rounds and prefill progress reports share the stream: the loop runs beside the writer
+    out: asyncio.Queue[target_pb2.GenerateServerMessage | BaseException | None] = asyncio.Queue()
+    link.on_progress = lambda done, total: out.put_nowait(target_pb2.GenerateServerMessage(
+        progress=target_pb2.PrefillProgress(prefilled=done, total=total)))
+
+    async def rounds() -> None:
+        try:
+            async for delta in loop.run():
+                msg = delta_to_pb(delta)
+                if seq.prompt_logprobs is not None:  # echo: sent once, with the first delta
+                    ids = seq.all_ids[1 : len(seq.prompt_logprobs)]
+                    msg.delta.prompt_logprobs.extend(logprobs_to_pb(seq.prompt_logprobs[1:], ids))  # type: ignore[arg-type]
+                    seq.prompt_logprobs = []  # sent; [] keeps the loop from taking them again
+                out.put_nowait(msg)
+            out.put_nowait(None)
+        except Exception as exc:  # noqa: BLE001 - raised by the writer, as the stream's status
+            out.put_nowait(exc)
+
+    task = asyncio.ensure_future(rounds())
     try:
-        async for delta in loop.run():
-            msg = delta_to_pb(delta)
-            if seq.prompt_logprobs is not None:  # echo: sent once, with the first delta
-                ids = seq.all_ids[1 : len(seq.prompt_logprobs)]
-                msg.delta.prompt_logprobs.extend(logprobs_to_pb(seq.prompt_logprobs[1:], ids))  # type: ignore[arg-type]
-                seq.prompt_logprobs = []  # sent; [] keeps the loop from taking them again
+        while (msg := await out.get()) is not None:
+            if isinstance(msg, BaseException):
+                raise msg
             yield msg
     finally:
+        task.cancel()
         await asyncio.shield(loop.close())  # a cancelled caller must still free both tiers' KV

@@ -55,6 +55,12 @@ class TargetServicer(SessionServicer[VerifyItem, VerifyResult], target_pb2_grpc.
             queue_ns=queue_ns, prompt_logprobs=logprobs_to_pb(result.prompt_logprobs, result.prompt_ids or []),
         ))
 
+    def progress(self, msg: target_pb2.TargetVerify, result: VerifyResult) -> target_pb2.TargetServerMessage | None:
+        if result.prefill is None:
+            return None
+        return target_pb2.TargetServerMessage(progress=target_pb2.PrefillProgress(
+            round_id=msg.round_id, prefilled=result.prefill[0], total=result.prefill[1]))
+
     def warmup_request(self, seq_id: int, prompt_len: int) -> VerifyItem:
         return VerifyItem(seq_id, [1, 2, 3])
 

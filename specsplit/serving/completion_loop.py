@@ -111,6 +111,7 @@ class Verdict:
     verify_ns: int = 0
     queue_ns: int = 0
     prompt_logprobs: list[dict[int, float]] | None = None  # the first verdict, when asked: tokens 1.. of the prompt
+    chunked: bool = False  # a long prompt was prefilled chunk by chunk first: not a verify's cost
 
 
 class TargetLink(ABC):
@@ -166,7 +167,11 @@ class Failover:
 
     def __init__(self, pool: ReplicaPool, opts: LoopOptions, stats: SpecMetrics) -> None:
         self.pool, self.opts, self.stats = pool, opts, stats
+        self.failures: dict[tuple[str, str], int] = {}  # (tier, status) -> broken sessions (a metric)
         self._bad: set[str] = set()
+        # replicas where a round timed out: it would time out there again, so it is never re-run there
+        self._timed_out: set[str] = set()
+        self._failed_at: str | None = None  # the replica whose session broke, until one is open again
         self._failures_in_row = 0  # failovers since the last good round
         self._kv_wait_since: float | None = None  # first KV refusal since the last good round
         self._kv_refusals = 0  # KV refusals since the last good round
@@ -190,18 +195,40 @@ class Failover:
             if f.code in CALLER_ERRORS:
                 raise ValueError(str(f)) from None
             raise Unavailable(str(f)) from None
-        self.stats.num_failovers += 1
-        log.warning("%s; re-opening the session on another replica", f)
+        key = (self.pool.tier, f.code.name)
+        self.failures[key] = self.failures.get(key, 0) + 1
+        log.warning("%s", f)
         self.pool.mark_failed(f.address)
         self._bad.add(f.address)
+        self._failed_at = f.address
+        if f.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            # no progress for a whole round timeout: it would do the same again on that replica,
+            # so the round is re-run only on another one
+            self._timed_out.add(f.address)
         self._failures_in_row += 1
         if self._failures_in_row > self.opts.max_failovers:
             raise Unavailable(f"gave up after {self._failures_in_row} failed attempts; last: {f}") from None
         if not self.pool.healthy(self._bad):
+            if not [a for a in self.pool.addresses if a not in self._timed_out]:
+                raise Unavailable(f"{f}; no other {self.pool.tier} replica to move the session to (a round "
+                                  "that timed out is not re-run on the replica where it did)") from None
             # every replica failed once: retry them all (one may be back) after a backoff, so a
             # tier that is down costs a few seconds of retries and then UNAVAILABLE, never a hang
             self._bad.clear()
+            self._bad.update(self._timed_out)
             await asyncio.sleep(backoff_s(self._failures_in_row))
+
+    def reopened(self, address: str) -> None:
+        """A session starts on `address`: a failover if an earlier one broke on another replica."""
+        failed, self._failed_at = self._failed_at, None
+        if failed is None:
+            return
+        if failed != address:
+            self.stats.num_failovers += 1
+            log.warning("%s session moved from replica %s to %s", self.pool.tier, failed, address)
+        else:
+            log.warning("%s session re-opened on replica %s, where it failed (no other replica was up)",
+                        self.pool.tier, address)
 
     async def _wait_for_kv(self, f: TierFailure) -> None:
         """Not a replica failure: the replica stays in rotation and no failover is counted. The
@@ -235,6 +262,7 @@ class RemoteTarget(TargetLink):
     async def open(self) -> None:
         while True:
             s = TierSession(self.pool, self.failover.acquire(), self.opts.session_timeout_s)
+            self.failover.reopened(s.address)
             try:
                 await s.send(target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(
                     token_ids=self.all_ids(), params=self.params_pb, prompt_len=self.prompt_len)))
@@ -257,7 +285,8 @@ class RemoteTarget(TargetLink):
                 res = verify_result_from_pb(pb, 0, block)
                 prompt = logprobs_from_pb(list(pb.prompt_logprobs), self.all_ids()[1 : len(pb.prompt_logprobs) + 1]) \
                     if pb.prompt_logprobs else None
-                return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, pb.queue_ns, prompt)
+                return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, pb.queue_ns, prompt,
+                               self.session.progress is not None)  # type: ignore[union-attr]
             except TierFailure as f:
                 s, self.session = self.session, None
                 await s.close()  # type: ignore[union-attr]
@@ -288,6 +317,8 @@ class CompletionLoop:
         self._params_pb = token_choice_to_pb(seq.params)
         self.target: TargetLink = target if isinstance(target, TargetLink) else \
             RemoteTarget(target, lambda: self.seq.all_ids, self._params_pb, opts, self.stats, self.prompt_len)
+        # (tier, status) -> tier sessions that broke (a metric): the target's failover's and the draft's
+        self.failures = self.target.failover.failures if isinstance(self.target, RemoteTarget) else {}
         self.draft: TierSession | None = None
         self.draft_valid = 0  # committed tokens the draft session holds
         self._round = 0
@@ -331,6 +362,8 @@ class CompletionLoop:
         if not f.retryable:
             self._fall_back(f"the draft tier refused the session ({f})")
             return
+        key = ("draft", f.code.name)
+        self.failures[key] = self.failures.get(key, 0) + 1
         self.stats.num_failovers += 1
         log.warning("%s; re-opening the draft session on another replica", f)
         self.drafts.mark_failed(f.address)  # type: ignore[union-attr]
@@ -434,7 +467,8 @@ class CompletionLoop:
                 m.num_emitted_tokens += len(kept)
                 if block:
                     self.adaptive.observe(len(block), a)
-                self.costs.observe_verify(len(block), t_verify / 1e9)
+                if not res.chunked:  # a chunked prefill is no verify cost
+                    self.costs.observe_verify(len(block), t_verify / 1e9)
                 drafted_block = block
                 if seq.finished:
                     timing.round_ns = time.perf_counter_ns() - t_round
@@ -468,6 +502,7 @@ class CompletionLoop:
                             self.draft_valid = len(seq.all_ids)
                             block, q = list(prop.token_ids), (prop.q_ids, prop.q_probs)
                             timing.draft_ns, timing.draft_queue_ns = prop.draft_ns, prop.queue_ns
+                        if prop is not None and not prop.prefilling:  # a prompt chunk is no draft cost
                             self.costs.observe_draft_call((time.perf_counter_ns() - t_prop) / 1e9,
                                                           max(1, len(prop.token_ids)), catch_up,
                                                           self.adaptive.k_max)

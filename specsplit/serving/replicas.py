@@ -121,6 +121,7 @@ class TierSession:
         self.call = pool.stub(address).Session(timeout=timeout_s, wait_for_ready=False)
         self._lock = asyncio.Lock()
         self.closed = False
+        self.progress: tuple[int, int] | None = None  # (prefilled, total): last progress report of this round
 
     async def send(self, msg: Any) -> None:
         try:
@@ -131,17 +132,32 @@ class TierSession:
             raise await self._final_failure() from None
 
     async def request(self, msg: Any, timeout_s: float) -> Any:
-        """Send one round and wait for its answer; the deadline covers the write too (a stalled link)."""
-        async with self._lock:
-            try:
-                return await asyncio.wait_for(self._round(msg), timeout_s)
-            except asyncio.TimeoutError:
-                self.call.cancel()
-                raise TierFailure(self.pool.tier, self.address, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  f"round took longer than {timeout_s:.1f}s") from None
+        """Send one round and wait for its answer.
 
-    async def _round(self, msg: Any) -> Any:
-        await self.send(msg)
+        The deadline covers the write (a stalled link) and then each message read: a replica
+        prefilling a long prompt in chunks sends progress reports, each of which restarts it, so
+        a slow replica is told from a hung one and no round is unbounded.
+        """
+        async with self._lock:
+            self.progress = None
+            await self._within(self.send(msg), timeout_s)
+            while True:
+                resp = await self._within(self._read(), timeout_s)
+                if resp.WhichOneof("kind") != "progress":
+                    return resp
+                self.progress = (resp.progress.prefilled, resp.progress.total)
+                log.debug("%s replica %s: prefilled %d of %d tokens", self.pool.tier, self.address, *self.progress)
+
+    async def _within(self, step: Any, timeout_s: float) -> Any:
+        try:
+            return await asyncio.wait_for(step, timeout_s)
+        except asyncio.TimeoutError:
+            self.call.cancel()
+            done = f" after prefilling {self.progress[0]} of {self.progress[1]} tokens" if self.progress else ""
+            raise TierFailure(self.pool.tier, self.address, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no answer and no progress for {timeout_s:.1f}s{done} (round timeout)") from None
+
+    async def _read(self) -> Any:
         try:
             resp = await self.call.read()
         except grpc.aio.AioRpcError as e:

@@ -78,6 +78,10 @@ class SessionServicer(ABC, Generic[Req, Res]):
     def reply(self, msg: Any, result: Res, queue_ns: int) -> Any:
         """The engine's result as the stream's server message."""
 
+    def progress(self, msg: Any, result: Res) -> Any | None:
+        """A progress message when `result` is unfinished work (a chunk of a long prompt), else None."""
+        return None
+
     @abstractmethod
     def warmup_request(self, seq_id: int, prompt_len: int) -> Req:
         """A small request for a session of `prompt_len` tokens, run once before SERVING."""
@@ -110,7 +114,11 @@ class SessionServicer(ABC, Generic[Req, Res]):
                 if msg.WhichOneof("kind") != self.step_kind:
                     raise SessionError(f"after 'open', a {self.tier} session only takes '{self.step_kind}' messages")
                 step = getattr(msg, self.step_kind)
-                result, queue_ns = await self.batcher.submit(self.request(seq_id, step))
+                req = self.request(seq_id, step)
+                result, queue_ns = await self.batcher.submit(req)
+                while (note := self.progress(step, result)) is not None:  # slow, not hung: step again
+                    yield note
+                    result, queue_ns = await self.batcher.submit(req)
                 yield self.reply(step, result, queue_ns)
         except Exception as exc:
             self.metrics.errors.labels(status_for(exc)[0].name).inc()

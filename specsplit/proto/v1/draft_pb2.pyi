@@ -38,18 +38,20 @@ class DraftClientMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[DraftOpen, _Mapping]] = ..., propose: _Optional[_Union[DraftPropose, _Mapping]] = ...) -> None: ...
 
 class DraftProposal(_message.Message):
-    __slots__ = ("round_id", "token_ids", "q", "draft_ns", "queue_ns")
+    __slots__ = ("round_id", "token_ids", "q", "draft_ns", "queue_ns", "prefilling")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     DRAFT_NS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
+    PREFILLING_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDistribution]
     draft_ns: int
     queue_ns: int
-    def __init__(self, round_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., draft_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ...) -> None: ...
+    prefilling: bool
+    def __init__(self, round_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., draft_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., prefilling: bool = ...) -> None: ...
 
 class DraftServerMessage(_message.Message):
     __slots__ = ("proposal",)

@@ -53,11 +53,23 @@ class VerifyResult(_message.Message):
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
     def __init__(self, round_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
+class PrefillProgress(_message.Message):
+    __slots__ = ("round_id", "prefilled", "total")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILLED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    prefilled: int
+    total: int
+    def __init__(self, round_id: _Optional[int] = ..., prefilled: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
 class TargetServerMessage(_message.Message):
-    __slots__ = ("result",)
+    __slots__ = ("result", "progress")
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     result: VerifyResult
-    def __init__(self, result: _Optional[_Union[VerifyResult, _Mapping]] = ...) -> None: ...
+    progress: PrefillProgress
+    def __init__(self, result: _Optional[_Union[VerifyResult, _Mapping]] = ..., progress: _Optional[_Union[PrefillProgress, _Mapping]] = ...) -> None: ...
 
 class Stopping(_message.Message):
     __slots__ = ("max_new_tokens", "end_token_ids")
@@ -132,7 +144,9 @@ class GenerateDelta(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., pipelined: bool = ..., timing: _Optional[_Union[RoundTiming, _Mapping]] = ..., draft_failure: _Optional[str] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class GenerateServerMessage(_message.Message):
-    __slots__ = ("delta",)
+    __slots__ = ("delta", "progress")
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     delta: GenerateDelta
-    def __init__(self, delta: _Optional[_Union[GenerateDelta, _Mapping]] = ...) -> None: ...
+    progress: PrefillProgress
+    def __init__(self, delta: _Optional[_Union[GenerateDelta, _Mapping]] = ..., progress: _Optional[_Union[PrefillProgress, _Mapping]] = ...) -> None: ...
