@@ -37,7 +37,7 @@ class GatewayConfig:
     # direct: the target tier drives the rounds and streams to the draft tier itself (one network
     # hop per round instead of four through the gateway); gateway: the gateway drives them
     round_mode: str = "direct"
-    round_timeout_s: float = 30.0  # a round slower than this counts as a failed replica
+    round_timeout_s: float = 30.0  # a round with no answer nor progress report for this long: failed replica
     kv_wait_s: float = 30.0  # how long a session waits for KV memory on the target tier before 429
     request_timeout_s: float = 600.0  # deadline of a request without a client deadline
     shutdown_grace_seconds: float = 30.0  # SIGTERM: time for in-flight requests to finish

@@ -82,7 +82,8 @@ def _server_flags(p: argparse.ArgumentParser, grpc_port: int, metrics: bool = Tr
     _add(p, "--grpc-port", type=int, default=grpc_port, help="gRPC port")
     if metrics:
         _add(p, "--metrics-port", type=int, default=9100, help="Prometheus /metrics port (0 = off)")
-    _add(p, "--shutdown-grace-seconds", type=float, default=30.0, help="SIGTERM drain time")
+    _add(p, "--shutdown-grace-seconds", type=float, default=30.0, help="on SIGTERM: NOT_SERVING, new calls refused, "
+         "calls in flight get this long to finish before they are handed back (UNAVAILABLE); then exit 0")
     _add(p, "--log-level", default="info", help="debug, info, warning")
     _add(p, "--tls-cert", help="PEM certificate (chain) to serve TLS with; without it the port is plaintext")
     _add(p, "--tls-key", help="PEM private key of --tls-cert")
@@ -138,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--max-model-len", type=int, help="context limit (default: the model's)")
     _add(p, "--max-prompt-tokens", type=int, help="longest prompt accepted (default: the context minus one)")
     _add(p, "--max-tokens-limit", type=int, default=8192, help="largest max_tokens a request may ask for")
-    _add(p, "--round-timeout", type=float, default=30.0, help="seconds a tier may take for one round before "
-         "the round is re-run on another replica")
+    _add(p, "--round-timeout", type=float, default=30.0, help="seconds a tier may go without answering a round "
+         "or reporting prefill progress before the session moves to another replica (never re-run on the same one)")
     _add(p, "--request-timeout", type=float, default=600.0, help="deadline of a request without a client deadline")
     _add(p, "--kv-wait", type=float, default=30.0, help="seconds a request waits for KV memory on the target "
          "tier before RESOURCE_EXHAUSTED / 429")

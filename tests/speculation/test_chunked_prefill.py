@@ -8,7 +8,13 @@ import pytest
 from specsplit.runtime.runner import ModelRunner
 from specsplit.sampling.params import SamplingParams
 from specsplit.speculation.drafters import DraftModelDrafter, DraftRequest
-from specsplit.speculation.target import MIN_CHUNK, ROUND_TOKENS, TargetVerifier, VerifyItem, plan_chunks
+from specsplit.speculation.target import (
+    MIN_CHUNK,
+    ROUND_TOKENS,
+    TargetVerifier,
+    VerifyItem,
+    plan_chunks,
+)
 
 GREEDY = SamplingParams(temperature=0.0)
 LONG = [(7 * i + 3) % 300 + 5 for i in range(300)]  # a 300-token prompt
