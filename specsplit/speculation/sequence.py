@@ -7,7 +7,7 @@ that falls inside a drafted block ends the sequence exactly where the target alo
 
 End tokens as vLLM handles them: the token that ended the sequence (an EOS or one of
 `stop_token_ids`) stays in the token ids, its text stays out of `.text`, the finish reason is
-"stop", and the stop reason is None for the tokenizer's EOS and the token id for any other
+"stop", and the stop reason is None for the model's EOS and the token id for any other
 (a generation config's further EOS ids, stop_token_ids), so which token ended it is never lost.
 """
 
@@ -47,11 +47,11 @@ class IncrementalDetokenizer:
 
 
 def end_token_ids(model_eos: tuple[int, ...], tokenizer: Any) -> tuple[int, ...]:
-    """Every id that ends generation, the tokenizer's EOS first (the one reported as stop reason
-    None), then the model's config and generation config ids in their order."""
+    """Every id that ends generation: the model config's EOS first (the one reported as stop
+    reason None; for the catalogue models it is also the tokenizer's), then its generation
+    config's, then the tokenizer's EOS if it differs."""
     tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    first = [int(tok_eos)] if tok_eos is not None else list(model_eos[:1])
-    return tuple(dict.fromkeys([*first, *model_eos]))
+    return tuple(dict.fromkeys([*model_eos, *([int(tok_eos)] if tok_eos is not None else [])]))
 
 
 @dataclass

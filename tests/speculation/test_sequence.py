@@ -168,9 +168,10 @@ def test_stop_token_id_stays_out_of_the_text_as_in_vllm(tok):
     assert kept == ids[:3] and delta == seq.text == "The qu"  # "ick" ended it
 
 
-def test_end_token_ids_put_the_tokenizers_eos_first(tok):
+def test_end_token_ids_put_the_models_eos_first_and_add_the_tokenizers(tok):
     from specsplit.speculation.sequence import end_token_ids
 
     assert tok.eos_token_id == EOS
-    assert end_token_ids((7, 0, 9), tok) == (0, 7, 9)
-    assert end_token_ids((7, 9), None) == (7, 9)
+    assert end_token_ids((7, 0, 9), tok) == (7, 0, 9)
+    assert end_token_ids((7, 9), tok) == (7, 9, 0)
+    assert end_token_ids((), tok) == (0,)
