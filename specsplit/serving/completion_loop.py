@@ -60,7 +60,7 @@ class LoopOptions:
     num_speculative_tokens: int = 5  # k_max
     adaptive: bool = True  # choose k per round from acceptance and costs
     pipeline: bool = True  # draft block i+1 while block i is verified
-    round_timeout_s: float = 30.0  # a round slower than this counts as a failed replica
+    round_timeout_s: float = 30.0  # no answer nor progress report for this long: the replica failed
     session_timeout_s: float = 3600.0  # deadline of each tier stream
     max_failovers: int = 8  # failed re-opens in a row (no round in between) before UNAVAILABLE
     vocab_size: int = 0  # draft ids must be below this (0: unchecked); the target checks again

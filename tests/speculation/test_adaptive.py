@@ -127,7 +127,7 @@ def test_engine_does_not_count_a_draft_catch_up_as_draft_cost(make_llm, tiny_tar
 
     def propose(reqs):
         if max(len(q.new_tokens) for q in reqs) > k_max + 1:
-            time.sleep(0.3)  # the catch-up: much dearer than any draft step of a tiny model
+            time.sleep(1.0)  # the catch-up: much dearer than any draft step of a tiny model, even on a busy CPU
         return real_propose(reqs)
 
     monkeypatch.setattr(engine.drafter, "propose", propose)
@@ -138,7 +138,7 @@ def test_engine_does_not_count_a_draft_catch_up_as_draft_cost(make_llm, tiny_tar
     assert len(out[0].outputs[0].token_ids) == 20
     assert out[0].metrics.num_drafted_tokens > 0  # drafting did resume
     assert seen, "plain draft steps after the catch-up are measured"
-    assert max(seen) < 0.1, seen
+    assert max(seen) < 0.5, seen
 
 
 def _rounds(alpha: float, k: int, n: int, seed: int = 0) -> list[int]:
