@@ -205,12 +205,21 @@ async def run_target(a: argparse.Namespace, ch: Channel) -> None:
     dev, dtype = torch.device(a.device), DTYPES[a.dtype]
     shape = SHAPES[a.shape][0]
     t0 = time.perf_counter()
-    if a.weights == "confident":
-        cfg, model, _ = confident_random_model(shape, dev, dtype, seed=a.seed)
+    kw = dict(max_model_len=a.max_model_len, kv_cache_bytes=int(a.kv_gib * 2**30), enforce_eager=a.eager)
+    if a.tp > 1:  # ranks on the first a.tp visible devices, each builds its shard of the same model
+        from specsplit.runtime.random_weights import RandomWeights
+        from specsplit.runtime.tensor_parallel import TensorParallelRunner
+
+        confident = a.weights == "confident"
+        rw = RandomWeights(dict(shape, tie_word_embeddings=False) if confident else shape, seed=a.seed,
+                           std=0.004 if confident else 0.02, confident=confident)
+        runner: Any = TensorParallelRunner(None, a.tp, device_type=dev.type, random_weights=rw, dtype=dtype, **kw)
     else:
-        cfg, model = random_model(shape, dev, dtype, seed=a.seed)
-    runner = ModelRunner.from_model(cfg, model, device=dev, max_model_len=a.max_model_len,
-                                    kv_cache_bytes=int(a.kv_gib * 2**30), enforce_eager=a.eager)
+        if a.weights == "confident":
+            cfg, model, _ = confident_random_model(shape, dev, dtype, seed=a.seed)
+        else:
+            cfg, model = random_model(shape, dev, dtype, seed=a.seed)
+        runner = ModelRunner.from_model(cfg, model, device=dev, **kw)
     verifier = TargetVerifier(runner)
     timing = time_target(verifier, a.ctx, a.k, a.reps)
     timing.update(inprocess_plain(verifier, a.ctx, a.plain_tokens))
@@ -227,6 +236,8 @@ async def run_target(a: argparse.Namespace, ch: Channel) -> None:
         else:
             ch.send({"error": f"unknown command {cmd}"})
     await handle.shutdown(2.0)
+    if a.tp > 1:
+        runner.shutdown()
 
 
 async def run_draft(a: argparse.Namespace, ch: Channel) -> None:
@@ -321,6 +332,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--kv-gib", type=float, default=8.0)
+    ap.add_argument("--tp", type=int, default=1, help="target: tensor-parallel size (ranks on the visible GPUs)")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--ctx", type=int, default=192, help="context of the step timings")

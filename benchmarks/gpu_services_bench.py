@@ -118,15 +118,15 @@ class Tier:
                     self.proc.kill()
 
 
-def device_env(device: str) -> tuple[dict[str, str], str]:
-    """Give a tier process only its GPU (CUDA_VISIBLE_DEVICES), so it creates no context elsewhere."""
+def device_env(device: str, count: int = 1) -> tuple[dict[str, str], str]:
+    """Give a tier process only its GPUs (CUDA_VISIBLE_DEVICES), so it creates no context elsewhere."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not device.startswith("cuda"):
         return env, device
     idx = int(device.split(":")[1]) if ":" in device else 0
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = visible.split(",") if visible else [str(i) for i in range(64)]
-    env["CUDA_VISIBLE_DEVICES"] = ids[idx]
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[idx : idx + count])
     return env, "cuda:0"
 
 
@@ -510,6 +510,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--target-gpu", type=int, default=0)
     ap.add_argument("--draft-gpu", type=int, default=1, help="the same as --target-gpu on a 1-GPU machine")
+    ap.add_argument("--target-tp", type=int, default=1,
+                    help="tensor-parallel target on GPUs target-gpu .. target-gpu + N - 1 (keep the draft off them)")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--target-weights", choices=["confident", "random"], default="confident",
                     help="random: plain random weights, whose greedy output may flip on rounding")
@@ -567,14 +569,14 @@ def start_tiers(a: argparse.Namespace, folder: Path, res: dict) -> tuple[Tier, T
         common.append("--eager")
     if a.device == "cpu":
         common += ["--threads", "1", "--reps", "5"]
-    tenv, tdev = device_env(f"cuda:{a.target_gpu}" if a.device == "cuda" else "cpu")
+    tenv, tdev = device_env(f"cuda:{a.target_gpu}" if a.device == "cuda" else "cpu", a.target_tp)
     denv, ddev = device_env(f"cuda:{a.draft_gpu}" if a.device == "cuda" else "cpu")
     log(f"starting target ({a.shape}, GPU {tenv.get('CUDA_VISIBLE_DEVICES', 'none')}) and draft "
         f"(GPU {denv.get('CUDA_VISIBLE_DEVICES', 'none')}) tiers")
     target = Tier("target", ["target", *common, "--device", tdev, "--weights", a.target_weights,
-                             "--kv-gib", str(a.target_kv_gib)], tenv)
+                             "--kv-gib", str(a.target_kv_gib), "--tp", str(a.target_tp)], tenv)
     a.tiers.append(target)
-    shared = a.device == "cpu" or a.target_gpu == a.draft_gpu
+    shared = a.device == "cpu" or a.target_gpu <= a.draft_gpu < a.target_gpu + a.target_tp
     if shared:  # each tier times its steps at start: one at a time, or each slows the other's timing
         target.wait_ready(a.startup_timeout)
     draft = Tier("draft", ["draft", *common, "--device", ddev, "--kv-gib", str(a.draft_kv_gib)], denv)
