@@ -227,7 +227,7 @@ async def run_target(a: argparse.Namespace, ch: Channel) -> None:
     handle = await start_target(TargetServiceConfig(model="random", host="127.0.0.1", grpc_port=0, metrics_port=0,
                                                     max_batch=a.max_batch), verifier=verifier)
     ch.send({"ready": True, "port": handle.port, "device": _device_info(dev), "timing": timing,
-             "torch": torch.__version__, "attention": runner.backend})
+             "torch": torch.__version__, "attention": getattr(runner, "backend", f"tensor-parallel x{a.tp}")})
     since: dict[str, float] = {}
     async for cmd in ch.commands():
         if "stats" in cmd:  # steps since the last {"stats": ...} call

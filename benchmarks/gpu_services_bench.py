@@ -88,10 +88,16 @@ class Tier:
         self._lines.put(None)
 
     def read(self, timeout_s: float) -> dict[str, Any]:
-        try:
-            line = self._lines.get(timeout=timeout_s)
-        except queue.Empty:
-            raise TimeoutError(f"{self.name} tier did not answer within {timeout_s:.0f}s") from None
+        deadline = time.monotonic() + timeout_s
+        while True:  # a dead tier whose children still hold its stdout open must not look slow
+            try:
+                line = self._lines.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                break
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} tier exited with code {self.proc.returncode}") from None
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{self.name} tier did not answer within {timeout_s:.0f}s") from None
         if line is None:
             raise RuntimeError(f"{self.name} tier exited with code {self.proc.wait()}")
         return json.loads(line)
