@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from specsplit.runtime.runner import ModelRunner, StepInput
-from specsplit.speculation.drafters import DraftModelDrafter, DraftRequest, Proposal
+from specsplit.runtime.runner import ModelRunner
+from specsplit.speculation.drafters import DraftModelDrafter, DraftRequest
 from specsplit.speculation.session import SessionError
 
 
@@ -134,39 +134,16 @@ class OracleDrafter(DraftModelDrafter):
             self.stats.wrong += sum(t is not None and t != self.refs[ref][len(tokens) + j] for j, t in enumerate(plan))
         return plan
 
-    def _draft(self, reqs: list[DraftRequest]) -> list[Proposal]:
-        """The draft model's real forward for every token, but the oracle's tokens fed and proposed.
+    def _planned(self, reqs: list[DraftRequest], sessions: list[Any], kmax: int) -> torch.Tensor:
+        """The oracle's tokens for the block # [n, kmax] (-1: the draft model's own pick).
 
-        As `DraftModelDrafter._draft`: the tokens stay on the device until the block is done
-        (the plan is known up front; the model's own argmax fills its gaps on the device).
+        `DraftModelDrafter` still runs the draft model for every token, with these fed and
+        proposed instead of its argmax, so the block costs what a real one does (one CUDA
+        graph replay per block where the runner has them).
         """
-        sessions = [self.sessions[r.seq_id] for r in reqs]
         plans = [self._plan(r.seq_id, s.tokens, r.k) for r, s in zip(reqs, sessions, strict=True)]
-        n, kmax = len(reqs), max(r.k for r in reqs)
-        plan = torch.tensor([[-1 if t is None else t for t in p] + [-1] * (kmax - len(p)) for p in plans],
-                            dtype=torch.int64).to(self.device, non_blocking=True)  # [n, kmax], -1: the model's own
-        toks = torch.zeros(n, kmax, dtype=torch.int64, device=self.device)  # [n, kmax]
-        inputs = [StepInput(r.seq_id, s.tokens[self.runner.length(r.seq_id) :]) for r, s in zip(reqs, sessions, strict=True)]
-        live = list(range(n))
-        fed: torch.Tensor | None = None
-        for j in range(kmax):
-            logits = self.runner.forward([inputs[i] for i in live], fed)  # [len(live), V]
-            rows = torch.tensor(live, device=self.device) if len(live) < n else None
-            want = plan[:, j] if rows is None else plan[rows, j]  # [m]
-            step = torch.where(want >= 0, want, logits.argmax(-1))  # the draft's own pick: its real cost
-            if rows is None:
-                toks[:, j] = step
-            else:
-                toks[rows, j] = step
-            keep = [x for x, i in enumerate(live) if reqs[i].k > j + 1]
-            live = [live[x] for x in keep]
-            if not live:
-                break
-            fed = step if len(keep) == len(step) else step[torch.tensor(keep, device=self.device)]
-            for i in live:
-                inputs[i] = StepInput(reqs[i].seq_id, [0])  # placeholder: the id comes from `fed`
-        blocks = toks.tolist()
-        return [Proposal(blocks[i][: r.k]) for i, r in enumerate(reqs)]
+        return torch.tensor([[-1 if t is None else t for t in p] + [-1] * (kmax - len(p)) for p in plans],
+                            dtype=torch.int64).to(self.device, non_blocking=True)
 
 
 def confident_random_model(shape: dict, device: torch.device, dtype: torch.dtype, *, seed: int = 0,

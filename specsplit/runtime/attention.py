@@ -126,14 +126,7 @@ class StepBatch:
 
     def to_device(self, device: torch.device, out: Tensor | None = None) -> Tensor:
         """Copy to `device` (into `out` if given) through a reused pinned staging buffer."""
-        host = torch.from_numpy(self.packed)
-        if device.type != "cuda":
-            return host if out is None else out.copy_(host)
-        staged = _staging(host.shape[0])
-        staged.copy_(host)
-        dev = staged.to(device, non_blocking=True) if out is None else out.copy_(staged, non_blocking=True)
-        _COPIED.record()  # type: ignore[union-attr]
-        return dev
+        return packed_to_device(self.packed, device, out)
 
 
     def unpack(self, buf: Tensor) -> tuple[Tensor, Tensor, AttentionMetadata]:
@@ -173,6 +166,18 @@ class StepBatch:
 
 _STAGING: list[Tensor] = []
 _COPIED = torch.cuda.Event() if torch.cuda.is_available() else None  # last copy out of the buffer
+
+
+def packed_to_device(packed: np.ndarray, device: torch.device, out: Tensor | None = None) -> Tensor:
+    """Packed step inputs # [N] int64 to `device` (into `out` if given), through the pinned staging buffer."""
+    host = torch.from_numpy(packed)
+    if device.type != "cuda":
+        return host if out is None else out.copy_(host)
+    staged = _staging(host.shape[0])
+    staged.copy_(host)
+    dev = staged.to(device, non_blocking=True) if out is None else out.copy_(staged, non_blocking=True)
+    _COPIED.record()  # type: ignore[union-attr]
+    return dev
 
 
 def _staging(n: int) -> Tensor:

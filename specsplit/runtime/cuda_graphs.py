@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from specsplit.runtime.attention import StepBatch
+from specsplit.runtime.attention import StepBatch, packed_to_device
 from specsplit.runtime.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class CudaGraphs:
         self.max_graphs = max_graphs
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        # greedy one-token steps chained in one graph (a draft block): (n, B, context) -> graph, inputs, ids
+        self.chains: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
         self.replays = 0
 
     def bucket(self, max_seq_len: int) -> int:
@@ -77,6 +80,62 @@ class CudaGraphs:
         self.replays += 1
         return out
 
+    def run_chain(self, batches: list[StepBatch], first_ids: Tensor, plan: Tensor | None = None) -> Tensor | None:
+        """`len(batches)` greedy one-token steps in one replay; None if the graph budget is used up.
+
+        Step j feeds the argmax of step j - 1 (step 0: `first_ids` # [m], the rest of the batch
+        bucket is padding), or where `plan` # [m, n] is >= 0, that token instead (a benchmark's
+        oracle: the model still runs every step); every step's inputs were built on the host beforehand, so the block
+        costs one copy and one launch instead of one host round of work per token.
+        Returns the argmax ids # [n, B] (a buffer reused by the next replay of the same key).
+        """
+        key = (len(batches), *batches[0].key)
+        entry = self.chains.get(key)
+        if entry is None:
+            if len(self.graphs) + len(self.chains) >= self.max_graphs:
+                return None
+            entry = self._capture_chain(batches)
+            self.chains[key] = entry
+        graph, static, first, forced, out = entry
+        packed_to_device(np.concatenate([b.packed for b in batches]), self.device, out=static)
+        first.zero_()
+        first[: first_ids.shape[0]].copy_(first_ids)
+        forced.fill_(-1)
+        if plan is not None:
+            forced[: plan.shape[0]].copy_(plan)
+        graph.replay()
+        self.replays += 1
+        return out
+
+    def _capture_chain(self, batches: list[StepBatch]) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor, Tensor]:
+        sizes = [b.packed.shape[0] for b in batches]
+        static = torch.from_numpy(np.concatenate([b.packed for b in batches])).to(self.device)
+        views = torch.split(static, sizes)
+        first = torch.zeros(batches[0].num_seqs, dtype=torch.int64, device=self.device)  # [B]
+        forced = torch.full((batches[0].num_seqs, len(batches)), -1, dtype=torch.int64, device=self.device)  # [B, n]
+
+        def chain() -> Tensor:
+            prev, outs = first, []
+            for j, (b, buf) in enumerate(zip(batches, views, strict=True)):
+                ids, pos, meta = b.unpack(buf)
+                ids.copy_(prev)  # one token per sequence: the previous step's choice
+                own = self.model.compute_logits(self.forward(ids, pos, self.kv_layers, meta, self.backend)).argmax(-1)
+                prev = torch.where(forced[:, j] >= 0, forced[:, j], own)
+                outs.append(prev)
+            return torch.stack(outs)  # [n, B]
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            chain()  # warm-up (its cache writes land where the replay's will: the same slots)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = chain()
+        log.info("captured CUDA graph chain of %d steps for batch %d, context %d", len(batches), *batches[0].key[:1],
+                 batches[0].key[2])
+        return graph, static, first, forced, out
+
     def release(self) -> None:
         """Free every captured graph (after the last replay, before the process group goes).
 
@@ -84,9 +143,10 @@ class CudaGraphs:
         while a graph that holds one is alive blocks forever. Every rank calls this first.
         """
         torch.cuda.synchronize(self.device)
-        for graph, _, _ in self.graphs.values():
+        for graph, *_ in [*self.graphs.values(), *self.chains.values()]:
             graph.reset()
         self.graphs.clear()
+        self.chains.clear()
         torch.cuda.synchronize(self.device)
 
     def _capture(self, batch: StepBatch) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:

@@ -237,6 +237,39 @@ class ModelRunner:
             raise ValueError("device_ids needs exactly one token per input")
         return self._step(inputs, (), device_ids)[0]
 
+    @torch.inference_mode()
+    def forward_chain(self, seq_ids: list[int], first_ids: Tensor, n: int, plan: Tensor | None = None) -> Tensor | None:
+        """`n` greedy one-token steps of each sequence in one CUDA graph replay (a draft block).
+
+        Step 0 feeds `first_ids` # [m] (on the device), each later step the argmax of the one
+        before (or `plan` # [m, n] where >= 0, see `CudaGraphs.run_chain`); every step's inputs are built here beforehand, so the host does one round of work
+        per block, not per token. Returns the argmax ids # [m, n], or None when this runner
+        has no graphs or the shapes do not fit them (the caller then steps one token at a time).
+        Raises OutOfKVMemory (nothing changed) when the pool cannot hold the new tokens.
+        """
+        if self.graphs is None or self.scratch_slot is None or n < 1:
+            return None
+        m = len(seq_ids)
+        b = next((x for x in BATCH_BUCKETS if x >= m), None)
+        if b is None:
+            return None
+        needs = self.check([StepInput(s, [0] * n) for s in seq_ids])
+        cache = self.cache
+        for seq_id, new_len in needs.items():
+            cache.reserve(seq_id, new_len)
+        seqs = [cache.seqs[s] for s in seq_ids]
+        pad = self.graphs.bucket(max(needs.values()))
+        tables = [s.blocks for s in seqs] + [[] for _ in range(b - m)]
+        batches = [StepBatch.build([0] * b, [1] * b, [s.length + j + 1 for s in seqs] + [1] * (b - m), tables,
+                                   cache.block_size, pad, dense=self.dense, write_lens=[1] * m + [0] * (b - m),
+                                   scratch_slot=self.scratch_slot) for j in range(n)]
+        out = self.graphs.run_chain(batches, first_ids, plan)
+        if out is None:
+            return None
+        for s in seqs:
+            s.length += n
+        return out[:, :m].T.clone()  # [m, n]
+
     def forward_hidden(self, inputs: list[StepInput], layers: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """`forward`, plus the hidden states an EAGLE head reads: [sum(num_hidden), len(layers) * hidden],
         the residual stream entering each of `layers` (num_layers = the final normed output),

@@ -247,6 +247,7 @@ class DraftModelDrafter(Drafter):
         # every token stays on the device until the block is done: the chosen tokens are fed
         # straight back (ModelRunner.forward's device_ids), one host copy per block, not per token
         n, kmax = len(reqs), max(r.k for r in reqs)
+        plan = self._planned(reqs, sessions, kmax)  # [n, kmax] or None
         toks = torch.zeros(n, kmax, dtype=torch.int64, device=self.device)  # [n, kmax]
         sparse: list[tuple[Tensor, Tensor, list[int]]] = []  # per step: ids [m, K], probs [m, K], rows
         inputs = [StepInput(r.seq_id, s.tokens[self.runner.length(r.seq_id) :]) for r, s in zip(reqs, sessions, strict=True)]
@@ -257,6 +258,9 @@ class DraftModelDrafter(Drafter):
             sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < n else batch
             if sub.all_greedy and sub.bias_rows is None:
                 step = logits.argmax(-1)  # [m]: the argmax of the processed distribution too
+                if plan is not None:
+                    want = plan[:, j] if len(live) == n else plan[torch.tensor(live, device=self.device), j]
+                    step = torch.where(want >= 0, want, step)
             else:
                 ids, p = topk_truncate(process_logits(logits, sub), self.top_k)  # [m, K]
                 step = sample_sparse(ids, p, sub)
@@ -271,6 +275,15 @@ class DraftModelDrafter(Drafter):
             if not live:
                 break
             fed = step if len(keep) == len(step) else step[torch.tensor(keep, device=self.device)]
+            if j == 0 and len(live) == n and batch.all_greedy and batch.bias_rows is None \
+                    and all(r.k == kmax for r in reqs):
+                # the rest of the block in one CUDA graph replay (None: no graphs here, step on)
+                rest = self.runner.forward_chain([r.seq_id for r in reqs], fed, kmax - 1,
+                                                 None if plan is None else plan[:, 1:]) \
+                    if hasattr(self.runner, "forward_chain") else None
+                if rest is not None:
+                    toks[:, 1:] = rest
+                    break
             for i in live:
                 inputs[i] = StepInput(reqs[i].seq_id, [0])  # placeholder: the id comes from `fed`
         blocks = toks.tolist()
@@ -283,6 +296,11 @@ class DraftModelDrafter(Drafter):
             q_probs = torch.stack([p[rows.index(i)] for _, p, rows in sparse[: r.k]])
             out.append(Proposal(blocks[i][: r.k], q_ids, q_probs))
         return out
+
+    def _planned(self, reqs: list[DraftRequest], sessions: list[DraftSession], kmax: int) -> Tensor | None:
+        """Tokens to propose instead of the model's own greedy choice # [n, kmax], -1 = the model's;
+        None: all the model's. A hook for benchmarks (their oracle drafter); greedy sessions only."""
+        return None
 
     def _draft_with_penalty(self, reqs: list[DraftRequest], sessions: list[DraftSession],
                             batch: SamplingBatch) -> list[Proposal]:

@@ -1,0 +1,67 @@
+"""A draft block in one CUDA graph replay (`ModelRunner.forward_chain`) drafts exactly what
+stepping one token at a time does, leaves the same KV cache behind, and honours a plan.
+Needs CUDA: the chain exists only where graphs do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specsplit.runtime.random_weights import random_model
+from specsplit.runtime.runner import ModelRunner
+from specsplit.sampling.params import SamplingParams
+from specsplit.speculation.drafters import DraftModelDrafter, DraftRequest
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=1024)
+PROMPTS = [[(7 * i + 3) % 500 + 1 for i in range(n)] for n in (5, 17, 31)]  # across block boundaries
+
+
+def _drafter(chain: bool) -> DraftModelDrafter:
+    dev = torch.device("cuda")
+    cfg, model = random_model(SHAPE, dev, torch.float32, seed=3, std=0.2)
+    runner = ModelRunner.from_model(cfg, model, device=dev, max_model_len=512, kv_cache_bytes=8 << 20)
+    if not chain:
+        runner.forward_chain = lambda *a, **k: None  # type: ignore[method-assign]
+    return DraftModelDrafter(runner)
+
+
+def _blocks(d: DraftModelDrafter, prompts: list[list[int]], rounds: int = 3, k: int = 5) -> list[list[list[int]]]:
+    """Draft `rounds` blocks per session, each after committing the block's first two tokens."""
+    greedy = SamplingParams(temperature=0.0)
+    for i, p in enumerate(prompts):
+        d.open(i, p, greedy)
+    lengths = [len(p) for p in prompts]
+    out: list[list[list[int]]] = [[] for _ in prompts]
+    new: list[list[int]] = [[] for _ in prompts]
+    for _ in range(rounds):
+        props = d.propose([DraftRequest(i, lengths[i], new[i], k) for i in range(len(prompts))])
+        for i, prop in enumerate(props):
+            out[i].append(prop.token_ids)
+            lengths[i] += len(new[i])
+            new[i] = prop.token_ids[:2]  # two accepted, the rest rolled back
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_chained_draft_blocks_equal_one_step_at_a_time(batch: int) -> None:
+    chained, stepped = _drafter(True), _drafter(False)
+    got = _blocks(chained, PROMPTS[:batch])
+    assert got == _blocks(stepped, PROMPTS[:batch])
+    assert chained.runner.graphs.chains, "the chain was used"  # type: ignore[union-attr]
+    assert not stepped.runner.graphs.chains  # type: ignore[union-attr]
+
+
+def test_a_plan_replaces_the_models_choice_where_set() -> None:
+    d = _drafter(True)
+    d.open(0, PROMPTS[1], SamplingParams(temperature=0.0))
+    plan = torch.tensor([[11, -1, 13, -1, 15]], device="cuda")
+    d._planned = lambda reqs, sessions, kmax: plan  # type: ignore[method-assign]
+    block = d.propose([DraftRequest(0, len(PROMPTS[1]), [], 5)])[0].token_ids
+    assert block[0] == 11 and block[2] == 13 and block[4] == 15
+    ref = _drafter(False)
+    ref.open(0, PROMPTS[1], SamplingParams(temperature=0.0))
+    ref._planned = lambda reqs, sessions, kmax: plan  # type: ignore[method-assign]
+    assert ref.propose([DraftRequest(0, len(PROMPTS[1]), [], 5)])[0].token_ids == block
