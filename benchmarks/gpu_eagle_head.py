@@ -4,7 +4,8 @@ Measures, on one GPU, in one run:
   - the target's 1-token decode step (CUDA graphs, as served) and a 6-token verify step;
   - the same verify step returning the three hidden layers EAGLE-3 reads (eager today);
   - the head's cost per drafted token: one head step (1 entry) + its LM head over the
-    32,000-token draft vocabulary, batch 1.
+    32,000-token draft vocabulary, batch 1, eagerly; and a greedy block of k as the draft tier
+    drafts it (one eager step, then k - 1 steps in one CUDA graph replay), per token.
 Goal (issue 11): head per drafted token / target 1-token step <= 0.10.
 
     python3 benchmarks/gpu_eagle_head.py [--iters 200]
@@ -36,6 +37,7 @@ def timed(fn, iters: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("-k", type=int, default=5, help="block length of the chained head steps")
     args = ap.parse_args()
     from transformers import LlamaConfig
 
@@ -83,7 +85,21 @@ def main() -> int:
         runner.cache.truncate(0, 512)
 
     t_head = timed(head_token, args.iters)
-    rec = {"target_step_ms": t_step, "target_verify6_ms": t_verify, "target_verify6_with_3_hidden_layers_ms": t_verify_h,
+    k = args.k  # a greedy block as the draft tier drafts it: one eager step, then k - 1 chained in one graph
+    assert runner.chain is not None
+    first = torch.tensor([7], device=dev)
+
+    def head_block() -> None:
+        out = runner.step([0], [[7]], state, [0])
+        rest = runner.chain.run([0], first, out, [0], k - 1)  # type: ignore[union-attr]
+        assert rest is not None
+        rest.tolist()  # the block reaches the host, as a proposal does
+        runner.cache.truncate(0, 512)
+
+    t_block = timed(head_block, args.iters)
+    rec_block = {"head_block_ms": t_block, "head_block_k": k, "head_block_per_token_ms": t_block / k,
+                 "head_block_per_token_over_target_step": t_block / k / t_step}
+    rec = {**rec_block, "target_step_ms": t_step, "target_verify6_ms": t_verify, "target_verify6_with_3_hidden_layers_ms": t_verify_h,
            "head_per_drafted_token_ms": t_head, "head_over_target_step": t_head / t_step,
            "goal": "head_over_target_step <= 0.10", "device": torch.cuda.get_device_name(dev)}
     print(json.dumps(rec, indent=2))

@@ -29,6 +29,7 @@ from specsplit.sampling.logits import (
 )
 from specsplit.speculation.drafters import Drafter, DraftRequest, Proposal, penalty_inputs
 from specsplit.speculation.eagle.head import EagleHead
+from specsplit.speculation.eagle.head_graphs import HeadChain
 from specsplit.speculation.target import SessionError
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class HeadRunner:
 
     def __init__(self, head: EagleHead, embed: Tensor, target_head: nn.Module | None, vocab_size: int, *,
                  device: torch.device, max_model_len: int, kv_cache_bytes: int | None = None,
-                 block_size: int = 16) -> None:
+                 block_size: int = 16, enforce_eager: bool = False) -> None:
         self.head = head
         self.embed = embed  # [V, H]
         self.target_head = target_head  # EAGLE-1: the target's LM head ([N, H] -> [N, V])
@@ -66,6 +67,8 @@ class HeadRunner:
         budget = kv_cache_bytes if kv_cache_bytes is not None else 256 * 2**20
         blocks = max(budget // per_block, -(-max_model_len // block_size))
         self.cache = PagedKVCache(1, int(blocks), block_size, self.cfg.num_kv_heads, self.cfg.head_dim, dtype, device)
+        # greedy blocks: the steps after the first in one CUDA graph replay (None: step eagerly)
+        self.chain: HeadChain | None = HeadChain(self) if device.type == "cuda" and not enforce_eager else None
 
     def shutdown(self) -> None:
         """Nothing to stop: the head lives in the caller's process."""
@@ -149,6 +152,19 @@ class EagleDrafter(Drafter):
         made = self._run([by_id[f[0]] for f in feed], feed)
         return [made.get(r.seq_id, Proposal([])) for r in reqs]
 
+    def _chained(self, reqs: list[DraftRequest], live: list[int], first: Tensor, out: Tensor) -> list[list[int]] | None:
+        """After the first step of a greedy batch: its tokens and the rest of each block, drafted in
+        one CUDA graph replay (`HeadChain`), as lists; None where that cannot run (step on)."""
+        chain = self.runner.chain
+        k = reqs[0].k
+        if chain is None or len(live) < len(reqs) or k < 2 or any(r.k != k for r in reqs):
+            return None
+        seq_ids = [r.seq_id for r in reqs]
+        rest = chain.run(seq_ids, first, out, [self.state[s].base for s in seq_ids], k - 1)
+        if rest is None:
+            return None
+        return torch.cat([first[:, None], rest], dim=1).tolist()  # [n, k]
+
     def _run(self, reqs: list[DraftRequest], feed: list[tuple[int, list[int], Tensor, int]]) -> dict[int, Proposal]:
         sessions = [self.sessions[r.seq_id] for r in reqs]
         batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
@@ -158,7 +174,7 @@ class EagleDrafter(Drafter):
         live = list(range(len(reqs)))
         ids = {i: f[1] for i, f in enumerate(feed)}  # tokens of the next entries, per live request
         states = torch.cat([f[2] for f in feed])  # [sum(len(ids)), H] their states
-        for _ in range(max(r.k for r in reqs)):
+        for step in range(max(r.k for r in reqs)):
             seq_ids = [reqs[i].seq_id for i in live]
             bases = [self.state[s].base for s in seq_ids]
             out = self.runner.step(seq_ids, [ids[i] for i in live], states, bases)  # [n, H]
@@ -168,7 +184,14 @@ class EagleDrafter(Drafter):
                                           self.device)
             probs = process_logits(logits, sub, seen, counts)  # [n, V]
             if sub.all_greedy:
-                toks = probs.argmax(-1).tolist()
+                first = probs.argmax(-1)  # [n]
+                plain = step == 0 and seen is None and counts is None and sub.bias_rows is None
+                rest = self._chained(reqs, live, first, out) if plain else None
+                if rest is not None:  # the whole rest of every block in one graph replay
+                    for j, i in enumerate(live):
+                        blocks[i].extend(rest[j])
+                    break
+                toks = first.tolist()
             else:
                 top_ids, top_p = topk_truncate(probs, self.top_k)  # [n, K]
                 toks = sample_sparse(top_ids, top_p, sub).tolist()
@@ -186,6 +209,7 @@ class EagleDrafter(Drafter):
         made = {}
         for i, (r, s) in enumerate(zip(reqs, sessions, strict=True)):
             if s.params.greedy:
+                blocks[i] = blocks[i][: r.k]
                 made[r.seq_id] = Proposal(blocks[i])
             else:
                 made[r.seq_id] = Proposal(blocks[i], torch.stack(q_ids[i]), torch.stack(q_probs[i]))

@@ -1,0 +1,67 @@
+"""An EAGLE head's greedy block in one CUDA graph replay (`HeadChain`) drafts exactly what its
+eager steps draft, over rounds with rollbacks, and keeps the same cache. Needs CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from specsplit.sampling.params import SamplingParams
+from specsplit.speculation.drafters import DraftRequest
+from specsplit.speculation.eagle.checkpoint import load_head
+from specsplit.speculation.eagle.drafter import EagleDrafter, HeadRunner
+from specsplit.testing import make_tiny_model
+from tests.speculation.eagle_layouts import write_eagle1, write_eagle3
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DRAFT_IDS = list(range(0, 384, 3))
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("eagle-graphs") / "target", layers=8, init_std=0.5)
+
+
+def _drafter(folder: Path, chain: bool) -> EagleDrafter:
+    dev = torch.device("cuda")
+    head = load_head(folder, device=dev).head
+    gen = torch.Generator().manual_seed(0)
+    embed = torch.randn(384, head.hc.model.hidden_size, generator=gen).to(dev)
+    lm = torch.nn.Linear(head.hc.model.hidden_size, 384, bias=False).to(dev)
+    runner = HeadRunner(head, embed, lm, 384, device=dev, max_model_len=256, kv_cache_bytes=4 << 20,
+                        enforce_eager=not chain)
+    return EagleDrafter(runner)
+
+
+def _rounds(d: EagleDrafter, batch: int, rounds: int = 4, k: int = 5) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    width = d.runner.head.hc.state_size
+    prompts = [torch.randint(0, 384, (n,), generator=gen).tolist() for n in (9, 20, 37)][:batch]
+    for i, p in enumerate(prompts):
+        d.open(i, p, SamplingParams(temperature=0.0))
+    out, lengths, new = [], [len(p) for p in prompts], [[] for _ in prompts]
+    for r in range(rounds):
+        reqs = []
+        for i in range(batch):
+            n = lengths[i] - 1 if r == 0 else len(new[i])  # the states of the tokens committed since
+            states = torch.randn(n, width, generator=gen).to("cuda")
+            reqs.append(DraftRequest(i, lengths[i] if r == 0 else lengths[i] - len(new[i]), new[i] if r else [],
+                                     k, hidden_states=states))
+        props = d.propose(reqs)
+        for i, p in enumerate(props):
+            out.append(p.token_ids)
+            new[i] = p.token_ids[:2]
+            lengths[i] += 2
+    return out
+
+
+@pytest.mark.parametrize("method", ["eagle", "eagle3"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_chained_head_steps_equal_eager_ones(tmp_path, target, method, batch):
+    folder = write_eagle3(tmp_path / "h", target, DRAFT_IDS) if method == "eagle3" else write_eagle1(tmp_path / "h", target)
+    chained, eager = _drafter(folder, True), _drafter(folder, False)
+    assert _rounds(chained, batch) == _rounds(eager, batch)
+    assert chained.runner.chain is not None and chained.runner.chain.replays > 0
+    assert eager.runner.chain is None
