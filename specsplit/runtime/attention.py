@@ -188,7 +188,8 @@ def _staging(n: int) -> Tensor:
     if _COPIED is not None:
         _COPIED.synchronize()  # the previous step's copy has left the buffer
     if not _STAGING or _STAGING[0].shape[0] < n:
-        _STAGING[:] = [torch.empty(max(n, 1 << 16), dtype=torch.int64).pin_memory()]
+        with torch.inference_mode(False):  # a normal tensor: copies into it work in and out of inference mode
+            _STAGING[:] = [torch.empty(max(n, 1 << 16), dtype=torch.int64).pin_memory()]
     return _STAGING[0][:n]
 
 

@@ -29,7 +29,9 @@ def _drafter(folder: Path, chain: bool) -> EagleDrafter:
     head = load_head(folder, device=dev).head
     gen = torch.Generator().manual_seed(0)
     embed = torch.randn(384, head.hc.model.hidden_size, generator=gen).to(dev)
-    lm = torch.nn.Linear(head.hc.model.hidden_size, 384, bias=False).to(dev)
+    lm = torch.nn.Linear(head.hc.model.hidden_size, 384, bias=False).requires_grad_(False)
+    lm.weight.copy_(torch.randn(384, head.hc.model.hidden_size, generator=gen) * 0.1)  # the same in both drafters
+    lm = lm.to(dev)
     runner = HeadRunner(head, embed, lm, 384, device=dev, max_model_len=256, kv_cache_bytes=4 << 20,
                         enforce_eager=not chain)
     return EagleDrafter(runner)
