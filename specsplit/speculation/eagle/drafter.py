@@ -152,29 +152,35 @@ class EagleDrafter(Drafter):
         made = self._run([by_id[f[0]] for f in feed], feed)
         return [made.get(r.seq_id, Proposal([])) for r in reqs]
 
-    def _chained(self, reqs: list[DraftRequest], live: list[int], first: Tensor, out: Tensor) -> list[list[int]] | None:
-        """After the first step of a greedy batch: its tokens and the rest of each block, drafted in
-        one CUDA graph replay (`HeadChain`), as lists; None where that cannot run (step on)."""
+    def _chained(self, reqs: list[DraftRequest], feed: list[tuple[int, list[int], Tensor, int]],
+                 batch: SamplingBatch) -> dict[int, Proposal] | None:
+        """A greedy batch's blocks in one CUDA graph replay (`HeadChain`); None where that cannot
+        run (sampling, penalties, blocks of different lengths, no CUDA): step eagerly."""
         chain = self.runner.chain
         k = reqs[0].k
-        if chain is None or len(live) < len(reqs) or k < 2 or any(r.k != k for r in reqs):
+        if chain is None or not batch.all_greedy or batch.bias_rows is not None or batch.any_penalty \
+                or batch.any_output_penalty or any(r.k != k for r in reqs):
             return None
         seq_ids = [r.seq_id for r in reqs]
-        rest = chain.run(seq_ids, first, out, [self.state[s].base for s in seq_ids], k - 1)
-        if rest is None:
+        ids = chain.run(seq_ids, [f[1] for f in feed], torch.cat([f[2] for f in feed]),
+                        [self.state[s].base for s in seq_ids], k)
+        if ids is None:
             return None
-        return torch.cat([first[:, None], rest], dim=1).tolist()  # [n, k]
+        return {s: Proposal(block) for s, block in zip(seq_ids, ids.tolist(), strict=True)}
 
     def _run(self, reqs: list[DraftRequest], feed: list[tuple[int, list[int], Tensor, int]]) -> dict[int, Proposal]:
         sessions = [self.sessions[r.seq_id] for r in reqs]
         batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
+        chained = self._chained(reqs, feed, batch)
+        if chained is not None:  # every block in one graph replay
+            return chained
         blocks: list[list[int]] = [[] for _ in reqs]
         q_ids: list[list[Tensor]] = [[] for _ in reqs]
         q_probs: list[list[Tensor]] = [[] for _ in reqs]
         live = list(range(len(reqs)))
         ids = {i: f[1] for i, f in enumerate(feed)}  # tokens of the next entries, per live request
         states = torch.cat([f[2] for f in feed])  # [sum(len(ids)), H] their states
-        for step in range(max(r.k for r in reqs)):
+        for _ in range(max(r.k for r in reqs)):
             seq_ids = [reqs[i].seq_id for i in live]
             bases = [self.state[s].base for s in seq_ids]
             out = self.runner.step(seq_ids, [ids[i] for i in live], states, bases)  # [n, H]
@@ -184,14 +190,7 @@ class EagleDrafter(Drafter):
                                           self.device)
             probs = process_logits(logits, sub, seen, counts)  # [n, V]
             if sub.all_greedy:
-                first = probs.argmax(-1)  # [n]
-                plain = step == 0 and seen is None and counts is None and sub.bias_rows is None
-                rest = self._chained(reqs, live, first, out) if plain else None
-                if rest is not None:  # the whole rest of every block in one graph replay
-                    for j, i in enumerate(live):
-                        blocks[i].extend(rest[j])
-                    break
-                toks = first.tolist()
+                toks = probs.argmax(-1).tolist()
             else:
                 top_ids, top_p = topk_truncate(probs, self.top_k)  # [n, K]
                 toks = sample_sparse(top_ids, top_p, sub).tolist()
@@ -209,7 +208,6 @@ class EagleDrafter(Drafter):
         made = {}
         for i, (r, s) in enumerate(zip(reqs, sessions, strict=True)):
             if s.params.greedy:
-                blocks[i] = blocks[i][: r.k]
                 made[r.seq_id] = Proposal(blocks[i])
             else:
                 made[r.seq_id] = Proposal(blocks[i], torch.stack(q_ids[i]), torch.stack(q_probs[i]))

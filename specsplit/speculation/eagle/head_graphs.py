@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONTEXT_BUCKET = 256  # the head's attention (SDPA or flash) reads a context padded to a multiple of this
+MAX_FEED = 16  # the most new tokens per sequence a block's first step takes in a graph (more: eager)
 
 
 class HeadChain:
@@ -54,21 +55,24 @@ class HeadChain:
         return head.draft_to_target()[head.lm_head(head.norm(out)).argmax(-1)]
 
     @torch.inference_mode()
-    def run(self, seq_ids: list[int], first_ids: Tensor, first_states: Tensor, bases: list[int], n: int,
+    def run(self, seq_ids: list[int], feeds: list[list[int]], states: Tensor, bases: list[int], k: int,
             plan: Tensor | None = None) -> Tensor | None:
-        """`n` greedy one-token head steps per sequence in one replay.
+        """A greedy block of `k` tokens per sequence in one replay.
 
-        Step 0 feeds `first_ids` # [m] with `first_states` # [m, H] (the first step's choice
-        and output); each later step the previous step's choice and output. Where `plan`
-        # [m, n] is >= 0 that token is fed and proposed instead (a benchmark's oracle).
-        Returns the ids # [m, n], or None (nothing changed) when it cannot run here.
+        Step 0 appends each sequence's `feeds[i]` (the tokens committed since its last block)
+        with their projected target states (`states` # [sum(len(feeds[i])), H]); each later step
+        the previous step's choice and the head's own output state. Where `plan` # [m, k] is
+        >= 0 that token is fed and proposed instead (a benchmark's oracle). Returns the ids
+        # [m, k], or None (nothing changed) when the block cannot run here.
         """
         r, cache = self.runner, self.runner.cache
         m = len(seq_ids)
         b = next((x for x in BATCH_BUCKETS if x >= m), None)
-        if self.disabled or n < 1 or b is None:
+        qs = [len(f) for f in feeds]
+        q = max(qs)
+        if self.disabled or k < 1 or b is None or min(qs) < 1 or q > MAX_FEED:
             return None
-        needs = {s: cache.seqs[s].length + n for s in seq_ids}
+        needs = {s: cache.seqs[s].length + n + k - 1 for s, n in zip(seq_ids, qs, strict=True)}
         if any(needs[s] + base > r.max_model_len for s, base in zip(seq_ids, bases, strict=True)):
             return None  # the eager path says why
         if self.scratch is None:
@@ -77,66 +81,79 @@ class HeadChain:
             self.scratch = cache.reserve_scratch() * cache.block_size
         if not cache.can_fit(needs):
             return None
-        for s, new_len in needs.items():
-            cache.reserve(s, new_len)
         seqs = [cache.seqs[s] for s in seq_ids]
-        pad = -(-max(needs.values()) // CONTEXT_BUCKET) * CONTEXT_BUCKET
+        starts = [s.length for s in seqs]
+        for seq_id, new_len in needs.items():
+            cache.reserve(seq_id, new_len)
+        pad = -(-max(max(needs.values()), max(starts) + q) // CONTEXT_BUCKET) * CONTEXT_BUCKET
         tables = [s.blocks for s in seqs] + [[] for _ in range(b - m)]
-        batches = []
-        for j in range(n):
-            batch = StepBatch.build([0] * b, [1] * b, [s.length + j + 1 for s in seqs] + [1] * (b - m), tables,
-                                    cache.block_size, pad, dense=r.backend == "sdpa", write_lens=[1] * m + [0] * (b - m),
-                                    scratch_slot=self.scratch)
-            # rotary positions are absolute, and the head's cache starts at each session's `base`
-            batch.packed[b : b + m] += np.asarray(bases, dtype=np.int64)  # the "positions" field
+        dense, write = r.backend == "sdpa", [1] * m + [0] * (b - m)
+        ids = [t for f in feeds for t in [*f, *[0] * (q - len(f))]] + [0] * ((b - m) * q)
+        first = StepBatch.build(ids, [q] * b, [x + q for x in starts] + [q] * (b - m), tables, cache.block_size, pad,
+                                dense=dense, write_lens=qs + [0] * (b - m), scratch_slot=self.scratch)
+        # rotary positions are absolute, and the head's cache starts at each session's `base`
+        first.packed[b * q : b * q + m * q] += np.repeat(np.asarray(bases, dtype=np.int64), q)  # "positions"
+        batches = [first]
+        for j in range(1, k):
+            batch = StepBatch.build([0] * b, [1] * b, [x + n + j for x, n in zip(starts, qs, strict=True)] + [1] * (b - m),
+                                    tables, cache.block_size, pad, dense=dense, write_lens=write, scratch_slot=self.scratch)
+            batch.packed[b : b + m] += np.asarray(bases, dtype=np.int64)
             batches.append(batch)
-        key = (n, *batches[0].key)
+        key = (k, *first.key)
         entry = self.graphs.get(key)
         if entry is None:
             if len(self.graphs) >= self.max_graphs:
                 return None
             try:
-                entry = self._capture(batches)
+                entry = self._capture(batches, q)
             except Exception:  # noqa: BLE001 - an uncapturable head keeps drafting eagerly
                 log.warning("could not capture the EAGLE head's steps in a CUDA graph; drafting eagerly", exc_info=True)
                 self.disabled = True
+                for seq_id in seq_ids:  # give back the blocks reserved for the block
+                    cache.truncate(seq_id, cache.seqs[seq_id].length)
                 return None
             self.graphs[key] = entry
-        graph, static, first, first_st, forced, out = entry
+        graph, static, st_in, last, forced, out = entry
         packed_to_device(np.concatenate([x.packed for x in batches]), r.device, out=static)
-        first.zero_()
-        first[:m].copy_(first_ids)
-        first_st.zero_()
-        first_st[:m].copy_(first_states)
+        rows = torch.tensor([i * q + j for i, n in enumerate(qs) for j in range(n)], device=r.device)
+        st_in.zero_()
+        st_in[rows] = states.to(st_in.dtype)
+        last.copy_(torch.tensor([i * q + n - 1 for i, n in enumerate(qs)] + [i * q for i in range(m, b)]))
         forced.fill_(-1)
         if plan is not None:
             forced[:m].copy_(plan)
         graph.replay()
         self.replays += 1
-        for s in seqs:
-            s.length += n
-        return out[:, :m].T.clone()  # [m, n]
+        for s, x, n in zip(seqs, starts, qs, strict=True):
+            s.length = x + n + k - 1
+        return out[:, :m].T.clone()  # [m, k]
 
-    def _capture(self, batches: list[StepBatch]) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def _capture(self, batches: list[StepBatch], q: int
+                 ) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor, Tensor, Tensor]:
         r = self.runner
-        dev, b, n = r.device, batches[0].num_seqs, len(batches)
+        dev, b, k = r.device, batches[0].num_seqs, len(batches)
         static = torch.from_numpy(np.concatenate([x.packed for x in batches])).to(dev)
         views = torch.split(static, [x.packed.shape[0] for x in batches])
         dtype = r.head.post_attention_layernorm.weight.dtype
-        first = torch.zeros(b, dtype=torch.int64, device=dev)  # [B]
-        first_st = torch.zeros(b, r.cfg.hidden_size, dtype=dtype, device=dev)  # [B, H]
-        forced = torch.full((b, n), -1, dtype=torch.int64, device=dev)  # [B, n]
+        st_in = torch.zeros(b * q, r.cfg.hidden_size, dtype=dtype, device=dev)  # [B*Q, H] step 0's states
+        last = torch.zeros(b, dtype=torch.int64, device=dev)  # [B] step 0's row of each sequence's last token
+        forced = torch.full((b, k), -1, dtype=torch.int64, device=dev)  # [B, k]
         kv = r.cache.layers[0]
 
+        def pick(j: int, st: Tensor) -> Tensor:
+            return torch.where(forced[:, j] >= 0, forced[:, j], self.greedy_ids(st))
+
         def chain() -> Tensor:
-            tok, st, outs = first, first_st, []
-            for j, (batch, buf) in enumerate(zip(batches, views, strict=True)):
-                _, pos, meta = batch.unpack(buf)
-                embeds = nn.functional.embedding(tok, r.embed).to(dtype)
-                st = r.head(embeds, st, pos, kv, meta, r.backend)  # [B, H]
-                tok = torch.where(forced[:, j] >= 0, forced[:, j], self.greedy_ids(st))
+            ids, pos, meta = batches[0].unpack(views[0])
+            st = r.head(nn.functional.embedding(ids, r.embed).to(dtype), st_in, pos, kv, meta, r.backend)[last]
+            tok = pick(0, st)
+            outs = [tok]
+            for j in range(1, k):
+                _, pos, meta = batches[j].unpack(views[j])
+                st = r.head(nn.functional.embedding(tok, r.embed).to(dtype), st, pos, kv, meta, r.backend)  # [B, H]
+                tok = pick(j, st)
                 outs.append(tok)
-            return torch.stack(outs)  # [n, B]
+            return torch.stack(outs)  # [k, B]
 
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
@@ -146,5 +163,6 @@ class HeadChain:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = chain()
-        log.info("captured a CUDA graph of %d EAGLE head steps for batch %d, context %d", n, b, batches[0].key[2])
-        return graph, static, first, first_st, forced, out
+        log.info("captured a CUDA graph of a %d-token EAGLE head block for batch %d x %d, context %d",
+                 k, b, q, batches[0].key[2])
+        return graph, static, st_in, last, forced, out
