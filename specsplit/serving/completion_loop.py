@@ -18,6 +18,7 @@ the target's bonus token. If both hold, block i+1 is ready at once; otherwise it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -65,6 +66,9 @@ class LoopOptions:
     max_failovers: int = 8  # failed re-opens in a row (no round in between) before UNAVAILABLE
     vocab_size: int = 0  # draft ids must be below this (0: unchecked); the target checks again
     kv_wait_s: float = 30.0  # a session a tier keeps refusing for lack of KV memory: RESOURCE_EXHAUSTED after this
+    # EAGLE drafts: the target layers whose states each verify returns and the next propose carries
+    # (empty: none); such a loop does not pipeline, as no guess can have the unverified states
+    hidden_layers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -111,6 +115,8 @@ class Verdict:
     verify_ns: int = 0
     queue_ns: int = 0
     prompt_logprobs: list[dict[int, float]] | None = None  # the first verdict, when asked: tokens 1.. of the prompt
+    hidden_states: bytes = b""  # EAGLE: the states of the positions fed up to the last accepted one (wire bytes)
+    fresh: bool = False  # the session was (re)opened for this verify: its states start at position 0
 
 
 class TargetLink(ABC):
@@ -127,6 +133,12 @@ class TargetLink(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Free the session (idempotent)."""
+
+    async def restart(self) -> None:
+        """Re-open the session: the next verify prefills every committed token again and so
+        returns every position's hidden states (a re-opened EAGLE draft rebuilds its head from them)."""
+        await self.close()
+        await self.open()
 
 
 class RoundTimes:
@@ -231,14 +243,17 @@ class RemoteTarget(TargetLink):
         self.failover = Failover(pool, opts, stats)
         self.session: TierSession | None = None
         self._round = 0
+        self._fresh = False  # the next verify is the session's first
 
     async def open(self) -> None:
         while True:
             s = TierSession(self.pool, self.failover.acquire(), self.opts.session_timeout_s)
             try:
                 await s.send(target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(
-                    token_ids=self.all_ids(), params=self.params_pb, prompt_len=self.prompt_len)))
+                    token_ids=self.all_ids(), params=self.params_pb, prompt_len=self.prompt_len,
+                    hidden_layers=self.opts.hidden_layers)))
                 self.session = s
+                self._fresh = True
                 return
             except TierFailure as f:
                 await s.close()
@@ -257,7 +272,9 @@ class RemoteTarget(TargetLink):
                 res = verify_result_from_pb(pb, 0, block)
                 prompt = logprobs_from_pb(list(pb.prompt_logprobs), self.all_ids()[1 : len(pb.prompt_logprobs) + 1]) \
                     if pb.prompt_logprobs else None
-                return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, pb.queue_ns, prompt)
+                fresh, self._fresh = self._fresh, False
+                return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, pb.queue_ns, prompt,
+                               pb.hidden_states, fresh)
             except TierFailure as f:
                 s, self.session = self.session, None
                 await s.close()  # type: ignore[union-attr]
@@ -266,6 +283,11 @@ class RemoteTarget(TargetLink):
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+    async def restart(self) -> None:
+        s, self.session = self.session, None  # the next verify opens a new session
+        if s is not None:
+            await s.close()
 
 
 class CompletionLoop:
@@ -288,6 +310,11 @@ class CompletionLoop:
         self._params_pb = token_choice_to_pb(seq.params)
         self.target: TargetLink = target if isinstance(target, TargetLink) else \
             RemoteTarget(target, lambda: self.seq.all_ids, self._params_pb, opts, self.stats, self.prompt_len)
+        if opts.hidden_layers:  # EAGLE: a block guessed before the verify would lack the states it drafts from
+            self.opts = opts = dataclasses.replace(opts, pipeline=False)
+        self._states: list[bytes] = []  # EAGLE: target states since the last block the draft made
+        self._draft_opened = False  # a draft session was opened before (a re-open rebuilds the head's states)
+        self._restart_target = False  # the next verify re-prefills the target to send every state again
         self.draft: TierSession | None = None
         self.draft_valid = 0  # committed tokens the draft session holds
         self._round = 0
@@ -311,6 +338,10 @@ class CompletionLoop:
                     token_ids=self.seq.all_ids, params=self._params_pb, prompt_len=self.prompt_len)))
                 self.draft = s
                 self.draft_valid = len(self.seq.all_ids)
+                # a re-opened EAGLE draft has no head state: the target re-sends every position's
+                # states with the next verify (one re-prefill); until then it drafts from the latest
+                self._restart_target = self._draft_opened and bool(self.opts.hidden_layers)
+                self._draft_opened = True
                 return True
             except TierFailure as f:
                 await self._drop_draft(s, f)
@@ -356,11 +387,14 @@ class CompletionLoop:
         while self.draft is not None:
             self._round += 1
             msg = draft_pb2.DraftClientMessage(propose=draft_pb2.DraftPropose(
-                round_id=self._round, prefix_len=prefix_len, new_tokens=new_tokens, k=k))
+                round_id=self._round, prefix_len=prefix_len, new_tokens=new_tokens, k=k,
+                hidden_states=b"" if speculative else b"".join(self._states)))
             try:
                 resp = await self.draft.request(msg, self.opts.round_timeout_s)
                 prop = check_proposal(resp.proposal, k, self.opts.vocab_size, self.draft.address)
                 self._draft_pauses = 0
+                if not speculative:
+                    self._states = []  # the draft's head holds them now
                 return prop
             except TierFailure as f:
                 s, self.draft = self.draft, None
@@ -408,7 +442,7 @@ class CompletionLoop:
             while not seq.finished:
                 t_round = time.perf_counter_ns()
                 before = len(seq.all_ids)
-                verify = asyncio.ensure_future(self.target.verify(block, q))
+                verify = asyncio.ensure_future(self._verify(block, q))
                 if spec is None and self.opts.pipeline and self.draft is not None and block:
                     k_next = self._choose_k()
                     if k_next > 0:
@@ -483,6 +517,18 @@ class CompletionLoop:
             for task in (spec, verify):
                 if task is not None and not task.done():
                     task.cancel()
+
+    async def _verify(self, block: list[int], q: Q) -> Verdict:
+        """The target's verdict; an EAGLE loop keeps the states it returned for the next propose."""
+        if self._restart_target:
+            self._restart_target = False
+            await self.target.restart()
+        res = await self.target.verify(block, q)
+        if self.opts.hidden_layers and self.drafts is not None:
+            if res.fresh:  # a (re)prefill: states from position 0, covering every older chunk
+                self._states = []
+            self._states.append(res.hidden_states)
+        return res
 
     def _delta(self, kept: list[int], text: str, lps: list[dict[int, float]] | None, drafted: int, accepted: int,
                pipelined: bool, timing: RoundTiming) -> Delta:

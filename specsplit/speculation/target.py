@@ -46,6 +46,7 @@ class TargetSession:
     num_logprobs: int | None = None
     prompt_len: int = 0  # history[prompt_len:] was generated (frequency / presence penalties)
     prompt_logprobs_due: bool = False  # the next step returns the prompt's logprobs (echo)
+    hidden_layers: tuple[int, ...] = ()  # EAGLE: layers whose states each step returns (empty: none)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class VerifyResult:
     # the target's state at every fed position up to the last accepted one, i.e. the state that
     # predicted each token after it; D = len(hidden_layers) * hidden_size
     hidden_states: Tensor | None = None
+    packed_states: bytes = b""  # served: hidden_states as wire bytes (eagle/wire.py), packed in the step's thread
 
 
 class TargetVerifier:
@@ -81,20 +83,32 @@ class TargetVerifier:
         self.runner = runner
         self.sessions: dict[int, TargetSession] = {}
         self.vocab_size = runner.cfg.vocab_size
-        self.hidden_layers: tuple[int, ...] = ()  # layers whose states each step returns (EAGLE heads)
+        self.hidden_layers: tuple[int, ...] = ()  # layers whose states new sessions get (in-process EAGLE)
+
+    def check_hidden_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        """Layers in the numbering of `ModelRunner.forward_hidden`: 0..num_layers, at most 4."""
+        n = self.runner.cfg.num_layers
+        if len(layers) > 4 or not all(0 <= i <= n for i in layers):
+            raise SessionError(f"hidden layers {tuple(layers)}: want at most 4 layers within 0..{n}")
+        return tuple(int(i) for i in layers)
 
     def expose_hidden(self, layers: tuple[int, ...]) -> None:
-        """Return hidden states from every step from now on (numbering of `ModelRunner.forward_hidden`)."""
-        if not all(0 <= i <= self.runner.cfg.num_layers for i in layers):
-            raise ValueError(f"hidden layers {layers} outside 0..{self.runner.cfg.num_layers}")
-        self.hidden_layers = tuple(layers)
+        """Sessions opened from now on return hidden states from every step (in-process EAGLE)."""
+        try:
+            self.hidden_layers = self.check_hidden_layers(layers)
+        except SessionError as e:
+            raise ValueError(str(e)) from None
 
-    def open(self, seq_id: int, token_ids: list[int], params: SamplingParams, prompt_len: int | None = None) -> None:
+    def open(self, seq_id: int, token_ids: list[int], params: SamplingParams, prompt_len: int | None = None,
+             hidden_layers: tuple[int, ...] | None = None) -> None:
         """Register a session; its tokens are prefilled by the next `step` that names it.
 
         `prompt_len`: how many of `token_ids` are the prompt (a session re-opened after a
         failover also carries the tokens generated so far); None: all of them.
+        `hidden_layers`: the target states each step returns for this session (an EAGLE draft
+        reads them); None: as `expose_hidden` set.
         """
+        layers = self.hidden_layers if hidden_layers is None else self.check_hidden_layers(hidden_layers)
         if seq_id in self.sessions:
             raise SessionError(f"session {seq_id} is already open")
         self.check_ids(token_ids, "prompt")
@@ -110,7 +124,7 @@ class TargetVerifier:
         self.sessions[seq_id] = TargetSession(
             seq_id, params, make_generator(params, self.runner.device), list(token_ids), list(token_ids),
             params.logprobs, len(token_ids) if prompt_len is None else prompt_len,
-            params.prompt_logprobs is not None,
+            params.prompt_logprobs is not None, layers,
         )
 
     def close(self, seq_id: int) -> None:
@@ -135,13 +149,14 @@ class TargetVerifier:
         # a session due its prompt logprobs reads logits at every fed position, not only k + 1
         extra = [len(s.unfed) - 1 if s.prompt_logprobs_due else 0 for s in sessions]
         # EAGLE: the target's states at every fed position (the head drafts from them)
-        n_hidden = [len(s.unfed) + len(it.draft_ids) if self.hidden_layers else 0
+        n_hidden = [len(s.unfed) + len(it.draft_ids) if s.hidden_layers else 0
                     for it, s in zip(items, sessions, strict=True)]
         inputs = [StepInput(it.seq_id, s.unfed + it.draft_ids, len(it.draft_ids) + 1 + e, n)
                   for it, s, e, n in zip(items, sessions, extra, n_hidden, strict=True)]
         hidden = None
-        if self.hidden_layers:
-            logits, hidden = self.runner.forward_hidden(inputs, self.hidden_layers)  # hidden: [sum(n_hidden), D]
+        layers = tuple(dict.fromkeys(i for s in sessions for i in s.hidden_layers))  # every layer asked for
+        if layers:
+            logits, hidden = self.runner.forward_hidden(inputs, layers)  # hidden: [sum(n_hidden), len(layers) * H]
         else:
             logits = self.runner.forward(inputs)  # [sum(extra_i + k_i + 1), V]
         prompt_lps: list[list[dict[int, float]] | None] = [[] if s.prompt_logprobs_due else None for s in sessions]
@@ -156,8 +171,10 @@ class TargetVerifier:
         dt = time.perf_counter_ns() - t0
         offset = 0
         for it, s, r, n in zip(items, sessions, results, n_hidden, strict=True):
-            if hidden is not None:  # states up to the last accepted position; the rest were rejected
-                r.hidden_states = hidden[offset : offset + len(s.unfed) + r.num_accepted]
+            if s.hidden_layers:  # states up to the last accepted position; the rest were rejected
+                assert hidden is not None
+                rows = hidden[offset : offset + len(s.unfed) + r.num_accepted]
+                r.hidden_states = rows if s.hidden_layers == layers else _columns(rows, layers, s.hidden_layers)
                 offset += n
             fed = self.runner.length(it.seq_id)
             self.runner.truncate(it.seq_id, fed - len(it.draft_ids) + r.num_accepted)
@@ -273,3 +290,10 @@ class TargetVerifier:
             d[tok] = float(chosen[j])
             out.append(d)
         return out
+
+
+def _columns(states: Tensor, have: tuple[int, ...], want: tuple[int, ...]) -> Tensor:
+    """The `want` layers' blocks of states computed for `have` (sessions of one step asked for
+    different layers): [n, len(have) * H] -> [n, len(want) * H]."""
+    h = states.shape[1] // len(have)
+    return torch.cat([states[:, have.index(i) * h : (have.index(i) + 1) * h] for i in want], dim=1)
