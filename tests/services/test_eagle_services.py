@@ -22,7 +22,6 @@ from draft_service.server import start_draft
 from gateway.config import GatewayConfig
 from gateway.server import GatewayHandle, start_gateway
 from specsplit import LLM, SamplingParams, SpeculativeConfig
-from specsplit.launcher import free_port
 from specsplit.proto.v1 import common_pb2
 from specsplit.runtime.runner import ModelRunner, StepInput
 from specsplit.serving.tier import TierHandle
