@@ -149,6 +149,11 @@ class EagleDrafter(Drafter):
         made = self._run([by_id[f[0]] for f in feed], feed)
         return [made.get(r.seq_id, Proposal([])) for r in reqs]
 
+    def _pick(self, reqs: list[DraftRequest], step: list[int], toks: list[int]) -> list[int]:
+        """The tokens drafted at position `step[j]` of each live request's block: the head's choice.
+        (Benchmarks override it to set the acceptance rate while the head still runs for real.)"""
+        return toks
+
     def _run(self, reqs: list[DraftRequest], feed: list[tuple[int, list[int], Tensor, int]]) -> dict[int, Proposal]:
         sessions = [self.sessions[r.seq_id] for r in reqs]
         batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
@@ -172,6 +177,7 @@ class EagleDrafter(Drafter):
             else:
                 top_ids, top_p = topk_truncate(probs, self.top_k)  # [n, K]
                 toks = sample_sparse(top_ids, top_p, sub).tolist()
+            toks = self._pick([reqs[i] for i in live], [len(blocks[i]) for i in live], toks)
             for j, i in enumerate(live):
                 blocks[i].append(toks[j])
                 if not sub.all_greedy and not sessions[i].params.greedy:
