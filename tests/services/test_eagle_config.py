@@ -151,3 +151,13 @@ def test_a_draft_tier_without_a_head_refuses_states(cluster: Cluster):
     err = _propose_with_states(f"127.0.0.1:{cluster.drafts['ngram'].port}", pack_states(torch.zeros(2, 64)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "reads no hidden states" in err.details()
 
+
+
+@pytest.mark.timeout(60)
+def test_a_propose_without_states_gets_an_empty_block(eagle_cluster: EagleCluster):
+    """A guess made before the verify (no states of the unverified tokens): the head drafts nothing."""
+    msgs = [draft_pb2.DraftClientMessage(open=draft_pb2.DraftOpen(token_ids=[1, 2, 3, 4], params=greedy_choice_pb())),
+            draft_pb2.DraftClientMessage(propose=draft_pb2.DraftPropose(round_id=1, prefix_len=4, k=3))]
+    with grpc.insecure_channel(f"127.0.0.1:{eagle_cluster.drafts['eagle3'].port}") as ch:
+        (reply,) = list(draft_pb2_grpc.DraftServiceStub(ch).Session(iter(msgs), timeout=30))
+    assert reply.proposal.round_id == 1 and list(reply.proposal.token_ids) == []
