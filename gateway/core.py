@@ -54,7 +54,8 @@ class Finished:
 
 class GatewayCore:
     def __init__(self, cfg: GatewayConfig, tokenizer: Any, max_model_len: int, eos_ids: tuple[int, ...],
-                 model_vocab_size: int | None = None, hidden_layers: tuple[int, ...] = ()) -> None:
+                 model_vocab_size: int | None = None, hidden_layers: tuple[int, ...] = (),
+                 hidden_size: int = 0) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -70,6 +71,7 @@ class GatewayCore:
             pipeline=cfg.pipeline, round_timeout_s=cfg.round_timeout_s, session_timeout_s=cfg.request_timeout_s,
             kv_wait_s=cfg.kv_wait_s, vocab_size=max(self.vocab_size, model_vocab_size or 0),
             hidden_layers=hidden_layers,  # EAGLE: the target states the draft's head reads
+            hidden_row_bytes=2 * hidden_size * len(hidden_layers),
         )
         self.costs = CostModel()
         self.metrics = GatewayMetrics()

@@ -168,11 +168,11 @@ def _check_head_width(drafter: Any, target_hidden: int, head: str | None) -> Non
                          f"but the target's hidden size is {target_hidden}: a head trained for another target")
 
 
-def eagle_target_layers(cfg: SpeculativeConfig, target_model: str | Path) -> tuple[int, ...]:
-    """The target layers whose states an EAGLE head reads (what the gateway asks the target
-    tier to return), from the head's config.json and the target's; the same choice as the
-    in-process drafter (HeadConfig.target_layers). Checks the head fits the target, so a
-    mismatched deployment fails at start, not mid-request."""
+def eagle_target_layers(cfg: SpeculativeConfig, target_model: str | Path) -> tuple[tuple[int, ...], int]:
+    """(the target layers whose states an EAGLE head reads, the target's hidden size): what the
+    gateway asks the target tier to return, from the head's config.json and the target's; the
+    same choice as the in-process drafter (HeadConfig.target_layers). Checks the head fits the
+    target, so a mismatched deployment fails at start, not mid-request."""
     from specsplit.speculation.eagle.checkpoint import read_head_config
 
     assert cfg.model is not None
@@ -181,4 +181,4 @@ def eagle_target_layers(cfg: SpeculativeConfig, target_model: str | Path) -> tup
     if hc.target_hidden_size != tcfg.hidden_size:
         raise ValueError(f"EAGLE head {cfg.model!r} reads target states of width {hc.target_hidden_size}, "
                          f"but the target's hidden size is {tcfg.hidden_size}: a head trained for another target")
-    return hc.target_layers(tcfg.num_layers)
+    return hc.target_layers(tcfg.num_layers), tcfg.hidden_size

@@ -125,7 +125,7 @@ async def run_generate(start: target_pb2.GenerateStart, link: LocalTarget,
     layers = link.verifier.check_hidden_layers(tuple(start.hidden_layers)) if drafting else ()
     opts = LoopOptions(num_speculative_tokens=int(start.num_speculative_tokens), adaptive=start.adaptive,
                        pipeline=start.pipeline, round_timeout_s=round_timeout_s, vocab_size=link.verifier.vocab_size,
-                       hidden_layers=layers)
+                       hidden_layers=layers, hidden_row_bytes=2 * link.verifier.runner.cfg.hidden_size * len(layers))
     prompt_len = start.prompt_len if start.HasField("prompt_len") else None
     link.prompt_len, link.hidden_layers = prompt_len, layers
     loop = CompletionLoop(seq, link, pool if drafting else None, costs, opts, prompt_len)

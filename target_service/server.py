@@ -20,7 +20,7 @@ from specsplit.serving.errors import grpc_errors, status_for
 from specsplit.serving.servicer import SessionServicer
 from specsplit.serving.tier import TierHandle
 from specsplit.speculation.adaptive import CostModel
-from specsplit.speculation.eagle.wire import pack_states
+from specsplit.speculation.eagle.wire import max_rows, pack_states
 from specsplit.speculation.session import MAX_BLOCK, SessionError
 from specsplit.speculation.target import TargetVerifier, VerifyItem, VerifyResult
 from target_service.config import TargetServiceConfig
@@ -92,8 +92,9 @@ def packing_states(step: Callable[[list[VerifyItem]], list[VerifyResult]]
     def run(items: list[VerifyItem]) -> list[VerifyResult]:
         results = step(items)
         for r in results:
-            if r.hidden_states is not None:
-                r.packed_states, r.hidden_states = pack_states(r.hidden_states), None
+            if r.hidden_states is not None:  # the newest rows that fit one message (wire.py)
+                keep = max_rows(2 * r.hidden_states.shape[1])
+                r.packed_states, r.hidden_states = pack_states(r.hidden_states[-keep:]), None
         return results
     return run
 

@@ -42,6 +42,7 @@ from specsplit.serving.errors import Overloaded, Unavailable
 from specsplit.serving.replicas import NoReplica, ReplicaPool, TierFailure, TierSession
 from specsplit.speculation.adaptive import AdaptiveK, CostModel
 from specsplit.speculation.drafters import Proposal
+from specsplit.speculation.eagle.wire import tail_rows
 from specsplit.speculation.sequence import Sequence
 from specsplit.speculation.session import out_of_vocab
 
@@ -69,6 +70,7 @@ class LoopOptions:
     # EAGLE drafts: the target layers whose states each verify returns and the next propose carries
     # (empty: none); such a loop does not pipeline, as no guess can have the unverified states
     hidden_layers: tuple[int, ...] = ()
+    hidden_row_bytes: int = 0  # wire size of one position's states (bf16: 2 * hidden_size * len(hidden_layers))
 
 
 @dataclass
@@ -388,7 +390,7 @@ class CompletionLoop:
             self._round += 1
             msg = draft_pb2.DraftClientMessage(propose=draft_pb2.DraftPropose(
                 round_id=self._round, prefix_len=prefix_len, new_tokens=new_tokens, k=k,
-                hidden_states=b"" if speculative else b"".join(self._states)))
+                hidden_states=b"" if speculative else self._states_to_send()))
             try:
                 resp = await self.draft.request(msg, self.opts.round_timeout_s)
                 prop = check_proposal(resp.proposal, k, self.opts.vocab_size, self.draft.address)
@@ -517,6 +519,11 @@ class CompletionLoop:
             for task in (spec, verify):
                 if task is not None and not task.done():
                     task.cancel()
+
+    def _states_to_send(self) -> bytes:
+        """The states held since the last block, the newest rows that fit one message."""
+        data = b"".join(self._states)
+        return tail_rows(data, self.opts.hidden_row_bytes) if self.opts.hidden_row_bytes else data
 
     async def _verify(self, block: list[int], q: Q) -> Verdict:
         """The target's verdict; an EAGLE loop keeps the states it returned for the next propose."""

@@ -117,3 +117,25 @@ def test_tensor_parallel_2_target_greedy_equals_the_target_alone(aio: LoopThread
                 check_greedy(c, plain, method, round_mode)
     finally:
         c.close()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("round_mode", ["direct", "gateway"])
+def test_states_past_the_message_cap_keep_the_newest_rows_and_stay_lossless(
+        eagle_cluster: EagleCluster, monkeypatch, round_mode):
+    """A long prompt's states would overflow one gRPC message: the newest rows that fit are sent
+    (here 8 rows of EAGLE-3's 3 x 64 bf16 values), the head starts from there, output unchanged."""
+    from specsplit.speculation.eagle import wire
+
+    monkeypatch.setattr(wire, "MAX_STATES_BYTES", 8 * 3 * 64 * 2)
+    prompt = "la la la " * 12
+    plain_ids = plain_greedy(eagle_cluster.models["target"], [prompt], MAX_TOKENS)[prompt]
+    rec = eagle_cluster.recorders["eagle3"]
+    rec.seen.clear()
+    out = stream_text(f"127.0.0.1:{eagle_cluster.gateway('eagle3', round_mode).port}", prompt, greedy_pb(MAX_TOKENS),
+                      timeout=120)
+    assert out.token_ids == plain_ids and out.final.stats.drafted_tokens > 0
+    assert rec.seen and all(states.shape[0] <= 8 for _, states in rec.seen)
+    first_tokens, first_states = rec.seen[0]
+    assert len(first_tokens) > 20 and len(first_tokens) - 1 - first_states.shape[0] > 0  # the prompt's tail only
+    check_recorded_states(rec, eagle_cluster.models["target"], LAYERS["eagle3"])
