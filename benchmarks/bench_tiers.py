@@ -252,11 +252,18 @@ async def run_draft(a: argparse.Namespace, ch: Channel) -> None:
     from specsplit.runtime.runner import ModelRunner
 
     dev, dtype = torch.device(a.device), DTYPES[a.dtype]
-    cfg, model = random_model(SHAPES[a.shape][1], dev, dtype, seed=a.seed + 10)
-    runner = ModelRunner.from_model(cfg, model, device=dev, max_model_len=a.max_model_len,
-                                    kv_cache_bytes=int(a.kv_gib * 2**30), enforce_eager=a.eager)
-    drafter = OracleDrafter(runner, alpha=1.0, seed=a.seed)
-    timing = time_draft(drafter, a.ctx, a.k, a.reps)
+    if a.method == "eagle3":  # a real-size EAGLE-3 head behind the oracle (benchmarks/oracle_eagle.py)
+        from oracle_eagle import random_eagle3_drafter, time_head
+
+        drafter: Any = random_eagle3_drafter(SHAPES[a.shape][0], dev, dtype, max_model_len=a.max_model_len,
+                                             kv_cache_bytes=int(a.kv_gib * 2**30), seed=a.seed)
+        runner, model, time_draft_ = drafter.runner, drafter.runner.head, time_head
+    else:
+        cfg, model = random_model(SHAPES[a.shape][1], dev, dtype, seed=a.seed + 10)
+        runner = ModelRunner.from_model(cfg, model, device=dev, max_model_len=a.max_model_len,
+                                        kv_cache_bytes=int(a.kv_gib * 2**30), enforce_eager=a.eager)
+        drafter, time_draft_ = OracleDrafter(runner, alpha=1.0, seed=a.seed), time_draft
+    timing = time_draft_(drafter, a.ctx, a.k, a.reps)
     if dev.type == "cuda":  # bandwidth bound of one draft token: read every weight once
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         from gpu_bench import (
@@ -265,9 +272,9 @@ async def run_draft(a: argparse.Namespace, ch: Channel) -> None:
 
         timing["draft_bound_ms"] = weight_bytes / copy_bandwidth(dev) * 1000
         timing["draft_weight_gb"] = weight_bytes / 1e9
-    timing.update({k: v for k, v in time_draft(drafter, a.ctx, a.k + 1, a.reps).items() if k != "draft_token_ms"})
+    timing.update({k: v for k, v in time_draft_(drafter, a.ctx, a.k + 1, a.reps).items() if k != "draft_token_ms"})
     print(f"[draft] {timing}", file=sys.stderr, flush=True)
-    scfg = SpeculativeConfig(method="draft_model", model="oracle (benchmark only)", num_speculative_tokens=a.k)
+    scfg = SpeculativeConfig(method=a.method, model="oracle (benchmark only)", num_speculative_tokens=a.k)
     handle = await start_draft(DraftServiceConfig(model="random", speculative=scfg, host="127.0.0.1", grpc_port=0,
                                                   metrics_port=0, max_batch=a.max_batch), drafter=drafter)
     ch.send({"ready": True, "port": handle.port, "device": _device_info(dev), "timing": timing})
@@ -297,9 +304,9 @@ async def run_gateways(a: argparse.Namespace, ch: Channel) -> None:
     from gateway.server import start_gateway
     from specsplit.config import SpeculativeConfig
 
-    def spec(adaptive: bool) -> SpeculativeConfig:
-        return SpeculativeConfig(method="draft_model", model="oracle (benchmark only)", num_speculative_tokens=a.k,
-                                 adaptive=adaptive)
+    def spec(adaptive: bool) -> SpeculativeConfig:  # eagle3: the gateway reads the head's config.json
+        return SpeculativeConfig(method=a.method, model=a.head or "oracle (benchmark only)",
+                                 num_speculative_tokens=a.k, adaptive=adaptive)
 
     modes = {"plain": (None, False), "sequential": (spec(False), False), "pipelined": (spec(False), True),
              "adaptive": (spec(True), True), "adaptive-sequential": (spec(True), False)}
@@ -343,6 +350,9 @@ def main() -> int:
     ap.add_argument("--folder", help="gateways: model folder (config + tokenizer)")
     ap.add_argument("--target", help="gateways: target address")
     ap.add_argument("--draft", help="gateways: draft address")
+    ap.add_argument("--method", choices=["draft_model", "eagle3"], default="draft_model",
+                    help="draft, gateways: the oracle over a draft model or over a real-size EAGLE-3 head")
+    ap.add_argument("--head", help="gateways, --method eagle3: folder with the head's config.json")
     a = ap.parse_args()
     ch = Channel()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"[{a.role}] %(levelname)s %(name)s: %(message)s")

@@ -21,6 +21,7 @@ under --out (default benchmarks/results/).
 
     python benchmarks/gpu_services_bench.py --out $OUT                       # 2 GPUs, 8B/1B shapes
     python benchmarks/gpu_services_bench.py --shape tiny --device cpu --max-tokens 16 --loads 1,4
+    python benchmarks/gpu_services_bench.py --method eagle3 --parts 6 --alphas 0.8   # a real-size EAGLE-3 head
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import bench_tiers  # noqa: E402
 import gpu_services_report  # noqa: E402
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
+import oracle_eagle  # noqa: E402
 
 from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from specsplit.sampling.params import SamplingParams  # noqa: E402
@@ -404,7 +406,7 @@ async def part6(a: argparse.Namespace, ports: dict[str, int], draft: Tier, targe
     if timing.get("draft_bound_ms"):
         dr = timing["draft_token_ms"] / timing["draft_bound_ms"]
         g["draft_token_over_bound"] = goal(dr, "<= 1.3", dr <= 1.3)
-    if ("direct-pipelined", 0.8) in rows:
+    if ("direct-pipelined", 0.8) in rows and a.method == "draft_model":  # EAGLE does not pipeline
         pr = rows[("direct-pipelined", 0.8)]["tok_s"] / rows[("direct-sequential", 0.8)]["tok_s"]
         g["pipelined_over_sequential_alpha0.8"] = goal(pr, ">= 1.25 (oracle beta = 0: the draft's runner-up "
                                                        "guesses are never the target's token)", pr >= 1.25)
@@ -519,6 +521,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--target-tp", type=int, default=1,
                     help="tensor-parallel target on GPUs target-gpu .. target-gpu + N - 1 (keep the draft off them)")
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--method", choices=["draft_model", "eagle3"], default="draft_model",
+                    help="eagle3: the oracle over a real-size EAGLE-3 head (benchmarks/oracle_eagle.py), which drafts "
+                    "from the target states the target tier returns; the draft model is not used")
     ap.add_argument("--target-weights", choices=["confident", "random"], default="confident",
                     help="random: plain random weights, whose greedy output may flip on rounding")
     ap.add_argument("--alphas", type=floats, default=[0.6, 0.8], help="part 3 acceptance rates")
@@ -585,7 +590,8 @@ def start_tiers(a: argparse.Namespace, folder: Path, res: dict) -> tuple[Tier, T
     shared = a.device == "cpu" or a.target_gpu <= a.draft_gpu < a.target_gpu + a.target_tp
     if shared:  # each tier times its steps at start: one at a time, or each slows the other's timing
         target.wait_ready(a.startup_timeout)
-    draft = Tier("draft", ["draft", *common, "--device", ddev, "--kv-gib", str(a.draft_kv_gib)], denv)
+    draft = Tier("draft", ["draft", *common, "--device", ddev, "--kv-gib", str(a.draft_kv_gib), "--method", a.method],
+                 denv)
     a.tiers.append(draft)
     t_ready = target.ready if shared else target.wait_ready(a.startup_timeout)
     d_ready = draft.wait_ready(a.startup_timeout)
@@ -596,7 +602,8 @@ def start_tiers(a: argparse.Namespace, folder: Path, res: dict) -> tuple[Tier, T
         + ", ".join(f"{k} {v:.2f}" for k, v in timing.items()))
     gws = Tier("gateways", ["gateways", "--folder", str(folder), "--target", f"127.0.0.1:{t_ready['port']}",
                             "--draft", f"127.0.0.1:{d_ready['port']}", "-k", str(a.k), "--max-model-len",
-                            str(a.max_model_len)], {**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                            str(a.max_model_len), "--method", a.method, *(["--head", str(a.head)] if a.head else [])],
+               {**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     a.tiers.append(gws)
     gws.ports = gws.wait_ready(a.startup_timeout)["ports"]
     a.gws = gws
@@ -612,7 +619,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"benchmark": "gpu_services_bench", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "command": " ".join(sys.argv), "note": NOTE.format(shape=SHAPE_NOTE[a.shape]),
-                           "shape": a.shape, "dtype": a.dtype, "target_weights": a.target_weights,
+                           "shape": a.shape, "dtype": a.dtype, "target_weights": a.target_weights, "method": a.method,
                            "args": {k: v for k, v in vars(a).items() if k not in ("deadline", "tiers", "gws")},
                            "files": {"json": str(out / f"gpu_services_bench_{stamp}.json")}, "goals": {}}
     target_shape = bench_tiers.SHAPES[a.shape][0]
@@ -621,6 +628,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             folder = bench_tiers.write_model_folder(Path(tmp) / "model", target_shape)
+            a.head = oracle_eagle.write_head_config(Path(tmp) / "head", target_shape) if a.method == "eagle3" else None
             target, draft, gws, timing = start_tiers(a, folder, res)
             asyncio.run(run_parts(a, parts, gws.ports, target, draft, prompts, timing, res))
     finally:

@@ -13,6 +13,6 @@ from specsplit.serving.tier import run_tier
 def run(a: argparse.Namespace) -> int:
     sc = SpeculativeConfig.from_any(a.speculative_config)
     if sc is None:
-        raise SystemExit("specsplit draft needs --speculative-config (method draft_model or ngram)")
+        raise SystemExit("specsplit draft needs --speculative-config (method draft_model, ngram, eagle or eagle3)")
     cfg = DraftServiceConfig.from_args(a, speculative=sc)
     return run_tier(lambda: start_draft(cfg), cfg.shutdown_grace_seconds)

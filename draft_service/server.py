@@ -1,11 +1,14 @@
-"""Draft service: proposes blocks for many sessions at once (draft model or n-gram).
+"""Draft service: proposes blocks for many sessions at once (draft model, n-gram or EAGLE head).
 
 Thin: protobuf in -> `Drafter.propose` (through the shared session servicer) -> protobuf out.
+An EAGLE head also takes the target's hidden states, packed bf16 bytes on each propose.
 """
 
 from __future__ import annotations
 
 import asyncio
+
+import torch
 
 from draft_service.config import DraftServiceConfig
 from specsplit.proto.v1 import draft_pb2, draft_pb2_grpc
@@ -14,6 +17,7 @@ from specsplit.serving.convert import sparse_to_pb
 from specsplit.serving.servicer import SessionServicer
 from specsplit.serving.tier import TierHandle
 from specsplit.speculation.drafters import Drafter, DraftRequest, Proposal
+from specsplit.speculation.eagle.wire import unpack_states
 from specsplit.speculation.session import MAX_PROPOSE, SessionError
 
 
@@ -28,12 +32,29 @@ class DraftServicer(SessionServicer[DraftRequest, Proposal], draft_pb2_grpc.Draf
             raise SessionError(f"prompt of {len(token_ids)} tokens does not fit the draft's max_model_len "
                                f"{self.max_model_len}")
 
+    @property
+    def state_width(self) -> int:
+        """Values per position of the target states the drafter reads (0: it reads none)."""
+        runner = getattr(self.engine, "runner", None)
+        head = getattr(runner, "head", None)
+        return head.hc.state_size if head is not None else 0
+
     def request(self, seq_id: int, msg: draft_pb2.DraftPropose) -> DraftRequest:
         if msg.k > MAX_PROPOSE:
             raise SessionError(f"k={msg.k} exceeds the limit of {MAX_PROPOSE}")
         new_len = msg.prefix_len + len(msg.new_tokens)
         k = min(msg.k, max(0, self.max_model_len - new_len - 1))  # never past the draft's context
-        return DraftRequest(seq_id, msg.prefix_len, list(msg.new_tokens), k)
+        states = None
+        if msg.hidden_states:
+            width = self.state_width
+            if not width:
+                raise SessionError(f"this draft tier ({getattr(self.engine, 'method', '')}) reads no hidden states")
+            try:
+                states = unpack_states(msg.hidden_states, width)  # [n, width] bfloat16
+            except ValueError as e:
+                raise SessionError(f"hidden_states: {e}; is the target tier returning the layers this head reads?"
+                                   ) from None
+        return DraftRequest(seq_id, msg.prefix_len, list(msg.new_tokens), k, states)
 
     def reply(self, msg: draft_pb2.DraftPropose, result: Proposal, queue_ns: int) -> draft_pb2.DraftServerMessage:
         return draft_pb2.DraftServerMessage(proposal=draft_pb2.DraftProposal(
@@ -42,7 +63,9 @@ class DraftServicer(SessionServicer[DraftRequest, Proposal], draft_pb2_grpc.Draf
         ))
 
     def warmup_request(self, seq_id: int, prompt_len: int) -> DraftRequest:
-        return DraftRequest(seq_id, prompt_len, [], 3)
+        width = self.state_width  # an EAGLE head drafts only from states: give it some
+        states = torch.zeros(prompt_len - 1, width, dtype=torch.bfloat16) if width else None
+        return DraftRequest(seq_id, prompt_len, [], 3, states)
 
 
 async def start_draft(cfg: DraftServiceConfig, drafter: Drafter | None = None) -> TierHandle:
@@ -64,6 +87,7 @@ def _load(cfg: DraftServiceConfig) -> Drafter:
     folder = model_folder(cfg.model)
     tok = load_tokenizer(folder)
     vocab = int(AutoConfig.from_pretrained(folder).vocab_size)
+    # EAGLE: the head reads the target's embeddings (and LM head) from the target's own checkpoint
     return load_drafter(cfg.speculative, tok, vocab, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                         kv_cache_bytes=cfg.kv_cache_memory_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                        enforce_eager=cfg.enforce_eager)
+                        enforce_eager=cfg.enforce_eager, target_model=folder)

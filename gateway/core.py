@@ -55,7 +55,8 @@ class Finished:
 
 class GatewayCore:
     def __init__(self, cfg: GatewayConfig, tokenizer: Any, max_model_len: int, eos_ids: tuple[int, ...],
-                 model_vocab_size: int | None = None) -> None:
+                 model_vocab_size: int | None = None, hidden_layers: tuple[int, ...] = (),
+                 hidden_size: int = 0) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
@@ -71,6 +72,8 @@ class GatewayCore:
             num_speculative_tokens=sc.num_speculative_tokens if sc else 0, adaptive=sc.adaptive if sc else False,
             pipeline=cfg.pipeline, round_timeout_s=cfg.round_timeout_s, session_timeout_s=cfg.request_timeout_s,
             kv_wait_s=cfg.kv_wait_s, vocab_size=max(self.vocab_size, model_vocab_size or 0),
+            hidden_layers=hidden_layers,  # EAGLE: the target states the draft's head reads
+            hidden_row_bytes=2 * hidden_size * len(hidden_layers),
         )
         self.costs = CostModel()
         self.metrics = GatewayMetrics()
@@ -88,7 +91,7 @@ class GatewayCore:
         sc = self.cfg.speculative
         if sc is None:
             return "none"
-        return f"draft_model:{sc.model}" if sc.method == "draft_model" else "ngram"
+        return "ngram" if sc.method == "ngram" else f"{sc.method}:{sc.model}"
 
     # ---- input -----------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:

@@ -70,7 +70,15 @@ async def start_gateway(cfg: GatewayConfig, *, max_model_len: int | None = None,
     else:
         log.warning("no --api-key-file: the gateway's APIs are open to anyone who can reach them")
     tok, model_len, eos, vocab = await asyncio.to_thread(_tokenizer_and_limits, cfg.model)
-    core = GatewayCore(cfg, tok, min(max_model_len or model_len, model_len), eos, model_vocab_size=vocab)
+    sc = cfg.speculative
+    layers: tuple[int, ...] = ()
+    hidden = 0
+    if sc is not None and sc.method in ("eagle", "eagle3"):  # the states the head reads: asked of the target tier
+        from specsplit.factory import eagle_target_layers
+
+        layers, hidden = await asyncio.to_thread(eagle_target_layers, sc, cfg.model)
+    core = GatewayCore(cfg, tok, min(max_model_len or model_len, model_len), eos, model_vocab_size=vocab,
+                       hidden_layers=layers, hidden_size=hidden)
     discoveries = []
     for pool, static, service, port in (
         (core.targets, cfg.target_addresses, cfg.target_service, cfg.target_port),

@@ -66,7 +66,8 @@ def _model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def _engine_flags(p: argparse.ArgumentParser, *, spec: bool) -> None:
     if spec:
-        _add(p, "--speculative-config", help="JSON with vLLM's keys: method, model, num_speculative_tokens, "
+        _add(p, "--speculative-config", help="JSON with vLLM's keys: method (draft_model, ngram, eagle, eagle3), "
+             "model (draft model, or EAGLE head folder: the head reads MODEL's embeddings), num_speculative_tokens, "
              "prompt_lookup_max, prompt_lookup_min, draft_tensor_parallel_size")
     _add(p, "--dtype", default="auto", help="auto, float32, bfloat16, float16")
     _add(p, "--max-model-len", type=int, help="context limit (default: the model's)")

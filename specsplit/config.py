@@ -35,6 +35,13 @@ class SpeculativeConfig:
             raise ValueError("speculative_config: method 'draft_model' needs 'model' (the draft model)")
         if self.method in ("eagle", "eagle3") and not self.model:
             raise ValueError(f"speculative_config: method {self.method!r} needs 'model' (the EAGLE head folder)")
+        if self.method in ("eagle", "eagle3"):  # keys of other methods that would silently do nothing
+            if (self.prompt_lookup_min, self.prompt_lookup_max) != (1, 4):
+                raise ValueError(f"speculative_config: prompt_lookup_min/max are n-gram keys; method "
+                                 f"{self.method!r} does not use them")
+            if self.draft_tensor_parallel_size != 1:
+                raise ValueError(f"speculative_config: an EAGLE head runs on one device; method {self.method!r} "
+                                 "takes no draft_tensor_parallel_size")
         if self.method == "ngram" and self.model:
             raise ValueError("speculative_config: method 'ngram' takes no 'model'")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 32:

@@ -92,7 +92,7 @@ def load_drafter(
         return NgramDrafter(target_vocab_size, device, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
     assert cfg.model is not None  # guaranteed by SpeculativeConfig
     if cfg.method in ("eagle", "eagle3"):
-        return _load_eagle(cfg, target, target_model, target_vocab_size, device, max_model_len, kv_cache_bytes)
+        return _load_eagle(cfg, target, target_model, target_vocab_size, device, max_model_len, kv_cache_bytes, dtype)
     runner, tok = load_runner(
         cfg.model, dtype=dtype, device=device, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
         gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=cfg.draft_tensor_parallel_size,
@@ -109,12 +109,30 @@ def load_drafter(
 
 def _load_eagle(cfg: SpeculativeConfig, target: TargetVerifier | None, target_model: str | Path | None,
                 vocab_size: int, device: torch.device, max_model_len: int | None,
-                kv_cache_bytes: int | None) -> Drafter:
+                kv_cache_bytes: int | None, dtype: str = "auto") -> Drafter:
+    """In process (`target` given): the head shares the target's embeddings and the target is
+    told to return the head's states. On the draft tier (`target_model` only): the embeddings
+    (and EAGLE-1's LM head) are read from the target's checkpoint, and the states arrive with
+    each propose (the session asks the target tier for `eagle_target_layers`)."""
     from specsplit.speculation.eagle.build import load_eagle_drafter
 
     if target is None:
-        raise ValueError(f"method {cfg.method!r} runs in process (LLM) only for now: the draft tier does not "
-                         "receive the target's hidden states yet")
+        if target_model is None:
+            raise ValueError(f"method {cfg.method!r} on the draft tier needs the target model (the tier's MODEL): "
+                             "the head reads the target's embeddings and hidden states")
+        folder = model_folder(target_model)
+        tcfg = _model_config(folder)
+        from specsplit.runtime.runner import resolve_dtype
+
+        head_dtype = resolve_dtype(dtype, device, _checkpoint_dtype(folder))
+        limit = min(max_model_len or tcfg.max_position_embeddings, tcfg.max_position_embeddings)
+        drafter = load_eagle_drafter(
+            cfg.method, cfg.model, target=None, target_folder=folder, vocab_size=vocab_size,
+            num_target_layers=tcfg.num_layers, device=device, dtype=head_dtype, max_model_len=limit,
+            kv_cache_bytes=kv_cache_bytes, top_k=cfg.draft_top_k,
+        )
+        _check_head_width(drafter, tcfg.hidden_size, cfg.model)
+        return drafter
     runner = target.runner
     drafter = load_eagle_drafter(
         cfg.method, cfg.model, target=runner, target_folder=model_folder(target_model) if target_model else None,
@@ -123,5 +141,44 @@ def _load_eagle(cfg: SpeculativeConfig, target: TargetVerifier | None, target_mo
         max_model_len=min(max_model_len or runner.max_model_len, runner.max_model_len),
         kv_cache_bytes=kv_cache_bytes, top_k=cfg.draft_top_k,
     )
+    _check_head_width(drafter, runner.cfg.hidden_size, cfg.model)
     target.expose_hidden(drafter.target_layers(runner.cfg.num_layers))
     return drafter
+
+
+def _model_config(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    from specsplit.runtime.config import ModelConfig
+
+    return ModelConfig.from_hf(AutoConfig.from_pretrained(folder))
+
+
+def _checkpoint_dtype(folder: Path) -> str | None:
+    import json
+
+    return json.loads((folder / "config.json").read_text()).get("torch_dtype")
+
+
+def _check_head_width(drafter: Any, target_hidden: int, head: str | None) -> None:
+    """The head's fc reads target states of its `target_hidden_size`: another target's would not fit."""
+    hc = drafter.runner.head.hc
+    if hc.target_hidden_size != target_hidden:
+        raise ValueError(f"EAGLE head {head!r} reads target states of width {hc.target_hidden_size}, "
+                         f"but the target's hidden size is {target_hidden}: a head trained for another target")
+
+
+def eagle_target_layers(cfg: SpeculativeConfig, target_model: str | Path) -> tuple[tuple[int, ...], int]:
+    """(the target layers whose states an EAGLE head reads, the target's hidden size): what the
+    gateway asks the target tier to return, from the head's config.json and the target's; the
+    same choice as the in-process drafter (HeadConfig.target_layers). Checks the head fits the
+    target, so a mismatched deployment fails at start, not mid-request."""
+    from specsplit.speculation.eagle.checkpoint import read_head_config
+
+    assert cfg.model is not None
+    tcfg = _model_config(model_folder(target_model))
+    hc = read_head_config(Path(cfg.model).expanduser(), cfg.method)
+    if hc.target_hidden_size != tcfg.hidden_size:
+        raise ValueError(f"EAGLE head {cfg.model!r} reads target states of width {hc.target_hidden_size}, "
+                         f"but the target's hidden size is {tcfg.hidden_size}: a head trained for another target")
+    return hc.target_layers(tcfg.num_layers), tcfg.hidden_size

@@ -55,7 +55,10 @@ def run_up(a: argparse.Namespace) -> int:
 
     model = str(model_folder(a.model))
     spec_dict = json.loads(spec)
-    if spec_dict.get("model"):
+    if spec_dict.get("method") in ("eagle", "eagle3"):
+        spec_dict = _check_eagle(spec_dict, model)
+        spec = json.dumps(spec_dict)
+    elif spec_dict.get("model"):
         spec_dict["model"] = str(model_folder(spec_dict["model"]))
         spec = json.dumps(spec_dict)
     # SIGTERM (kill, docker, systemd, Kubernetes) and SIGHUP stop everything as Ctrl-C does
@@ -109,6 +112,22 @@ def _start_and_serve(a: argparse.Namespace, model: str, spec: str, names: list[s
     while all(p.poll() is None for p in procs):
         time.sleep(0.5)
     return 1
+
+
+def _check_eagle(spec: dict, model: str) -> dict:
+    """An EAGLE head is a local folder (not a catalogue name): check it fits the target before
+    three processes start, so a bad config is one clear error, not a tier dying at start."""
+    from pathlib import Path
+
+    from specsplit.config import SpeculativeConfig
+    from specsplit.factory import eagle_target_layers
+
+    spec = {**spec, "model": str(Path(spec.get("model") or "").expanduser().resolve())} if spec.get("model") else spec
+    try:
+        eagle_target_layers(SpeculativeConfig.from_any(spec), model)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise SystemExit(f"specsplit up: {e}") from None
+    return spec
 
 
 def _demo(address: str, prompt: str, max_tokens: int) -> int:

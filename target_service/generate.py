@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -48,10 +49,13 @@ class LocalTarget(TargetLink):
         self.opened = False
         self.prompt_len: int | None = None  # leading tokens that are the prompt (None: all)
         self.on_progress: Callable[[int, int], None] | None = None  # (prefilled, total) of a long prefill
+        self.hidden_layers: tuple[int, ...] = ()  # EAGLE draft: the target states each verify returns
+        self._fresh = False  # the next verify is the session's first
 
     async def open(self) -> None:
-        await self.batcher.call(self._open_fn, self.seq_id, self.seq.all_ids, self.seq.params, self.prompt_len)
-        self.opened = True
+        await self.batcher.call(functools.partial(self._open_fn, hidden_layers=self.hidden_layers), self.seq_id,
+                                self.seq.all_ids, self.seq.params, self.prompt_len)
+        self.opened = self._fresh = True
 
     async def verify(self, block: list[int], q: Q) -> Verdict:
         item = VerifyItem(self.seq_id, list(block), *q)
@@ -61,8 +65,9 @@ class LocalTarget(TargetLink):
             if self.on_progress is not None:
                 self.on_progress(*res.prefill)
             res, queue_ns = await self.batcher.submit(item)
+        fresh, self._fresh = self._fresh, False
         return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, queue_ns, res.prompt_logprobs,
-                       chunked)
+                       res.packed_states, fresh, chunked)
 
     async def close(self) -> None:
         if self.opened:
@@ -123,11 +128,14 @@ async def run_generate(start: target_pb2.GenerateStart, link: LocalTarget,
                        round_timeout_s: float) -> AsyncIterator[target_pb2.GenerateServerMessage]:
     """Run the completion's rounds; one message per round."""
     pool = drafts.get(start.draft_address) if start.draft_address else None
+    drafting = pool is not None and start.num_speculative_tokens > 0
+    layers = link.verifier.check_hidden_layers(tuple(start.hidden_layers)) if drafting else ()
     opts = LoopOptions(num_speculative_tokens=int(start.num_speculative_tokens), adaptive=start.adaptive,
-                       pipeline=start.pipeline, round_timeout_s=round_timeout_s, vocab_size=link.verifier.vocab_size)
+                       pipeline=start.pipeline, round_timeout_s=round_timeout_s, vocab_size=link.verifier.vocab_size,
+                       hidden_layers=layers, hidden_row_bytes=2 * link.verifier.runner.cfg.hidden_size * len(layers))
     prompt_len = start.prompt_len if start.HasField("prompt_len") else None
-    link.prompt_len = prompt_len
-    loop = CompletionLoop(seq, link, pool if start.num_speculative_tokens > 0 else None, costs, opts, prompt_len)
+    link.prompt_len, link.hidden_layers = prompt_len, layers
+    loop = CompletionLoop(seq, link, pool if drafting else None, costs, opts, prompt_len)
     # rounds and prefill progress reports share the stream: the loop runs beside the writer
     out: asyncio.Queue[target_pb2.GenerateServerMessage | BaseException | None] = asyncio.Queue()
     link.on_progress = lambda done, total: out.put_nowait(target_pb2.GenerateServerMessage(

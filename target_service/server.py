@@ -9,7 +9,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -20,6 +20,7 @@ from specsplit.serving.errors import grpc_errors, status_for
 from specsplit.serving.servicer import SessionServicer
 from specsplit.serving.tier import TierHandle
 from specsplit.speculation.adaptive import CostModel
+from specsplit.speculation.eagle.wire import max_rows, pack_states
 from specsplit.speculation.session import MAX_BLOCK, SessionError
 from specsplit.speculation.target import TargetVerifier, VerifyItem, VerifyResult
 from target_service.config import TargetServiceConfig
@@ -40,6 +41,10 @@ class TargetServicer(SessionServicer[VerifyItem, VerifyResult], target_pb2_grpc.
         self.costs = CostModel()  # step costs measured here steer adaptive k of direct rounds
         self.round_timeout_s = round_timeout_s  # a slower draft round counts as a failed draft replica
 
+    def open_options(self, msg: target_pb2.TargetOpen) -> dict[str, Any]:
+        # an EAGLE draft reads these layers' states: every result of the session carries them
+        return {"hidden_layers": tuple(msg.hidden_layers)} if msg.hidden_layers else {}
+
     def request(self, seq_id: int, msg: target_pb2.TargetVerify) -> VerifyItem:
         k = len(msg.draft_ids)
         if k > MAX_BLOCK:
@@ -53,6 +58,7 @@ class TargetServicer(SessionServicer[VerifyItem, VerifyResult], target_pb2_grpc.
             round_id=msg.round_id, num_accepted=result.num_accepted, next_token=result.emitted[-1],
             logprobs=logprobs_to_pb(result.logprobs, result.emitted), verify_ns=result.verify_ns,
             queue_ns=queue_ns, prompt_logprobs=logprobs_to_pb(result.prompt_logprobs, result.prompt_ids or []),
+            hidden_states=result.packed_states,
         ))
 
     def progress(self, msg: target_pb2.TargetVerify, result: VerifyResult) -> target_pb2.TargetServerMessage | None:
@@ -85,6 +91,20 @@ class TargetServicer(SessionServicer[VerifyItem, VerifyResult], target_pb2_grpc.
             raise
 
 
+def packing_states(step: Callable[[list[VerifyItem]], list[VerifyResult]]
+                   ) -> Callable[[list[VerifyItem]], list[VerifyResult]]:
+    """The verifier's step, with each result's hidden states packed as wire bytes in the step's
+    own thread (the device-to-host copy stays off the event loop)."""
+    def run(items: list[VerifyItem]) -> list[VerifyResult]:
+        results = step(items)
+        for r in results:
+            if r.hidden_states is not None:  # the newest rows that fit one message (wire.py)
+                keep = max_rows(2 * r.hidden_states.shape[1])
+                r.packed_states, r.hidden_states = pack_states(r.hidden_states[-keep:]), None
+        return results
+    return run
+
+
 async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None = None) -> TierHandle:
     """Load the model (unless given), start serving, warm up, report SERVING."""
     servicer: TargetServicer | None = None
@@ -108,7 +128,7 @@ async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None
             enforce_eager=cfg.enforce_eager,
         )
     runner = verifier.runner
-    servicer = TargetServicer(verifier, verifier.step, max_batch=cfg.max_batch, cache=runner.cache,
+    servicer = TargetServicer(verifier, packing_states(verifier.step), max_batch=cfg.max_batch, cache=runner.cache,
                               max_model_len=runner.max_model_len, drafts=DraftPools(cfg.draft_tls),
                               round_timeout_s=cfg.round_timeout_s)
     handle = await servicer.start(cfg, runner.shutdown)

@@ -18,6 +18,7 @@ the target's bonus token. If both hold, block i+1 is ready at once; otherwise it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -41,6 +42,7 @@ from specsplit.serving.errors import Overloaded, Unavailable
 from specsplit.serving.replicas import NoReplica, ReplicaPool, TierFailure, TierSession
 from specsplit.speculation.adaptive import AdaptiveK, CostModel
 from specsplit.speculation.drafters import Proposal
+from specsplit.speculation.eagle.wire import tail_rows
 from specsplit.speculation.sequence import Sequence
 from specsplit.speculation.session import out_of_vocab
 
@@ -65,6 +67,10 @@ class LoopOptions:
     max_failovers: int = 8  # failed re-opens in a row (no round in between) before UNAVAILABLE
     vocab_size: int = 0  # draft ids must be below this (0: unchecked); the target checks again
     kv_wait_s: float = 30.0  # a session a tier keeps refusing for lack of KV memory: RESOURCE_EXHAUSTED after this
+    # EAGLE drafts: the target layers whose states each verify returns and the next propose carries
+    # (empty: none); such a loop does not pipeline, as no guess can have the unverified states
+    hidden_layers: tuple[int, ...] = ()
+    hidden_row_bytes: int = 0  # wire size of one position's states (bf16: 2 * hidden_size * len(hidden_layers))
 
 
 @dataclass
@@ -111,6 +117,8 @@ class Verdict:
     verify_ns: int = 0
     queue_ns: int = 0
     prompt_logprobs: list[dict[int, float]] | None = None  # the first verdict, when asked: tokens 1.. of the prompt
+    hidden_states: bytes = b""  # EAGLE: the states of the positions fed up to the last accepted one (wire bytes)
+    fresh: bool = False  # the session was (re)opened for this verify: its states start at position 0
     chunked: bool = False  # a long prompt was prefilled chunk by chunk first: not a verify's cost
 
 
@@ -128,6 +136,12 @@ class TargetLink(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Free the session (idempotent)."""
+
+    async def restart(self) -> None:
+        """Re-open the session: the next verify prefills every committed token again and so
+        returns every position's hidden states (a re-opened EAGLE draft rebuilds its head from them)."""
+        await self.close()
+        await self.open()
 
 
 class RoundTimes:
@@ -258,6 +272,7 @@ class RemoteTarget(TargetLink):
         self.failover = Failover(pool, opts, stats)
         self.session: TierSession | None = None
         self._round = 0
+        self._fresh = False  # the next verify is the session's first
 
     async def open(self) -> None:
         while True:
@@ -265,8 +280,10 @@ class RemoteTarget(TargetLink):
             self.failover.reopened(s.address)
             try:
                 await s.send(target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(
-                    token_ids=self.all_ids(), params=self.params_pb, prompt_len=self.prompt_len)))
+                    token_ids=self.all_ids(), params=self.params_pb, prompt_len=self.prompt_len,
+                    hidden_layers=self.opts.hidden_layers)))
                 self.session = s
+                self._fresh = True
                 return
             except TierFailure as f:
                 await s.close()
@@ -285,7 +302,9 @@ class RemoteTarget(TargetLink):
                 res = verify_result_from_pb(pb, 0, block)
                 prompt = logprobs_from_pb(list(pb.prompt_logprobs), self.all_ids()[1 : len(pb.prompt_logprobs) + 1]) \
                     if pb.prompt_logprobs else None
+                fresh, self._fresh = self._fresh, False
                 return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, pb.queue_ns, prompt,
+                               pb.hidden_states, fresh,
                                self.session.progress is not None)  # type: ignore[union-attr]
             except TierFailure as f:
                 s, self.session = self.session, None
@@ -295,6 +314,11 @@ class RemoteTarget(TargetLink):
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+    async def restart(self) -> None:
+        s, self.session = self.session, None  # the next verify opens a new session
+        if s is not None:
+            await s.close()
 
 
 class CompletionLoop:
@@ -319,6 +343,11 @@ class CompletionLoop:
             RemoteTarget(target, lambda: self.seq.all_ids, self._params_pb, opts, self.stats, self.prompt_len)
         # (tier, status) -> tier sessions that broke (a metric): the target's failover's and the draft's
         self.failures = self.target.failover.failures if isinstance(self.target, RemoteTarget) else {}
+        if opts.hidden_layers:  # EAGLE: a block guessed before the verify would lack the states it drafts from
+            self.opts = opts = dataclasses.replace(opts, pipeline=False)
+        self._states: list[bytes] = []  # EAGLE: target states since the last block the draft made
+        self._draft_opened = False  # a draft session was opened before (a re-open rebuilds the head's states)
+        self._restart_target = False  # the next verify re-prefills the target to send every state again
         self.draft: TierSession | None = None
         self.draft_valid = 0  # committed tokens the draft session holds
         self._round = 0
@@ -342,6 +371,10 @@ class CompletionLoop:
                     token_ids=self.seq.all_ids, params=self._params_pb, prompt_len=self.prompt_len)))
                 self.draft = s
                 self.draft_valid = len(self.seq.all_ids)
+                # a re-opened EAGLE draft has no head state: the target re-sends every position's
+                # states with the next verify (one re-prefill); until then it drafts from the latest
+                self._restart_target = self._draft_opened and bool(self.opts.hidden_layers)
+                self._draft_opened = True
                 return True
             except TierFailure as f:
                 await self._drop_draft(s, f)
@@ -389,11 +422,14 @@ class CompletionLoop:
         while self.draft is not None:
             self._round += 1
             msg = draft_pb2.DraftClientMessage(propose=draft_pb2.DraftPropose(
-                round_id=self._round, prefix_len=prefix_len, new_tokens=new_tokens, k=k))
+                round_id=self._round, prefix_len=prefix_len, new_tokens=new_tokens, k=k,
+                hidden_states=b"" if speculative else self._states_to_send()))
             try:
                 resp = await self.draft.request(msg, self.opts.round_timeout_s)
                 prop = check_proposal(resp.proposal, k, self.opts.vocab_size, self.draft.address)
                 self._draft_pauses = 0
+                if not speculative:
+                    self._states = []  # the draft's head holds them now
                 return prop
             except TierFailure as f:
                 s, self.draft = self.draft, None
@@ -441,7 +477,7 @@ class CompletionLoop:
             while not seq.finished:
                 t_round = time.perf_counter_ns()
                 before = len(seq.all_ids)
-                verify = asyncio.ensure_future(self.target.verify(block, q))
+                verify = asyncio.ensure_future(self._verify(block, q))
                 if spec is None and self.opts.pipeline and self.draft is not None and block:
                     k_next = self._choose_k()
                     if k_next > 0:
@@ -518,6 +554,23 @@ class CompletionLoop:
             for task in (spec, verify):
                 if task is not None and not task.done():
                     task.cancel()
+
+    def _states_to_send(self) -> bytes:
+        """The states held since the last block, the newest rows that fit one message."""
+        data = b"".join(self._states)
+        return tail_rows(data, self.opts.hidden_row_bytes) if self.opts.hidden_row_bytes else data
+
+    async def _verify(self, block: list[int], q: Q) -> Verdict:
+        """The target's verdict; an EAGLE loop keeps the states it returned for the next propose."""
+        if self._restart_target:
+            self._restart_target = False
+            await self.target.restart()
+        res = await self.target.verify(block, q)
+        if self.opts.hidden_layers and self.drafts is not None:
+            if res.fresh:  # a (re)prefill: states from position 0, covering every older chunk
+                self._states = []
+            self._states.append(res.hidden_states)
+        return res
 
     def _delta(self, kept: list[int], text: str, lps: list[dict[int, float]] | None, drafted: int, accepted: int,
                pipelined: bool, timing: RoundTiming) -> Delta:

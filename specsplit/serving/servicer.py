@@ -13,6 +13,7 @@ when the device breaks. A tier says only how its messages become domain requests
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
@@ -41,7 +42,7 @@ class SessionEngine(Protocol):
     sessions: dict[int, Any]
 
     def open(self, seq_id: int, token_ids: list[int], params: SamplingParams,
-             prompt_len: int | None = None) -> None: ...
+             prompt_len: int | None = None, **options: Any) -> None: ...
 
     def close(self, seq_id: int) -> None: ...
 
@@ -89,6 +90,10 @@ class SessionServicer(ABC, Generic[Req, Res]):
     def check_open(self, token_ids: list[int], params: SamplingParams) -> None:  # noqa: B027 - optional hook
         """Refuse an open the engine itself would not catch (SessionError)."""
 
+    def open_options(self, msg: Any) -> dict[str, Any]:
+        """Extra keyword arguments of `engine.open` taken from the `open` message."""
+        return {}
+
     # ---- the skeleton ------------------------------------------------------------------------
     def on_internal_error(self, exc: BaseException) -> None:
         if self.handle is not None and self.batcher.failed is not None:
@@ -109,7 +114,8 @@ class SessionServicer(ABC, Generic[Req, Res]):
             self.check_open(ids, params)
             prompt_len = first.open.prompt_len if first.open.HasField("prompt_len") else None
             # inside the try: a client that cancels while the open (prefill) runs must still free it
-            await self.batcher.call(self._open, seq_id, ids, params, prompt_len)
+            await self.batcher.call(functools.partial(self._open, **self.open_options(first.open)), seq_id, ids, params,
+                                    prompt_len)
             async for msg in request_iterator:
                 if msg.WhichOneof("kind") != self.step_kind:
                     raise SessionError(f"after 'open', a {self.tier} session only takes '{self.step_kind}' messages")
@@ -127,9 +133,10 @@ class SessionServicer(ABC, Generic[Req, Res]):
             # runs on close and on client cancel; scheduled so cancellation cannot skip it
             asyncio.ensure_future(self.batcher.call(self._close, seq_id))
 
-    def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams, prompt_len: int | None = None) -> None:
+    def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams, prompt_len: int | None = None,
+              **options: Any) -> None:
         # validates first: bad input stays INVALID_ARGUMENT; prompt_len: penalties count only what follows
-        self.engine.open(seq_id, token_ids, params, prompt_len)
+        self.engine.open(seq_id, token_ids, params, prompt_len, **options)
         try:
             admit(self.cache, len(token_ids))  # full: RESOURCE_EXHAUSTED, the gateway retries later
         except Exception:

@@ -55,6 +55,7 @@ class TargetSession:
     prompt_lps: list[dict[int, float]] = field(default_factory=list)
     prompt_lp_ids: list[int] = field(default_factory=list)
     hidden: list[Tensor] = field(default_factory=list)  # EAGLE: states of the chunks fed so far
+    hidden_layers: tuple[int, ...] = ()  # EAGLE: layers whose states each step returns (empty: none)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class VerifyResult:
     # the target's state at every fed position up to the last accepted one, i.e. the state that
     # predicted each token after it; D = len(hidden_layers) * hidden_size
     hidden_states: Tensor | None = None
+    packed_states: bytes = b""  # served: hidden_states as wire bytes (eagle/wire.py), packed in the step's thread
     prefill: tuple[int, int] | None = None  # (tokens prefilled, of) when this step fed only a chunk
 
     @property
@@ -106,23 +108,35 @@ class TargetVerifier:
         self.runner = runner
         self.sessions: dict[int, TargetSession] = {}
         self.vocab_size = runner.cfg.vocab_size
-        self.hidden_layers: tuple[int, ...] = ()  # layers whose states each step returns (EAGLE heads)
+        self.hidden_layers: tuple[int, ...] = ()  # layers whose states new sessions get (in-process EAGLE)
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(runner.device)
         if self.prefill_chunk < MIN_CHUNK:
             raise ValueError(f"prefill_chunk must be >= {MIN_CHUNK}, got {self.prefill_chunk}")
 
-    def expose_hidden(self, layers: tuple[int, ...]) -> None:
-        """Return hidden states from every step from now on (numbering of `ModelRunner.forward_hidden`)."""
-        if not all(0 <= i <= self.runner.cfg.num_layers for i in layers):
-            raise ValueError(f"hidden layers {layers} outside 0..{self.runner.cfg.num_layers}")
-        self.hidden_layers = tuple(layers)
+    def check_hidden_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        """Layers in the numbering of `ModelRunner.forward_hidden`: 0..num_layers, at most 4."""
+        n = self.runner.cfg.num_layers
+        if len(layers) > 4 or not all(0 <= i <= n for i in layers):
+            raise SessionError(f"hidden layers {tuple(layers)}: want at most 4 layers within 0..{n}")
+        return tuple(int(i) for i in layers)
 
-    def open(self, seq_id: int, token_ids: list[int], params: SamplingParams, prompt_len: int | None = None) -> None:
+    def expose_hidden(self, layers: tuple[int, ...]) -> None:
+        """Sessions opened from now on return hidden states from every step (in-process EAGLE)."""
+        try:
+            self.hidden_layers = self.check_hidden_layers(layers)
+        except SessionError as e:
+            raise ValueError(str(e)) from None
+
+    def open(self, seq_id: int, token_ids: list[int], params: SamplingParams, prompt_len: int | None = None,
+             hidden_layers: tuple[int, ...] | None = None) -> None:
         """Register a session; its tokens are prefilled by the next `step` that names it.
 
         `prompt_len`: how many of `token_ids` are the prompt (a session re-opened after a
         failover also carries the tokens generated so far); None: all of them.
+        `hidden_layers`: the target states each step returns for this session (an EAGLE draft
+        reads them); None: as `expose_hidden` set.
         """
+        layers = self.hidden_layers if hidden_layers is None else self.check_hidden_layers(hidden_layers)
         if seq_id in self.sessions:
             raise SessionError(f"session {seq_id} is already open")
         self.check_ids(token_ids, "prompt")
@@ -138,7 +152,7 @@ class TargetVerifier:
         self.sessions[seq_id] = TargetSession(
             seq_id, params, make_generator(params, self.runner.device), list(token_ids), list(token_ids),
             params.logprobs, len(token_ids) if prompt_len is None else prompt_len,
-            params.prompt_logprobs is not None,
+            params.prompt_logprobs is not None, hidden_layers=layers,
         )
 
     def close(self, seq_id: int) -> None:
@@ -171,14 +185,15 @@ class TargetVerifier:
             # a session due its prompt logprobs reads logits at every fed prompt position
             e = (len(s.unfed) - 1 if n is None else n) if s.prompt_logprobs_due else 0
             rows = e + len(it.draft_ids) + 1 if n is None else max(e, 1)  # a chunk's one row is unused
-            nh = len(feed) if self.hidden_layers else 0  # EAGLE: the state at every fed position
+            nh = len(feed) if s.hidden_layers else 0  # EAGLE: the state at every fed position
             spans.append((row, e, rows if feed else 0, hrow, nh))
             if feed:
                 inputs.append(StepInput(it.seq_id, feed, rows, nh))
                 row, hrow = row + rows, hrow + nh
         logits = hidden = None
-        if inputs and self.hidden_layers:
-            logits, hidden = self.runner.forward_hidden(inputs, self.hidden_layers)  # [rows, V], [hidden rows, D]
+        layers = tuple(dict.fromkeys(i for s in sessions for i in s.hidden_layers))  # every layer asked for
+        if inputs and layers:
+            logits, hidden = self.runner.forward_hidden(inputs, layers)  # [rows, V], [hidden rows, len(layers) * H]
         elif inputs:
             logits = self.runner.forward(inputs)  # [rows, V]
         whole = [i for i, n in enumerate(chunks) if n is None]
@@ -202,13 +217,14 @@ class TargetVerifier:
                 s.prompt_lp_ids.extend(fed[1:])
             if r is None:  # prefilling: n tokens of the prompt went in (possibly none this step)
                 if hidden is not None and nh:
-                    s.hidden.append(hidden[h0 : h0 + nh])
+                    s.hidden.append(_columns(hidden[h0 : h0 + nh], layers, s.hidden_layers))
                 del s.unfed[: n or 0]
                 done = self.runner.length(it.seq_id)
                 out.append(VerifyResult(it.seq_id, 0, [], None, dt, prefill=(done, done + len(s.unfed))))
                 continue
-            if hidden is not None:  # states up to the last accepted position; the rest were rejected
-                s.hidden.append(hidden[h0 : h0 + len(s.unfed) + r.num_accepted])
+            if s.hidden_layers:  # states up to the last accepted position; the rest were rejected
+                assert hidden is not None
+                s.hidden.append(_columns(hidden[h0 : h0 + len(s.unfed) + r.num_accepted], layers, s.hidden_layers))
                 r.hidden_states = torch.cat(s.hidden) if len(s.hidden) > 1 else s.hidden[0]
                 s.hidden = []
             if s.prompt_logprobs_due:
@@ -334,3 +350,12 @@ def plan_chunks(feeds: list[int], prompts: list[int], budget: int) -> list[int |
         left -= max(n, 0)
         cut_one = True
     return out
+
+
+def _columns(states: Tensor, have: tuple[int, ...], want: tuple[int, ...]) -> Tensor:
+    """The `want` layers' blocks of states computed for `have` (sessions of one step asked for
+    different layers): [n, len(have) * H] -> [n, len(want) * H]."""
+    if have == want:
+        return states
+    h = states.shape[1] // len(have)
+    return torch.cat([states[:, have.index(i) * h : (have.index(i) + 1) * h] for i in want], dim=1)

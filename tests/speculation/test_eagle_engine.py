@@ -114,11 +114,11 @@ def test_tensor_parallel_2_greedy_equals_plain(target8, heads, reference):
         assert sum(o.metrics.num_drafted_tokens for o in outs) > 0
 
 
-def test_draft_tier_without_target_is_refused(target8, heads):
+def test_draft_tier_without_the_target_model_is_refused(target8, heads):
     from specsplit.config import SpeculativeConfig
     from specsplit.factory import load_drafter
 
-    with pytest.raises(ValueError, match="in process"):
+    with pytest.raises(ValueError, match="needs the target model"):
         load_drafter(SpeculativeConfig(**spec("eagle3", heads["eagle3"])), None, 384)
 
 

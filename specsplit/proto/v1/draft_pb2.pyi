@@ -18,16 +18,18 @@ class DraftOpen(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., prompt_len: _Optional[int] = ...) -> None: ...
 
 class DraftPropose(_message.Message):
-    __slots__ = ("round_id", "prefix_len", "new_tokens", "k")
+    __slots__ = ("round_id", "prefix_len", "new_tokens", "k", "hidden_states")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     prefix_len: int
     new_tokens: _containers.RepeatedScalarFieldContainer[int]
     k: int
-    def __init__(self, round_id: _Optional[int] = ..., prefix_len: _Optional[int] = ..., new_tokens: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ...) -> None: ...
+    hidden_states: bytes
+    def __init__(self, round_id: _Optional[int] = ..., prefix_len: _Optional[int] = ..., new_tokens: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., hidden_states: _Optional[bytes] = ...) -> None: ...
 
 class DraftClientMessage(_message.Message):
     __slots__ = ("open", "propose")

@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TargetOpen(_message.Message):
-    __slots__ = ("token_ids", "params", "prompt_len")
+    __slots__ = ("token_ids", "params", "prompt_len", "hidden_layers")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_LAYERS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.TokenChoice
     prompt_len: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., prompt_len: _Optional[int] = ...) -> None: ...
+    hidden_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., prompt_len: _Optional[int] = ..., hidden_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TargetVerify(_message.Message):
     __slots__ = ("round_id", "draft_ids", "q")
@@ -36,7 +38,7 @@ class TargetClientMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[TargetOpen, _Mapping]] = ..., verify: _Optional[_Union[TargetVerify, _Mapping]] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("round_id", "num_accepted", "next_token", "logprobs", "verify_ns", "queue_ns", "prompt_logprobs")
+    __slots__ = ("round_id", "num_accepted", "next_token", "logprobs", "verify_ns", "queue_ns", "prompt_logprobs", "hidden_states")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +46,7 @@ class VerifyResult(_message.Message):
     VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     num_accepted: int
     next_token: int
@@ -51,7 +54,8 @@ class VerifyResult(_message.Message):
     verify_ns: int
     queue_ns: int
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
-    def __init__(self, round_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
+    hidden_states: bytes
+    def __init__(self, round_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., verify_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., hidden_states: _Optional[bytes] = ...) -> None: ...
 
 class PrefillProgress(_message.Message):
     __slots__ = ("round_id", "prefilled", "total")
@@ -80,7 +84,7 @@ class Stopping(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., end_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateStart(_message.Message):
-    __slots__ = ("token_ids", "params", "stopping", "draft_address", "num_speculative_tokens", "adaptive", "pipeline", "prompt_len")
+    __slots__ = ("token_ids", "params", "stopping", "draft_address", "num_speculative_tokens", "adaptive", "pipeline", "prompt_len", "hidden_layers")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +93,7 @@ class GenerateStart(_message.Message):
     ADAPTIVE_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_LAYERS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.TokenChoice
     stopping: Stopping
@@ -97,7 +102,8 @@ class GenerateStart(_message.Message):
     adaptive: bool
     pipeline: bool
     prompt_len: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., draft_address: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: bool = ..., pipeline: bool = ..., prompt_len: _Optional[int] = ...) -> None: ...
+    hidden_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., draft_address: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: bool = ..., pipeline: bool = ..., prompt_len: _Optional[int] = ..., hidden_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateClientMessage(_message.Message):
     __slots__ = ("start",)

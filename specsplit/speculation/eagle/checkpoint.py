@@ -82,9 +82,15 @@ def detect_method(names: set[str]) -> str:
 
 
 def read_config(folder: Path, method: str, tensors: dict[str, Tensor]) -> HeadConfig:
+    return read_head_config(folder, method, fc_bias="fc.bias" in tensors)
+
+
+def read_head_config(folder: Path, method: str, fc_bias: bool = False) -> HeadConfig:
+    """The head's config.json alone (no weights): enough to know which target states it reads."""
     path = folder / "config.json"
     if not path.exists():
-        raise ValueError(f"{folder} has no config.json")
+        raise ValueError(f"EAGLE head {str(folder)!r} is not a folder with config.json and weights "
+                         "(train one with `specsplit eagle train TARGET`)")
     raw: dict[str, Any] = json.loads(path.read_text())
     from transformers import LlamaConfig
 
@@ -96,7 +102,7 @@ def read_config(folder: Path, method: str, tensors: dict[str, Tensor]) -> HeadCo
         method=method, model=mcfg,
         target_hidden_size=int(raw.get("target_hidden_size") or mcfg.hidden_size),
         draft_vocab_size=int(raw.get("draft_vocab_size") or mcfg.vocab_size) if method == "eagle3" else mcfg.vocab_size,
-        fc_bias="fc.bias" in tensors,
+        fc_bias=fc_bias,
         aux_layers=tuple(int(i) for i in aux) if aux else None,
     )
 

@@ -161,12 +161,25 @@ class EagleDrafter(Drafter):
         if chain is None or not batch.all_greedy or batch.bias_rows is not None or batch.any_penalty \
                 or batch.any_output_penalty or any(r.k != k for r in reqs):
             return None
+        plan = self._planned(reqs, k)
+        if plan is None and type(self)._pick is not EagleDrafter._pick:
+            return None  # picks made on the host, step by step
         seq_ids = [r.seq_id for r in reqs]
         ids = chain.run(seq_ids, [f[1] for f in feed], torch.cat([f[2] for f in feed]),
-                        [self.state[s].base for s in seq_ids], k)
+                        [self.state[s].base for s in seq_ids], k, plan)
         if ids is None:
             return None
         return {s: Proposal(block) for s, block in zip(seq_ids, ids.tolist(), strict=True)}
+
+    def _pick(self, reqs: list[DraftRequest], step: list[int], toks: list[int]) -> list[int]:
+        """The tokens drafted at position `step[j]` of each live request's block: the head's choice.
+        (Benchmarks override it to set the acceptance rate while the head still runs for real.)"""
+        return toks
+
+    def _planned(self, reqs: list[DraftRequest], k: int) -> Tensor | None:
+        """`_pick` decided up front, for a block drafted in one graph replay: tokens # [n, k]
+        (-1: the head's own choice); None: none planned."""
+        return None
 
     def _run(self, reqs: list[DraftRequest], feed: list[tuple[int, list[int], Tensor, int]]) -> dict[int, Proposal]:
         sessions = [self.sessions[r.seq_id] for r in reqs]
@@ -194,6 +207,7 @@ class EagleDrafter(Drafter):
             else:
                 top_ids, top_p = topk_truncate(probs, self.top_k)  # [n, K]
                 toks = sample_sparse(top_ids, top_p, sub).tolist()
+            toks = self._pick([reqs[i] for i in live], [len(blocks[i]) for i in live], toks)
             for j, i in enumerate(live):
                 blocks[i].append(toks[j])
                 if not sub.all_greedy and not sessions[i].params.greedy:
