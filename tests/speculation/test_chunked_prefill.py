@@ -111,3 +111,27 @@ def test_engine_output_with_chunked_prefill_equals_unchunked(tiny_target, tiny_d
         (o,) = llm.generate({"prompt_token_ids": LONG}, params, use_tqdm=False)
         outs.append(o.outputs[0].token_ids)
     assert outs[0] == outs[1] and len(outs[0]) == 12
+
+
+def _first_result(tiny_target, chunk: int, **params) -> object:
+    """The first complete verify after LONG, with EAGLE states (two layers) and prompt logprobs."""
+    v = TargetVerifier(_runner(tiny_target), prefill_chunk=chunk)
+    v.open(1, LONG, SamplingParams(temperature=0.0, **params), hidden_layers=(1, 2))
+    while True:
+        (r,) = v.step([VerifyItem(1)])
+        if not r.pending:
+            return r
+
+
+def test_chunks_hand_over_every_prompt_state_and_prompt_logprob_with_the_first_token(tiny_target) -> None:
+    """What the chunks produce (EAGLE's hidden states, echo's prompt logprobs) arrives with the
+    session's first token, the same as from one unchunked prefill."""
+    import torch
+
+    whole = _first_result(tiny_target, 4096, prompt_logprobs=2)
+    chunked = _first_result(tiny_target, 64, prompt_logprobs=2)
+    assert whole.hidden_states.shape[0] == len(LONG)  # type: ignore[attr-defined]
+    torch.testing.assert_close(chunked.hidden_states, whole.hidden_states, rtol=1e-4, atol=1e-4)  # type: ignore[attr-defined]
+    assert chunked.prompt_ids == whole.prompt_ids == LONG[1:]  # type: ignore[attr-defined]
+    assert [sorted(d) for d in chunked.prompt_logprobs] == [sorted(d) for d in whole.prompt_logprobs]  # type: ignore[attr-defined]
+    assert chunked.emitted == whole.emitted  # type: ignore[attr-defined]
