@@ -24,6 +24,7 @@ first collective, which must not happen inside a capture: the eager warm-up step
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,9 @@ class CudaGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
         # greedy one-token steps chained in one graph (a draft block): (n, B, context) -> graph, inputs, ids
-        self.chains: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor]] = {}
+        self.chains: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor, Tensor]] = {}
+        # steps that also return hidden states (an EAGLE head's target): (key, layers) -> graph, inputs, outputs
+        self.hidden: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, tuple[Tensor, Tensor]]] = {}
         self.replays = 0
 
     def bucket(self, max_seq_len: int) -> int:
@@ -76,6 +79,23 @@ class CudaGraphs:
         batch.to_device(self.device, out=static)
         if device_ids is not None:
             static[: device_ids.shape[0]].copy_(device_ids)
+        graph.replay()
+        self.replays += 1
+        return out
+
+    def run_hidden(self, batch: StepBatch, layers: tuple[int, ...]) -> tuple[Tensor, Tensor] | None:
+        """A step that also returns the hidden states entering `layers` (ModelRunner.forward_hidden's
+        numbering) at every token row: (logits, states # [T, len(layers) * H]), buffers reused by
+        the next replay of the same key; None if the graph budget is used up."""
+        key = (batch.key, layers)
+        entry = self.hidden.get(key)
+        if entry is None:
+            if len(self.graphs) + len(self.chains) + len(self.hidden) >= self.max_graphs:
+                return None
+            entry = self._capture(batch, layers)
+            self.hidden[key] = entry
+        graph, static, out = entry
+        batch.to_device(self.device, out=static)
         graph.replay()
         self.replays += 1
         return out
@@ -143,19 +163,24 @@ class CudaGraphs:
         while a graph that holds one is alive blocks forever. Every rank calls this first.
         """
         torch.cuda.synchronize(self.device)
-        for graph, *_ in [*self.graphs.values(), *self.chains.values()]:
+        for graph, *_ in [*self.graphs.values(), *self.chains.values(), *self.hidden.values()]:
             graph.reset()
         self.graphs.clear()
         self.chains.clear()
+        self.hidden.clear()
         torch.cuda.synchronize(self.device)
 
-    def _capture(self, batch: StepBatch) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+    def _capture(self, batch: StepBatch, layers: tuple[int, ...] = ()) -> tuple[torch.cuda.CUDAGraph, Tensor, Any]:
         static = batch.to_device(self.device).clone()
 
-        def step() -> Tensor:
+        def step() -> Any:
             ids, pos, meta = batch.unpack(static)  # index derivation is captured too
-            hidden = self.forward(ids, pos, self.kv_layers, meta, self.backend)
-            return self.model.compute_logits(hidden)
+            if not layers:
+                return self.model.compute_logits(self.forward(ids, pos, self.kv_layers, meta, self.backend))
+            aux: list[Tensor] = []
+            hidden = self.model(ids, pos, self.kv_layers, meta, self.backend, layers, aux)
+            by_layer = dict(zip(sorted(set(layers)), aux, strict=True))
+            return self.model.compute_logits(hidden), torch.cat([by_layer[i] for i in layers], dim=-1)
 
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))

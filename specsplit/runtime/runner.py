@@ -292,8 +292,12 @@ class ModelRunner:
         rows = None if len(logit_rows) == batch.num_tokens else \
             torch.tensor(logit_rows, dtype=torch.int64).to(self.device, non_blocking=True)
         # one-token inputs sit at rows 0..n-1 of the ids in both layouts (uniform: q = 1);
-        # hidden states are read in eager mode: the captured graphs return logits only
-        logits = self.graphs.run(batch, device_ids) if shape and self.graphs is not None and not layers else None
+        logits = states = None
+        if shape and self.graphs is not None:
+            if not layers:
+                logits = self.graphs.run(batch, device_ids)
+            elif device_ids is None and (out := self.graphs.run_hidden(batch, layers)) is not None:
+                logits, states = out  # hidden states too (an EAGLE draft's target): their own graphs
         aux: list[Tensor] = []
         if logits is not None:  # a copy: the graph's output buffer is reused by the next replay
             logits = logits.clone() if rows is None else logits[rows]
@@ -308,8 +312,10 @@ class ModelRunner:
             cache.seqs[inp.seq_id].length += len(inp.token_ids)
         if not layers:
             return logits, None
-        by_layer = dict(zip(sorted(set(layers)), aux, strict=True))
         hrows = torch.tensor(_hidden_rows(inputs, shape[1] if shape else None), dtype=torch.int64, device=self.device)
+        if states is not None:  # from a graph: every token row's states, already in `layers` order
+            return logits, states[hrows]  # [sum(num_hidden), len(layers)*H]
+        by_layer = dict(zip(sorted(set(layers)), aux, strict=True))
         return logits, torch.cat([by_layer[i][hrows] for i in layers], dim=-1)  # [sum(num_hidden), len(layers)*H]
 
     def _ragged_batch(self, inputs: list[StepInput]) -> tuple[StepBatch, list[int]]:

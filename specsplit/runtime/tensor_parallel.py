@@ -334,7 +334,8 @@ class TensorParallelRunner:
         return replay_ms(self.local, key, n)
 
     def forward_hidden(self, inputs: list[StepInput], layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` plus hidden states (EAGLE); every rank runs the same (eager) path, rank 0 returns them."""
+        """`forward` plus hidden states (EAGLE); every rank runs the same step (a CUDA graph where its
+        shape allows), rank 0 returns them."""
         self.local.check(inputs)
         self.ring.send(encode_forward(inputs, layers), alive=self._workers_alive)
         return self.local.forward_hidden(inputs, layers)

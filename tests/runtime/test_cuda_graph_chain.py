@@ -65,3 +65,27 @@ def test_a_plan_replaces_the_models_choice_where_set() -> None:
     ref.open(0, PROMPTS[1], SamplingParams(temperature=0.0))
     ref._planned = lambda reqs, sessions, kmax: plan  # type: ignore[method-assign]
     assert ref.propose([DraftRequest(0, len(PROMPTS[1]), [], 5)])[0].token_ids == block
+
+
+def test_steps_returning_hidden_states_run_in_graphs_and_match_eager_ones() -> None:
+    """An EAGLE draft's target: a verify that also returns hidden states replays its own graph,
+    with the same logits and states as the eager step."""
+    from specsplit.runtime.runner import StepInput
+
+    dev = torch.device("cuda")
+    out = []
+    for eager in (False, True):
+        cfg, model = random_model(SHAPE, dev, torch.float32, seed=3, std=0.2)
+        runner = ModelRunner.from_model(cfg, model, device=dev, max_model_len=512, kv_cache_bytes=8 << 20,
+                                        enforce_eager=eager)
+        for s, p in enumerate(PROMPTS):
+            runner.add(s)
+            runner.forward([StepInput(s, p)])
+        steps = [runner.forward_hidden([StepInput(s, [5, 6, 7], 3, 3) for s in range(3)], (0, 1, 2)) for _ in range(2)]
+        out.append(steps)
+        if not eager:
+            assert runner.graphs is not None and runner.graphs.hidden, "the hidden-state step was captured"
+    for (lg, st), (le, se) in zip(out[0], out[1], strict=True):
+        assert st.shape == (9, 3 * SHAPE["hidden_size"])
+        torch.testing.assert_close(lg, le, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(st, se, rtol=1e-4, atol=1e-4)
