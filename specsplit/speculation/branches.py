@@ -115,6 +115,9 @@ class BranchTree:
     def __init__(self) -> None:
         self.tables: dict[int, _Table] = {}
         self.children: dict[int, DraftSession] = {}  # forked seq id -> its session (for drafting)
+        # the branch each session adopted last: a step retried after running out of KV memory
+        # (serving.kv.preempting) repeats its requests, adopt included, and must find it settled
+        self.adopted: dict[int, int] = {}
         self._ids = itertools.count(1)
         self._child_ids = itertools.count(1 << 40)  # never a session id
         self.stats = {"requested": 0, "drafted": 0, "adopted": 0, "kv_dropped": 0}
@@ -125,7 +128,7 @@ class BranchTree:
 
     def tokens_after(self, seq_id: int, adopt: int | None, tokens: list[int]) -> list[int]:
         """The session's tokens once `adopt` is settled; SessionError for a branch it does not have."""
-        if adopt is None:
+        if adopt is None or adopt == self.adopted.get(seq_id):
             return tokens
         t = self.tables.get(seq_id)
         b = t.branches.get(adopt) if t is not None else None
@@ -141,17 +144,20 @@ class BranchTree:
             return
         s = d.sessions[seq_id]
         for b in t.branches.values():
-            if b.id == adopt and b.session is not None:
+            if b.id == adopt:
+                self.stats["adopted"] += 1
+                self.adopted[seq_id] = adopt
+            if b.id == adopt and b.session is not None:  # the session's own branch is already the session
                 s.tokens, s.alts = b.session.tokens, b.session.alts
                 if b.seq_id is not None and b.seq_id in self.children:
                     d._adopt_fork(seq_id, b.seq_id)
                 else:  # its KV was given up: keep what the fork shared, redraft the rest
                     d._rollback(seq_id, min(b.fork_len, len(s.tokens) - 1))
-                self.stats["adopted"] += 1
             if b.seq_id is not None:
                 self._free_child(d, b.seq_id)
 
     def close(self, d: Drafter, seq_id: int) -> None:
+        self.adopted.pop(seq_id, None)
         t = self.tables.pop(seq_id, None)
         for b in t.branches.values() if t is not None else ():
             if b.seq_id is not None:

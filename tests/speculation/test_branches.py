@@ -166,3 +166,30 @@ def test_sampled_branch_rows_are_the_drafts_distributions_at_its_prefix(drafter)
             assert p.q_ids[0].tolist() == b.block.q_ids[i].tolist()
             torch.testing.assert_close(p.q_probs[0], b.block.q_probs[i])
             assert b.block.token_ids[i] in b.block.q_ids[i].tolist()
+
+
+def test_a_retried_request_finds_its_branch_adopted(drafter, continuation, monkeypatch):
+    """A step that ran out of KV memory is retried with the same requests (serving.kv.preempting)."""
+    from specsplit.runtime.kv_cache import OutOfKVMemory
+
+    block, tree = _block_then_branches(drafter, 7)
+    b = next(b for b in tree.branches if b.accepted == 1)
+    history = PROMPT + block.token_ids[:1] + [b.token] + b.block.token_ids
+    req = DraftRequest(7, len(history), [], K, branch=BranchSpec(K, 16), adopt=b.id)
+    real = DraftModelDrafter._draft
+    calls = []
+
+    def failing_once(self, reqs):
+        calls.append(len(reqs))
+        if len(calls) == 1:
+            raise OutOfKVMemory("the batch did not fit")
+        return real(self, reqs)
+
+    monkeypatch.setattr(DraftModelDrafter, "_draft", failing_once)
+    with pytest.raises(OutOfKVMemory):
+        drafter.propose([req])
+    (again,) = drafter.propose([req])
+    assert len(again.branches) == K + 1
+    own = next(x for x in again.branches if x.accepted == K)
+    assert [own.token, *own.block.token_ids] == continuation(history, K + 1)[0]
+    assert len(drafter.tree.children) == K  # the failed attempt's forks were freed
