@@ -38,7 +38,7 @@ class BranchSpec:
     """Guess the outcomes of the session's last `block_len` tokens (the block under verify)."""
 
     block_len: int  # the block just proposed: the last block_len tokens of the prefix
-    max_branches: int  # at most this many outcomes, the most likely by the draft's probabilities
+    max_branches: int  # at most this many outcomes: the all-accepted one and the likeliest others
 
 
 @dataclass
@@ -84,7 +84,7 @@ def outcomes(tokens: list[int], alts: Alternatives | None, block_len: int, max_b
              ) -> list[tuple[float, int, int]]:
     """The most likely outcomes of verifying tokens[-block_len:], as (draft probability, j, c).
 
-    j = block_len (all accepted; c is drafted later, -1 here) is always a candidate; j < block_len
+    j = block_len (all accepted; c is drafted later, -1 here) is always among them; j < block_len
     needs the draft's runner-up candidates at position j + 1 of the block. The probability is the
     draft's: prod_{i <= j} p(d_i) * p(c) (times nothing for j = block_len), most likely first.
     """
@@ -99,9 +99,9 @@ def outcomes(tokens: list[int], alts: Alternatives | None, block_len: int, max_b
         p_chosen, others = got
         out.extend((reach * p, j, c) for c, p in others)
         reach *= p_chosen
-    out.append((reach if reach > 0 else 1.0, block_len, -1))
     out.sort(key=lambda o: -o[0])
-    return out[:max_branches]
+    # the all-accepted guess is always kept: the session drafts it itself, without a fork
+    return sorted([(reach if reach > 0 else 1.0, block_len, -1), *out[: max_branches - 1]], key=lambda o: -o[0])
 
 
 @dataclass

@@ -193,3 +193,13 @@ def test_a_retried_request_finds_its_branch_adopted(drafter, continuation, monke
     own = next(x for x in again.branches if x.accepted == K)
     assert [own.token, *own.block.token_ids] == continuation(history, K + 1)[0]
     assert len(drafter.tree.children) == K  # the failed attempt's forks were freed
+
+
+def test_top_3_guesses_two_runner_ups_per_position(drafter, continuation):
+    drafter.alternatives = 2
+    block, tree = _block_then_branches(drafter, 8)
+    assert len(tree.branches) == 2 * K + 1
+    for j in range(K):
+        guesses = {b.token for b in tree.branches if b.accepted == j}
+        assert len(guesses) == 2 and block.token_ids[j] not in guesses
+        assert continuation(PROMPT + block.token_ids[:j], 1)[1][0] in guesses  # the runner-up among them
