@@ -58,7 +58,9 @@ async def start_draft(cfg: DraftServiceConfig, drafter: Drafter | None = None) -
     """Load the drafter (unless given), start serving, warm up, report SERVING."""
     if drafter is None:
         drafter = await asyncio.to_thread(_load, cfg)
-    drafter.alternatives = cfg.branch_alternatives  # what branches below full acceptance guess from
+    # what branches below full acceptance guess from (DraftServiceConfig.branch_alternatives)
+    drafter.alternatives = cfg.branch_alternatives if cfg.branch_alternatives is not None else \
+        (1 if drafter.device.type == "cuda" else 0)
     runner = getattr(drafter, "runner", None)  # n-gram lookup keeps no model and no KV cache
     max_len = runner.max_model_len if runner is not None else (cfg.max_model_len or 1 << 20)
     servicer = DraftServicer(drafter, drafter.propose, max_batch=cfg.max_batch,
