@@ -286,6 +286,9 @@ async def run_draft(a: argparse.Namespace, ch: Channel) -> None:
         elif "alpha" in cmd:
             await handle.batcher.call(drafter.set_alpha, float(cmd["alpha"]))
             ch.send({"ok": True, "alpha": drafter.alpha})
+        elif "beta" in cmd:  # the oracle's runner-up, which the tree of guesses branches on
+            await handle.batcher.call(drafter.set_beta, float(cmd["beta"]))
+            ch.send({"ok": True, "beta": drafter.beta})
         elif "stats" in cmd:  # oracle counts since the last reset, draft steps since the last call
             since = tier_stats(handle, runner, since)
             ch.send({**asdict(drafter.stats), "draft_steps": since["steps_since"], "draft_mean_batch":

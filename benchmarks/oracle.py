@@ -9,6 +9,16 @@ by a wrong token with probability 1 - alpha. Whether a position is right is draw
 pipelined guess is thrown away) gives the same token, as a deterministic greedy draft would, and
 runs with and without pipelining see the same acceptance pattern.
 
+Beta models the draft's runner-up, which the tree of guesses branches on (docs/architecture.md):
+where the oracle's top-1 is wrong, its top-2 is the target's token with probability beta (a
+second draw per position), else another wrong token; where the top-1 is right, the top-2 is
+wrong. The ranks it reports are alpha for its top-1 and (1 - alpha) * beta for its top-2. Real
+pairs have a beta of their own (benchmarks/measure_beta.py); beta = 0 is a draft whose runner-up
+never helps, where the tree is no better than the single all-accepted guess.
+
+The oracle drafts through DraftModelDrafter's own loop (the same forwards, the same device-side
+feeding of each token, the same branches), overriding only which token is chosen at each step.
+
 `confident_random_model` builds the target for it: random weights with the real shapes, except
 that the LM head is a permutation of the embedding, so the greedy next token is perm[current
 token] by a wide margin. A purely random bf16 model has next-token logits so flat that the
@@ -30,7 +40,8 @@ import numpy as np
 import torch
 
 from specsplit.runtime.runner import ModelRunner
-from specsplit.speculation.drafters import DraftModelDrafter, DraftRequest
+from specsplit.sampling.logits import SamplingBatch
+from specsplit.speculation.drafters import DraftModelDrafter, DraftRequest, Proposal
 from specsplit.speculation.session import SessionError
 
 
@@ -47,15 +58,20 @@ class OracleDrafter(DraftModelDrafter):
 
     method = "oracle"
 
-    def __init__(self, runner: ModelRunner, alpha: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, runner: ModelRunner, alpha: float = 1.0, seed: int = 0, beta: float = 0.0) -> None:
         super().__init__(runner)
         self.seed = seed
         self.alpha = 1.0
+        self.beta = 0.0
         self.set_alpha(alpha)
+        self.set_beta(beta)
         self.refs: list[list[int]] = []  # prompt + the target's greedy continuation
         self._by_prompt: dict[tuple[int, ...], int] = {}
         self._u: list[np.ndarray] = []  # [len(ref)] one uniform draw per position
+        self._u2: list[np.ndarray] = []  # [len(ref)] the draw that decides the top-2 (beta)
         self._wrong: list[list[int]] = []  # [len(ref)] the wrong token used at each position
+        self._wrong2: list[list[int]] = []  # [len(ref)] another wrong token (a top-2 that misses)
+        self._steer: tuple[torch.Tensor, torch.Tensor] | None = None  # the batch being drafted: plan, top-2
         self._ref_of: dict[int, int] = {}  # seq_id -> reference index
         self._checked: dict[int, int] = {}  # seq_id -> leading tokens known to follow the reference
         self.stats = OracleStats()
@@ -65,19 +81,42 @@ class OracleDrafter(DraftModelDrafter):
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.alpha = float(alpha)
 
+    def set_beta(self, beta: float) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        self.beta = float(beta)
+
     def set_references(self, refs: Iterable[tuple[Sequence[int], Sequence[int]]]) -> None:
         """(prompt, greedy continuation) pairs; sessions are matched to them by their prompt."""
-        self.refs, self._by_prompt, self._u, self._wrong = [], {}, [], []
+        self.refs, self._by_prompt, self._u, self._u2, self._wrong, self._wrong2 = [], {}, [], [], [], []
         v = self.vocab_size
         for i, (prompt, cont) in enumerate(refs):
             full = [int(t) for t in prompt] + [int(t) for t in cont]
             self._check(full, "reference")
             rng = np.random.default_rng([self.seed, i])
             self._u.append(rng.random(len(full)))
-            shift = rng.integers(1, v, len(full)) if v > 1 else np.zeros(len(full), dtype=np.int64)
+            # shifts in 1..v-2: t + shift and t + shift + 1 are two tokens, neither of them t
+            shift = rng.integers(1, v - 1, len(full)) if v > 2 else np.zeros(len(full), dtype=np.int64)
             self._wrong.append(((np.asarray(full) + shift) % max(v, 1)).tolist())  # never the right token
+            self._wrong2.append(((np.asarray(full) + shift + 1) % max(v, 1)).tolist())
+            self._u2.append(np.random.default_rng([self.seed, i, 2]).random(len(full)))
             self._by_prompt[tuple(int(t) for t in prompt)] = i
             self.refs.append(full)
+
+    def oracle_top2(self, ref: int, start: int, k: int) -> list[int | None]:
+        """The runner-up at positions start..start+k-1: the right token with probability beta
+        where the top-1 is wrong, a wrong one otherwise (None: past the reference's end)."""
+        full, u, u2 = self.refs[ref], self._u[ref], self._u2[ref]
+        wrong, wrong2 = self._wrong[ref], self._wrong2[ref]
+        out: list[int | None] = []
+        for p in range(start, start + k):
+            if p >= len(full):
+                out.append(None)
+            elif u[p] < self.alpha:
+                out.append(wrong[p])
+            else:
+                out.append(full[p] if u2[p] < self.beta else wrong2[p])
+        return out
 
     def oracle_block(self, ref: int, start: int, k: int) -> list[int | None]:
         """What to propose at positions start..start+k-1 of reference `ref` (None: past its end)."""
@@ -112,8 +151,30 @@ class OracleDrafter(DraftModelDrafter):
         if seq_id in self._checked:
             self._checked[seq_id] = min(self._checked[seq_id], valid)
 
-    def _plan(self, seq_id: int, tokens: list[int], k: int) -> list[int | None]:
-        """The block to propose, or Nones where the draft model's own token goes.
+    # a branch follows its session's reference as far as its own tokens do
+    def _fork(self, forks: list[tuple[int, int, int]]) -> list[int]:
+        made = super()._fork(forks)
+        parent_of = {child: (parent, shared) for parent, child, shared in forks}
+        for child in made:
+            parent, shared = parent_of[child]
+            if parent in self._ref_of:
+                self._ref_of[child] = self._ref_of[parent]
+                self._checked[child] = min(self._checked[parent], shared)
+        return made
+
+    def _adopt_fork(self, seq_id: int, child: int) -> None:
+        super()._adopt_fork(seq_id, child)
+        self._ref_of.pop(child, None)
+        if child in self._checked:
+            self._checked[seq_id] = self._checked.pop(child)
+
+    def _free_fork(self, child: int) -> None:
+        super()._free_fork(child)
+        self._ref_of.pop(child, None)
+        self._checked.pop(child, None)
+
+    def _plan(self, seq_id: int, tokens: list[int], k: int) -> tuple[list[int | None], list[int | None]]:
+        """The block to propose and its runner-ups, or Nones where the draft model's own token goes.
 
         A prefix off the reference gets the model's tokens: a pipelined guess built on a block
         with a wrong token (which the gateway throws away), or a real divergence.
@@ -126,24 +187,55 @@ class OracleDrafter(DraftModelDrafter):
             else:
                 self.stats.off_reference += 1
                 ref = None
-        plan: list[int | None] = [None] * k if ref is None else self.oracle_block(ref, len(tokens), k)
+        if ref is None:
+            plan: list[int | None] = [None] * k
+            top2: list[int | None] = [None] * k
+        else:
+            plan, top2 = self.oracle_block(ref, len(tokens), k), self.oracle_top2(ref, len(tokens), k)
         known = sum(t is not None for t in plan)
         self.stats.unknown += k - known
         self.stats.proposed += known
         if ref is not None:
             self.stats.wrong += sum(t is not None and t != self.refs[ref][len(tokens) + j] for j, t in enumerate(plan))
-        return plan
+        return plan, top2
 
-    def _planned(self, reqs: list[DraftRequest], sessions: list[Any], kmax: int) -> torch.Tensor:
-        """The oracle's tokens for the block # [n, kmax] (-1: the draft model's own pick).
+    def _draft_blocks(self, reqs: list[DraftRequest]) -> list[Proposal]:
+        """DraftModelDrafter's loop (the real forwards), steered by the plan of every request
+        (those a chunked prefill holds back are not drafted, so not planned)."""
+        plans = [self._plan(r.seq_id, self._session(r.seq_id).tokens, r.k) for r in reqs]
+        kmax = max(r.k for r in reqs)
 
-        `DraftModelDrafter` still runs the draft model for every token, with these fed and
-        proposed instead of its argmax, so the block costs what a real one does (one CUDA
-        graph replay per block where the runner has them).
-        """
-        plans = [self._plan(r.seq_id, s.tokens, r.k) for r, s in zip(reqs, sessions, strict=True)]
-        return torch.tensor([[-1 if t is None else t for t in p] + [-1] * (kmax - len(p)) for p in plans],
-                            dtype=torch.int64).to(self.device, non_blocking=True)
+        def pad(rows: list[list[int | None]]) -> torch.Tensor:  # [n, kmax], -1: the model's own
+            return torch.tensor([[-1 if t is None else t for t in p] + [-1] * (kmax - len(p)) for p in rows],
+                                dtype=torch.int64).to(self.device, non_blocking=True)
+
+        self._steer = pad([p for p, _ in plans]), pad([t for _, t in plans])
+        try:
+            return super()._draft_blocks(reqs)
+        finally:
+            self._steer = None
+
+    def _planned(self, reqs: list[DraftRequest], sessions: list[Any], kmax: int) -> torch.Tensor | None:
+        return None if self._steer is None else self._steer[0]  # [n, kmax]: lets a block run as one CUDA graph
+
+    def _choose(self, logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor | None,
+                step: int) -> tuple[torch.Tensor, None]:
+        plan = self._steer[0][:, step] if rows is None else self._steer[0][rows, step]  # [m]
+        return torch.where(plan >= 0, plan, logits.argmax(-1)), None  # the draft's own pick: its real cost
+
+    def _candidates(self, logits: torch.Tensor, q: Any, chosen: torch.Tensor, rows: torch.Tensor | None,
+                    step: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, probs, chosen_p = super()._candidates(logits, q, chosen, rows, step, m)  # the model's own
+        top2 = self._steer[1][:, step] if rows is None else self._steer[1][rows, step]  # [m]
+        known = top2 >= 0
+        ids, probs = ids.clone(), probs.clone()
+        ids[:, 0] = chosen
+        probs[:, 0] = torch.where(known, self.alpha, probs[:, 0])
+        chosen_p = torch.where(known, self.alpha, chosen_p)
+        if m > 1:
+            ids[:, 1] = torch.where(known, top2, ids[:, 1])
+            probs[:, 1] = torch.where(known, (1 - self.alpha) * self.beta, probs[:, 1])
+        return ids, probs, chosen_p
 
 
 def confident_random_model(shape: dict, device: torch.device, dtype: torch.dtype, *, seed: int = 0,

@@ -14,3 +14,13 @@ class DraftServiceConfig(TierConfig):
     # and an EAGLE head reads its embeddings (and EAGLE-1 its LM head) from its checkpoint
     speculative: SpeculativeConfig  # method (draft_model / ngram / eagle / eagle3) and the draft model or head
     grpc_port: int = field(default=50053, kw_only=True)
+    # runner-up candidates per drafted token that the tree of guesses may branch on (top-m, m = 1 +
+    # this): each adds one branch row per block position to the pipelined pass; 0: only the
+    # all-accepted guess, as before the tree. None: 1 on a GPU, where the rows of one step cost
+    # about what one row does, and 0 on a CPU, where each row costs about as much as the session's
+    branch_alternatives: int | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.branch_alternatives is not None and not 0 <= self.branch_alternatives <= 8:
+            raise ValueError(f"branch_alternatives must be in 0..8, got {self.branch_alternatives}")

@@ -16,6 +16,7 @@ from specsplit.sampling.params import SamplingParams
 from specsplit.serving.convert import sparse_to_pb
 from specsplit.serving.servicer import SessionServicer
 from specsplit.serving.tier import TierHandle
+from specsplit.speculation.branches import BranchSpec
 from specsplit.speculation.drafters import Drafter, DraftRequest, Proposal
 from specsplit.speculation.eagle.wire import unpack_states
 from specsplit.speculation.session import MAX_PROPOSE, SessionError
@@ -40,10 +41,13 @@ class DraftServicer(SessionServicer[DraftRequest, Proposal], draft_pb2_grpc.Draf
         return head.hc.state_size if head is not None else 0
 
     def request(self, seq_id: int, msg: draft_pb2.DraftPropose) -> DraftRequest:
-        if msg.k > MAX_PROPOSE:
-            raise SessionError(f"k={msg.k} exceeds the limit of {MAX_PROPOSE}")
+        # a branch request's session drafts one token more than k: its guess of the bonus token
+        extra = 1 if msg.HasField("branches") else 0
+        if msg.k + extra > MAX_PROPOSE:
+            raise SessionError(f"k={msg.k} exceeds the limit of {MAX_PROPOSE - extra}"
+                               f"{' with branches' if extra else ''}")
         new_len = msg.prefix_len + len(msg.new_tokens)
-        k = min(msg.k, max(0, self.max_model_len - new_len - 1))  # never past the draft's context
+        k = min(msg.k, max(0, self.max_model_len - new_len - 1 - extra))  # never past the draft's context
         states = None
         if msg.hidden_states:
             width = self.state_width
@@ -54,12 +58,17 @@ class DraftServicer(SessionServicer[DraftRequest, Proposal], draft_pb2_grpc.Draf
             except ValueError as e:
                 raise SessionError(f"hidden_states: {e}; is the target tier returning the layers this head reads?"
                                    ) from None
-        return DraftRequest(seq_id, msg.prefix_len, list(msg.new_tokens), k, states)
+        branch = BranchSpec(msg.branches.block_len, msg.branches.max_branches) if extra else None
+        adopt = msg.adopt_branch if msg.HasField("adopt_branch") else None
+        return DraftRequest(seq_id, msg.prefix_len, list(msg.new_tokens), k, states, branch=branch, adopt=adopt)
 
     def reply(self, msg: draft_pb2.DraftPropose, result: Proposal, queue_ns: int) -> draft_pb2.DraftServerMessage:
+        branches = [draft_pb2.DraftBranch(id=b.id, accepted=b.accepted, token=b.token, token_ids=b.block.token_ids,
+                                          q=sparse_to_pb(b.block.q_ids, b.block.q_probs))
+                    for b in result.branches or ()]
         return draft_pb2.DraftServerMessage(proposal=draft_pb2.DraftProposal(
             round_id=msg.round_id, token_ids=result.token_ids, q=sparse_to_pb(result.q_ids, result.q_probs),
-            draft_ns=result.draft_ns, queue_ns=queue_ns, prefilling=result.prefilling,
+            draft_ns=result.draft_ns, queue_ns=queue_ns, prefilling=result.prefilling, branches=branches,
         ))
 
     def warmup_request(self, seq_id: int, prompt_len: int) -> DraftRequest:
@@ -72,6 +81,9 @@ async def start_draft(cfg: DraftServiceConfig, drafter: Drafter | None = None) -
     """Load the drafter (unless given), start serving, warm up, report SERVING."""
     if drafter is None:
         drafter = await asyncio.to_thread(_load, cfg)
+    # what branches below full acceptance guess from (DraftServiceConfig.branch_alternatives)
+    drafter.alternatives = cfg.branch_alternatives if cfg.branch_alternatives is not None else \
+        (1 if drafter.device.type == "cuda" else 0)
     runner = getattr(drafter, "runner", None)  # n-gram lookup keeps no model and no KV cache
     max_len = runner.max_model_len if runner is not None else (cfg.max_model_len or 1 << 20)
     servicer = DraftServicer(drafter, drafter.propose, max_batch=cfg.max_batch,

@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     _engine_flags(p, spec=True)
     _server_flags(p, 50053)
+    _add(p, "--branch-alternatives", type=int, help="runner-up guesses per drafted token that the pipelined "
+         "tree of guesses branches on (top-m, m = 1 + this); 0: only the all-accepted guess (default: 1 on a GPU, "
+         "0 on a CPU)")
 
     p = sub.add_parser("gateway", help="run the gateway (OpenAI HTTP + public gRPC)")
     _model_arg(p)

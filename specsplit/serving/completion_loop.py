@@ -10,9 +10,11 @@ tiers' KV caches are soft state: when a replica fails mid-generation, the sessio
 re-opened on another replica with every committed token and the round is re-run; nothing
 is lost or duplicated because only committed tokens are ever emitted.
 
-Pipelining (docs/architecture.md): while the target verifies block i, the draft already proposes
-block i+1 assuming block i is fully accepted; its first proposed token is its guess of
-the target's bonus token. If both hold, block i+1 is ready at once; otherwise it is dropped.
+Pipelining (docs/architecture.md, "The tree of guesses"): while the target verifies block i, the
+draft already proposes block i+1 for the likely outcomes of that verify: all accepted and the
+target's bonus token is the draft's own next token, or d_1..d_j accepted and the target's token
+is the draft's runner-up at position j + 1. If the verdict is one of them, block i+1 is ready at
+once (and the draft adopts that branch); otherwise the draft proposes afresh.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from specsplit.serving.convert import (
 from specsplit.serving.errors import Overloaded, Unavailable
 from specsplit.serving.replicas import NoReplica, ReplicaPool, TierFailure, TierSession
 from specsplit.speculation.adaptive import AdaptiveK, CostModel
+from specsplit.speculation.branches import MAX_BRANCHES, BranchProposal
 from specsplit.speculation.drafters import Proposal
 from specsplit.speculation.eagle.wire import tail_rows
 from specsplit.speculation.sequence import Sequence
@@ -62,6 +65,7 @@ class LoopOptions:
     num_speculative_tokens: int = 5  # k_max
     adaptive: bool = True  # choose k per round from acceptance and costs
     pipeline: bool = True  # draft block i+1 while block i is verified
+    max_branches: int = 0  # outcomes of a verify drafted ahead for (the draft's likeliest); 0: all it guesses
     round_timeout_s: float = 30.0  # no answer nor progress report for this long: the replica failed
     session_timeout_s: float = 3600.0  # deadline of each tier stream
     max_failovers: int = 8  # failed re-opens in a row (no round in between) before UNAVAILABLE
@@ -170,6 +174,21 @@ def check_proposal(prop: draft_pb2.DraftProposal, k: int, vocab_size: int, addre
     raise TierFailure("draft", address, grpc.StatusCode.INTERNAL,
                       f"malformed proposal ({len(ids)} ids for k={k}, {len(prop.q)} distributions, "
                       f"ids must be in [0, {vocab_size}){why}): the draft replica is faulty")
+
+
+def check_branches(prop: draft_pb2.DraftProposal, block_len: int, k: int, vocab_size: int,
+                   address: str) -> list[BranchProposal]:
+    """A branch request's answer: each branch must name an outcome of the block (j <= block_len,
+    c in the vocabulary) and carry a well-formed block, else the draft replica is faulty."""
+    out = []
+    for b in prop.branches:
+        if b.accepted > block_len or (vocab_size > 0 and b.token >= vocab_size):
+            raise TierFailure("draft", address, grpc.StatusCode.INTERNAL,
+                              f"malformed branch (accepted {b.accepted} of {block_len}, token {b.token}): "
+                              "the draft replica is faulty")
+        block = check_proposal(draft_pb2.DraftProposal(token_ids=b.token_ids, q=b.q), k, vocab_size, address)
+        out.append(BranchProposal(b.id, b.accepted, b.token, block))
+    return out
 
 
 class Failover:
@@ -355,6 +374,7 @@ class CompletionLoop:
         self._draft_pauses = 0  # draft KV refusals in a row
         self._draft_retry_at = 0.0  # monotonic time before which no draft session is re-opened
         self._draft_failure = ""  # reported with the next delta
+        self._adopt: int | None = None  # the draft branch the last verdict matched, told with the next propose
 
     # ---- the draft session -----------------------------------------------------------------
     async def _open_draft(self) -> bool:
@@ -375,6 +395,7 @@ class CompletionLoop:
                 # states with the next verify (one re-prefill); until then it drafts from the latest
                 self._restart_target = self._draft_opened and bool(self.opts.hidden_layers)
                 self._draft_opened = True
+                self._adopt = None  # a new session has no branches
                 return True
             except TierFailure as f:
                 await self._drop_draft(s, f)
@@ -409,24 +430,32 @@ class CompletionLoop:
 
     # ---- rounds ----------------------------------------------------------------------------
     async def _propose(self, prefix_len: int, new_tokens: list[int], k: int,
-                       speculative: bool = False) -> Proposal | None:
+                       block_len: int | None = None) -> Proposal | None:
         """One draft round; None if the draft tier is gone (the loop then decodes plainly).
 
-        On a draft failure the session is re-opened elsewhere with the committed tokens; a
-        speculative (pipelined) request is then dropped, since it assumed unverified tokens.
+        `block_len` set: a speculative (pipelined) request, drafting k tokens ahead for each
+        likely outcome of verifying the last block_len tokens (Proposal.branches). On a draft
+        failure the session is re-opened elsewhere with the committed tokens; a speculative
+        request is then dropped, since it assumed unverified tokens.
         """
+        speculative = block_len is not None
         # a pipelined request assumed the live session; after a KV refusal, wait a while
         if self.draft is None and (speculative or time.monotonic() < self._draft_retry_at
                                    or not await self._open_draft()):
             return None
         while self.draft is not None:
             self._round += 1
-            msg = draft_pb2.DraftClientMessage(propose=draft_pb2.DraftPropose(
-                round_id=self._round, prefix_len=prefix_len, new_tokens=new_tokens, k=k,
-                hidden_states=b"" if speculative else self._states_to_send()))
+            msg = draft_pb2.DraftPropose(round_id=self._round, prefix_len=prefix_len, new_tokens=new_tokens, k=k,
+                                         hidden_states=b"" if speculative else self._states_to_send())
+            if self._adopt is not None:
+                msg.adopt_branch, self._adopt = self._adopt, None
+            if block_len is not None:
+                msg.branches.block_len, msg.branches.max_branches = block_len, self.opts.max_branches or MAX_BRANCHES
             try:
-                resp = await self.draft.request(msg, self.opts.round_timeout_s)
+                resp = await self.draft.request(draft_pb2.DraftClientMessage(propose=msg), self.opts.round_timeout_s)
                 prop = check_proposal(resp.proposal, k, self.opts.vocab_size, self.draft.address)
+                if block_len is not None:
+                    prop.branches = check_branches(resp.proposal, block_len, k, self.opts.vocab_size, self.draft.address)
                 self._draft_pauses = 0
                 if not speculative:
                     self._states = []  # the draft's head holds them now
@@ -471,7 +500,7 @@ class CompletionLoop:
         # first round: prefill with no block; the draft guesses [first token] + block meanwhile
         k = self._choose_k()
         if self.drafts is not None and self.opts.pipeline and k > 0:
-            spec = asyncio.ensure_future(self._propose(len(seq.all_ids), [], k + 1, speculative=True))
+            spec = asyncio.ensure_future(self._propose(len(seq.all_ids), [], k, block_len=0))
             spec_k = k
         try:
             while not seq.finished:
@@ -481,7 +510,7 @@ class CompletionLoop:
                 if spec is None and self.opts.pipeline and self.draft is not None and block:
                     k_next = self._choose_k()
                     if k_next > 0:
-                        spec = asyncio.ensure_future(self._propose(before + len(block), [], k_next + 1, speculative=True))
+                        spec = asyncio.ensure_future(self._propose(before + len(block), [], k_next, block_len=len(block)))
                         spec_k = k_next
                 t0 = time.perf_counter_ns()
                 if pending is not None:  # streaming the last round overlaps this round's verify
@@ -519,14 +548,16 @@ class CompletionLoop:
                 if spec is not None:
                     prop = await spec
                     spec = None
-                    assumed_all = a == len(drafted_block)
-                    if prop is not None and assumed_all and prop.token_ids and prop.token_ids[0] == emitted[-1]:
+                    won = next((b for b in prop.branches or () if (b.accepted, b.token) == (a, emitted[-1])), None) \
+                        if prop is not None else None
+                    if won is not None:
                         hit = True
                         # drafted before this round's tokens were committed: cut to what is left
                         n = min(spec_k, self._room())
-                        block = list(prop.token_ids[1 : n + 1])
-                        q = _rows(prop, 1, n + 1)
+                        block = list(won.block.token_ids[:n])
+                        q = _rows(won.block, 0, n)
                         self.draft_valid = len(seq.all_ids)
+                        self._adopt = won.id  # the draft session becomes that branch
                         self.stats.num_pipelined_rounds += 1  # drafted beside the verify: not on the round's path
                 if not hit and self.drafts is not None:
                     k = self._choose_k()

@@ -4,14 +4,16 @@ A request says "your sequence is now your own tokens[:prefix_len], followed by
 `new_tokens`; propose k tokens". Addressing by absolute length makes rollback after a
 rejection, catching up after rounds without drafting, and the pipelined guess of the next
 block (prefix = all drafts accepted, no new tokens, k + 1 tokens: the first one is the
-guess of the target's bonus token) the same operation: truncate, append, draft.
+guess of the target's bonus token) the same operation: truncate, append, draft. A request
+with `branch` set drafts ahead for several outcomes of the block under verify at once, and the
+next one names the outcome that happened (`adopt`); see specsplit/speculation/branches.py.
 """
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -26,6 +28,13 @@ from specsplit.sampling.logits import (
     topk_truncate,
 )
 from specsplit.sampling.params import SamplingParams
+from specsplit.speculation.branches import (
+    MAX_BRANCHES,
+    Alternatives,
+    BranchProposal,
+    BranchSpec,
+    BranchTree,
+)
 from specsplit.speculation.session import SessionError, UnknownSession, check_token_ids
 from specsplit.speculation.target import default_prefill_chunk, plan_chunks
 
@@ -40,6 +49,10 @@ class DraftRequest:
     # last n tokens (after this update), as the target's verify step returned them; D is the
     # head's state width (hidden size, x3 for EAGLE-3). None for drafters that do not read them.
     hidden_states: Tensor | None = None
+    # draft ahead for the outcomes of verifying the prefix's last block_len tokens: k tokens per
+    # branch (the session's own, all-accepted branch drafts k + 1: its first is the bonus guess)
+    branch: BranchSpec | None = None
+    adopt: int | None = None  # the branch of the last branch request the verify chose; None: none did
 
 
 @dataclass
@@ -50,6 +63,8 @@ class Proposal:
     draft_ns: int = 0  # the batched step(s) that made it
     queue_ns: int = 0  # served: how long the request waited for its batch (as the draft tier reported it)
     prefilling: bool = False  # empty because this step cached a chunk of a long prompt instead
+    branches: list[BranchProposal] | None = None  # a branch request's answer (token_ids then empty)
+    alts: Alternatives | None = None  # the draft's runner-up candidates per token (when recorded)
 
 
 @dataclass
@@ -59,6 +74,7 @@ class DraftSession:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)  # prompt + committed + last proposals
     prompt_len: int = 0  # tokens[prompt_len:] were generated (frequency / presence penalties)
+    alts: Alternatives | None = None  # candidates at the positions it drafted last (branch guesses)
 
 
 # Mixed into a request's seed for the draft's RNG. The target seeds its RNG with the request's
@@ -89,6 +105,13 @@ def penalty_inputs(batch: SamplingBatch, sessions: list[DraftSession], blocks: l
     return seen, counts
 
 
+def _check_branch(spec: BranchSpec, length: int) -> None:
+    if not 0 <= spec.block_len < length:
+        raise SessionError(f"branch block_len {spec.block_len} outside 0..{length - 1} (the session's tokens)")
+    if not 1 <= spec.max_branches <= MAX_BRANCHES:
+        raise SessionError(f"max_branches {spec.max_branches} outside 1..{MAX_BRANCHES}")
+
+
 class Drafter(ABC):
     """Common session bookkeeping; subclasses only say how a batch of blocks is made."""
 
@@ -98,6 +121,10 @@ class Drafter(ABC):
         self.vocab_size = vocab_size
         self.device = device
         self.sessions: dict[int, DraftSession] = {}
+        self.tree = BranchTree()
+        # runner-up candidates recorded per drafted token (m - 1 of a top-m guess): what branches
+        # below full acceptance guess the target's token from; 0 records none (no such branches)
+        self.alternatives = 0
 
     def open(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, prompt_len: int | None = None) -> None:
         """`prompt_len`: how many of `prompt_ids` are the prompt (a re-opened session also
@@ -115,7 +142,9 @@ class Drafter(ABC):
         self._on_open(seq_id)
 
     def close(self, seq_id: int) -> None:
-        if self.sessions.pop(seq_id, None) is not None:
+        if seq_id in self.sessions:
+            self.tree.close(self, seq_id)  # its branches' borrowed blocks stay with the session until here
+            del self.sessions[seq_id]
             self._on_close(seq_id)
 
     def propose(self, reqs: list[DraftRequest]) -> list[Proposal]:
@@ -124,27 +153,67 @@ class Drafter(ABC):
             s = self.sessions.get(r.seq_id)
             if s is None:
                 raise UnknownSession(f"no open draft session {r.seq_id}")
-            if not 0 < r.prefix_len <= len(s.tokens):
-                raise SessionError(f"draft session {r.seq_id}: prefix_len {r.prefix_len} outside 1..{len(s.tokens)}")
+            n = len(self.tree.tokens_after(r.seq_id, r.adopt, s.tokens))
+            if not 0 < r.prefix_len <= n:
+                raise SessionError(f"draft session {r.seq_id}: prefix_len {r.prefix_len} outside 1..{n}")
             if r.k < 0:
                 raise SessionError(f"k must be >= 0, got {r.k}")
+            if r.branch is not None:
+                _check_branch(r.branch, r.prefix_len + len(r.new_tokens))
             self._check(r.new_tokens, "committed tokens")
         for r in reqs:
+            self.tree.settle(self, r.seq_id, r.adopt)
             s = self.sessions[r.seq_id]
             del s.tokens[r.prefix_len :]
             s.tokens.extend(r.new_tokens)
             # tokens past prefix_len may have changed; the last token must be fed again
             self._rollback(r.seq_id, min(r.prefix_len, len(s.tokens) - 1))
-        active = [r for r in reqs if r.k > 0]
+        # a branch request's session drafts its all-accepted branch: the bonus guess + k
+        own = [r if r.branch is None else replace(r, k=r.k + 1) for r in reqs if r.k > 0]
+        free = self._free_blocks(own)
+        forks = self.tree.plan(self, [r for r in reqs if r.branch is not None and r.k > 0], free)
+        active = own + forks  # one batched pass for sessions and branches alike
         made = dict(zip([r.seq_id for r in active], self._draft(active), strict=True)) if active else {}
-        out = []
         dt = time.perf_counter_ns() - t0
+        for r in active:
+            s, p = self._session(r.seq_id), made[r.seq_id]
+            s.alts = p.alts
+            if p.alts is not None:
+                p.alts.start = len(s.tokens)
+            s.tokens.extend(p.token_ids)
+        out = []
         for r in reqs:
             p = made.get(r.seq_id, Proposal([]))
-            self.sessions[r.seq_id].tokens.extend(p.token_ids)
+            if r.branch is not None:
+                p = self.tree.collect(self, r, p, made)
             p.draft_ns = dt
             out.append(p)
         return out
+
+    def _session(self, seq_id: int) -> DraftSession:
+        """A session, or a branch forked from one (drafted like a session)."""
+        s = self.sessions.get(seq_id)
+        return s if s is not None else self.tree.children[seq_id]
+
+    # ---- forks: drafters with a KV cache override these (the others draft no forked branches) ----
+    def _kv_length(self, seq_id: int) -> int:
+        return 0
+
+    def _free_blocks(self, reqs: list[DraftRequest]) -> int | None:
+        """KV blocks left to branches once `reqs` have drafted; None: no KV cache."""
+        return None
+
+    def _fork_blocks(self, shared: int, final_len: int) -> int:
+        return 0
+
+    def _fork(self, forks: list[tuple[int, int, int]]) -> list[int]:
+        return []
+
+    def _adopt_fork(self, seq_id: int, child: int) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def _free_fork(self, child: int) -> None:  # noqa: B027 - optional hook
+        pass
 
     def _check(self, ids: list[int], what: str) -> None:
         check_token_ids(ids, self.vocab_size, what)
@@ -205,6 +274,9 @@ class DraftModelDrafter(Drafter):
     Chunked prefill as the target's (target.py): a session with more than the step's share of
     `prefill_chunk` tokens still to cache gets a chunk of them and an empty proposal (which the
     caller verifies as a plain round), so no step is unbounded.
+
+    Subclasses change which token is chosen at each step (`_choose`, `_candidates`) without
+    copying the loop: the benchmarks' oracle proposes known answers through the same passes.
     """
 
     method = "draft_model"
@@ -225,8 +297,57 @@ class DraftModelDrafter(Drafter):
         if self.runner.length(seq_id) > valid:
             self.runner.truncate(seq_id, valid)
 
+    # ---- forks (branches) --------------------------------------------------------------------
+    def _kv_length(self, seq_id: int) -> int:
+        return self.runner.length(seq_id)
+
+    def _free_blocks(self, reqs: list[DraftRequest]) -> int | None:
+        if not isinstance(self.runner, ModelRunner):
+            return 0  # tensor parallel: its workers mirror cache operations, forks are not among them
+        cache = self.runner.cache
+        need = sum(cache.blocks_needed(r.seq_id, len(self._session(r.seq_id).tokens) + r.k - 1) for r in reqs)
+        if need > cache.num_free_blocks:  # branches are guesses: they give way before any session does
+            self.tree.reclaim(self, {r.seq_id for r in reqs})
+        return cache.num_free_blocks - need
+
+    def _fork_blocks(self, shared: int, final_len: int) -> int:
+        bs = self.runner.cache.block_size
+        return -(-final_len // bs) - shared // bs
+
+    def _fork(self, forks: list[tuple[int, int, int]]) -> list[int]:
+        return self.runner.cache.fork(forks) if forks else []
+
+    def _adopt_fork(self, seq_id: int, child: int) -> None:
+        self.runner.free(seq_id)
+        self.runner.cache.rename(child, seq_id)
+
+    def _free_fork(self, child: int) -> None:
+        self.runner.free(child)
+
+    # ---- drafting ----------------------------------------------------------------------------
+    def _choose(self, logits: Tensor, batch: SamplingBatch, rows: Tensor | None,
+                step: int) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """The token of each live row at block position `step` (# [m]), and the sparse q it was
+        sampled from (ids, probs # [m, K]; None: all greedy). `rows` # [m]: the live rows of the
+        batch (None: all)."""
+        if batch.all_greedy and batch.bias_rows is None:
+            return logits.argmax(-1), None  # the argmax of the processed distribution too
+        ids, p = topk_truncate(process_logits(logits, batch), self.top_k)  # [m, K]
+        return sample_sparse(ids, p, batch), (ids, p)
+
+    def _candidates(self, logits: Tensor, q: tuple[Tensor, Tensor] | None, chosen: Tensor, rows: Tensor | None,
+                    step: int, m: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The m most likely tokens of each live row (ids, probs # [rows, m]) and the chosen token's
+        probability # [rows]: what the tree of guesses ranks and guesses from."""
+        if q is None:
+            vals, ids = logits.float().topk(m, dim=-1)  # [rows, m]
+            probs = (vals - logits.float().logsumexp(-1, keepdim=True)).exp()
+            return ids, probs, probs[:, 0]
+        ids, p = q
+        return ids[:, :m], p[:, :m], (p * (ids == chosen[:, None])).sum(-1)
+
     def _draft(self, reqs: list[DraftRequest]) -> list[Proposal]:
-        uncached = [len(self.sessions[r.seq_id].tokens) - self.runner.length(r.seq_id) for r in reqs]
+        uncached = [len(self._session(r.seq_id).tokens) - self.runner.length(r.seq_id) for r in reqs]
         chunks = plan_chunks(uncached, uncached, self.prefill_chunk)
         cut = [StepInput(r.seq_id, self._uncached(r.seq_id)[:n]) for r, n in zip(reqs, chunks, strict=True) if n]
         if cut:
@@ -236,47 +357,46 @@ class DraftModelDrafter(Drafter):
         return [made.get(r.seq_id, Proposal([], prefilling=True)) for r in reqs]
 
     def _uncached(self, seq_id: int) -> list[int]:
-        return self.sessions[seq_id].tokens[self.runner.length(seq_id) :]
+        return self._session(seq_id).tokens[self.runner.length(seq_id) :]
 
     def _draft_blocks(self, reqs: list[DraftRequest]) -> list[Proposal]:
         """Draft k tokens for each request, whose uncached tokens fit one step."""
-        sessions = [self.sessions[r.seq_id] for r in reqs]
+        sessions = [self._session(r.seq_id) for r in reqs]
         batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
         if batch.any_penalty or batch.any_output_penalty:
             return self._draft_with_penalty(reqs, sessions, batch)
         # every token stays on the device until the block is done: the chosen tokens are fed
         # straight back (ModelRunner.forward's device_ids), one host copy per block, not per token
         n, kmax = len(reqs), max(r.k for r in reqs)
+        m = min(self.alternatives + 1, self.top_k, self.vocab_size) if self.alternatives > 0 else 0
         plan = self._planned(reqs, sessions, kmax)  # [n, kmax] or None
         toks = torch.zeros(n, kmax, dtype=torch.int64, device=self.device)  # [n, kmax]
+        cand_ids = torch.zeros(n, kmax, m, dtype=torch.int64, device=self.device)  # [n, kmax, m]
+        cand_p = torch.zeros(n, kmax, m, device=self.device)  # [n, kmax, m]
+        chosen_p = torch.zeros(n, kmax, device=self.device)  # [n, kmax]
         sparse: list[tuple[Tensor, Tensor, list[int]]] = []  # per step: ids [m, K], probs [m, K], rows
         inputs = [StepInput(r.seq_id, s.tokens[self.runner.length(r.seq_id) :]) for r, s in zip(reqs, sessions, strict=True)]
         live = list(range(n))
         fed: Tensor | None = None
         for j in range(kmax):
             logits = self.runner.forward([inputs[i] for i in live], fed)  # [len(live), V]
-            sub = batch.select(torch.tensor(live, device=self.device)) if len(live) < n else batch
-            if sub.all_greedy and sub.bias_rows is None:
-                step = logits.argmax(-1)  # [m]: the argmax of the processed distribution too
-                if plan is not None:
-                    want = plan[:, j] if len(live) == n else plan[torch.tensor(live, device=self.device), j]
-                    step = torch.where(want >= 0, want, step)
-            else:
-                ids, p = topk_truncate(process_logits(logits, sub), self.top_k)  # [m, K]
-                step = sample_sparse(ids, p, sub)
-                sparse.append((ids, p, live))
             rows = torch.tensor(live, device=self.device) if len(live) < n else None
-            if rows is None:
-                toks[:, j] = step
-            else:
-                toks[rows, j] = step
+            sub = batch.select(rows) if rows is not None else batch
+            step, q = self._choose(logits, sub, rows, j)  # [m]
+            if q is not None:
+                sparse.append((q[0], q[1], live))
+            at = slice(None) if rows is None else rows
+            toks[at, j] = step
+            if m:
+                cand_ids[at, j], cand_p[at, j], chosen_p[at, j] = self._candidates(logits, q, step, rows, j, m)
             keep = [x for x, i in enumerate(live) if reqs[i].k > j + 1]
             live = [live[x] for x in keep]
             if not live:
                 break
             fed = step if len(keep) == len(step) else step[torch.tensor(keep, device=self.device)]
-            if j == 0 and len(live) == n and batch.all_greedy and batch.bias_rows is None \
-                    and all(r.k == kmax for r in reqs):
+            if j == 0 and len(live) == n and not m and batch.all_greedy and batch.bias_rows is None \
+                    and all(r.k == kmax for r in reqs) \
+                    and (plan is not None or type(self)._choose is DraftModelDrafter._choose):
                 # the rest of the block in one CUDA graph replay (None: no graphs here, step on)
                 rest = self.runner.forward_chain([r.seq_id for r in reqs], fed, kmax - 1,
                                                  None if plan is None else plan[:, 1:]) \
@@ -287,27 +407,32 @@ class DraftModelDrafter(Drafter):
             for i in live:
                 inputs[i] = StepInput(reqs[i].seq_id, [0])  # placeholder: the id comes from `fed`
         blocks = toks.tolist()
+        alts = (cand_ids.tolist(), cand_p.tolist(), chosen_p.tolist()) if m else None
         out = []
         for i, (r, s) in enumerate(zip(reqs, sessions, strict=True)):
-            if s.params.greedy:
-                out.append(Proposal(blocks[i][: r.k]))
-                continue
-            q_ids = torch.stack([ids[rows.index(i)] for ids, _, rows in sparse[: r.k]])
-            q_probs = torch.stack([p[rows.index(i)] for _, p, rows in sparse[: r.k]])
-            out.append(Proposal(blocks[i][: r.k], q_ids, q_probs))
+            p = Proposal(blocks[i][: r.k])
+            if not s.params.greedy:
+                p.q_ids = torch.stack([ids[rows.index(i)] for ids, _, rows in sparse[: r.k]])
+                p.q_probs = torch.stack([q[rows.index(i)] for _, q, rows in sparse[: r.k]])
+            if alts is not None:
+                p.alts = Alternatives(0, p.token_ids, alts[2][i][: r.k], alts[0][i][: r.k], alts[1][i][: r.k])
+            out.append(p)
         return out
 
     def _planned(self, reqs: list[DraftRequest], sessions: list[DraftSession], kmax: int) -> Tensor | None:
-        """Tokens to propose instead of the model's own greedy choice # [n, kmax], -1 = the model's;
-        None: all the model's. A hook for benchmarks (their oracle drafter); greedy sessions only."""
+        """What a `_choose` override picks, known before the block: tokens # [n, kmax] instead of the
+        model's greedy choice, -1 = the model's; None: none. With it a greedy block still runs as one
+        CUDA graph (`ModelRunner.forward_chain`); the benchmarks' oracle drafter gives its plan here."""
         return None
 
     def _draft_with_penalty(self, reqs: list[DraftRequest], sessions: list[DraftSession],
                             batch: SamplingBatch) -> list[Proposal]:
         """The repetition penalty needs each token on the host to update what was seen."""
+        m = min(self.alternatives + 1, self.top_k, self.vocab_size) if self.alternatives > 0 else 0
         blocks: list[list[int]] = [[] for _ in reqs]
         q_ids: list[list[Tensor]] = [[] for _ in reqs]
         q_probs: list[list[Tensor]] = [[] for _ in reqs]
+        cands: list[list[tuple[list[int], list[float], float]]] = [[] for _ in reqs]
         # first forward feeds everything not yet cached; later ones one token each
         inputs = [StepInput(r.seq_id, s.tokens[self.runner.length(r.seq_id) :]) for r, s in zip(reqs, sessions, strict=True)]
         live = list(range(len(reqs)))
@@ -318,10 +443,16 @@ class DraftModelDrafter(Drafter):
                                           self.device)
             probs = process_logits(logits, sub, seen, counts)  # [n, V]
             if sub.all_greedy:
-                toks = probs.argmax(-1).tolist()
+                step = probs.argmax(-1)  # [n]
             else:
                 ids, p = topk_truncate(probs, self.top_k)  # [n, K]
-                toks = sample_sparse(ids, p, sub).tolist()
+                step = sample_sparse(ids, p, sub)
+            toks = step.tolist()
+            if m:
+                cp, ci = probs.float().topk(m, dim=-1)  # [n, m]
+                chosen = probs.float().gather(1, step[:, None])[:, 0].tolist()
+                for j, i in enumerate(live):
+                    cands[i].append((ci[j].tolist(), cp[j].tolist(), chosen[j]))
             for j, i in enumerate(live):
                 blocks[i].append(toks[j])
                 if not sub.all_greedy and not sessions[i].params.greedy:
@@ -334,8 +465,10 @@ class DraftModelDrafter(Drafter):
                 inputs[i] = StepInput(reqs[i].seq_id, [blocks[i][-1]])
         out = []
         for i, s in enumerate(sessions):
-            if s.params.greedy:
-                out.append(Proposal(blocks[i]))
-            else:
-                out.append(Proposal(blocks[i], torch.stack(q_ids[i]), torch.stack(q_probs[i])))
+            p = Proposal(blocks[i]) if s.params.greedy else \
+                Proposal(blocks[i], torch.stack(q_ids[i]), torch.stack(q_probs[i]))
+            if m:
+                p.alts = Alternatives(0, blocks[i], [c[2] for c in cands[i]], [c[0] for c in cands[i]],
+                                      [c[1] for c in cands[i]])
+            out.append(p)
         return out

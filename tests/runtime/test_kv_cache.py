@@ -127,3 +127,91 @@ def test_runner_rejects_bad_step_inputs(tiny_target):
     with pytest.raises(ValueError, match="max_model_len"):
         runner.forward([StepInput(0, list(range(17)))])
     assert runner.length(0) == 0
+
+
+# --- forks (the draft's tree of guesses) -------------------------------------------------------
+
+
+def _filled(cache: PagedKVCache, seq_id: int, length: int) -> None:
+    """A sequence of `length` tokens whose K rows hold their position (to see what is shared)."""
+    cache.add(seq_id)
+    cache.reserve(seq_id, length)
+    cache.seqs[seq_id].length = length
+    bs = cache.block_size
+    for pos in range(length):
+        for k, _ in cache.layers:
+            k[cache.seqs[seq_id].blocks[pos // bs], pos % bs] = float(pos)
+
+
+def _row(cache: PagedKVCache, seq_id: int, pos: int) -> float:
+    bs = cache.block_size
+    return float(cache.layers[0][0][cache.seqs[seq_id].blocks[pos // bs], pos % bs, 0, 0])
+
+
+def test_fork_borrows_full_blocks_and_copies_the_partial_one():
+    cache = _cache(num_blocks=8, block_size=4)
+    _filled(cache, 0, 10)  # blocks: [0..3] [4..7] [8, 9]
+    free = cache.num_free_blocks
+    assert cache.fork([(0, 1, 6)]) == [1]
+    parent, child = cache.seqs[0].blocks, cache.seqs[1].blocks
+    assert child[0] == parent[0]  # borrowed
+    assert child[1] != parent[1]  # positions 4, 5 live in a copy
+    assert cache.num_free_blocks == free - 1
+    assert [_row(cache, 1, p) for p in range(6)] == [0, 1, 2, 3, 4, 5]
+
+
+def test_freeing_a_fork_never_frees_borrowed_blocks():
+    cache = _cache(num_blocks=8, block_size=4)
+    _filled(cache, 0, 8)
+    before = _state(cache)
+    cache.fork([(0, 1, 8), (0, 2, 5)])
+    cache.free(1)
+    cache.truncate(2, 0)
+    cache.free(2)
+    assert _state(cache) == before
+    cache.free(0)
+    assert cache.num_free_blocks == 8
+
+
+def test_parent_freed_first_leaves_the_fork_its_blocks():
+    cache = _cache(num_blocks=8, block_size=4)
+    _filled(cache, 0, 8)
+    cache.fork([(0, 1, 8)])
+    cache.free(0)
+    assert cache.num_free_blocks == 6  # the fork still holds both
+    assert [_row(cache, 1, p) for p in range(8)] == list(range(8))
+    cache.free(1)
+    assert cache.num_free_blocks == 8
+
+
+def test_write_into_a_shared_block_is_copied_first():
+    cache = _cache(num_blocks=8, block_size=4)
+    _filled(cache, 0, 8)
+    cache.fork([(0, 1, 8)])
+    cache.truncate(0, 6)  # the parent rolls back into a block its fork still reads
+    shared = cache.seqs[0].blocks[1]
+    assert cache.blocks_needed(0, 7) == 1  # the copy
+    cache.reserve(0, 7)
+    assert cache.seqs[0].blocks[1] != shared and cache.seqs[1].blocks[1] == shared
+    assert _row(cache, 0, 5) == 5.0  # the copy holds what was there
+
+
+def test_fork_without_a_free_block_is_skipped():
+    cache = _cache(num_blocks=3, block_size=4)
+    _filled(cache, 0, 10)  # all three blocks
+    assert cache.fork([(0, 1, 6), (0, 2, 8)]) == [2]  # 6 needs a copy; 8 only borrows
+    assert 1 not in cache.seqs
+
+
+def test_rename_hands_a_fork_the_parents_id():
+    cache = _cache(num_blocks=8, block_size=4)
+    _filled(cache, 0, 6)
+    cache.fork([(0, 1, 5)])
+    cache.free(0)
+    cache.rename(1, 0)
+    assert cache.seqs[0].length == 5 and 1 not in cache.seqs
+    cache.free(0)
+    assert cache.num_free_blocks == 8
+    with pytest.raises(ValueError):
+        _filled(cache, 2, 4)
+        cache.fork([(2, 2, 4)])

@@ -153,10 +153,10 @@ def test_adaptive_k_does_not_count_a_draft_catch_up_as_draft_cost(cluster: Clust
     monkeypatch.setattr(AdaptiveK, "choose", lambda self, costs, limit: min(next(plan), limit))
     real_propose = CompletionLoop._propose
 
-    async def propose(self, prefix_len, new_tokens, k, speculative=False):
+    async def propose(self, prefix_len, new_tokens, k, block_len=None):
         if len(new_tokens) > self.adaptive.k_max + 1:
             await asyncio.sleep(0.3)  # the catch-up: dearer than any draft step of the tiny model
-        return await real_propose(self, prefix_len, new_tokens, k, speculative)
+        return await real_propose(self, prefix_len, new_tokens, k, block_len)
 
     monkeypatch.setattr(CompletionLoop, "_propose", propose)
     seen: list[float] = []

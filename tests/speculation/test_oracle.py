@@ -11,6 +11,7 @@ from benchmarks.oracle import OracleDrafter, confident_random_model
 from specsplit.runtime.random_weights import random_model
 from specsplit.runtime.runner import ModelRunner, StepInput
 from specsplit.sampling.params import SamplingParams
+from specsplit.speculation.branches import BranchSpec
 from specsplit.speculation.drafters import DraftRequest
 from specsplit.speculation.session import SessionError
 
@@ -102,3 +103,49 @@ def test_confident_model_greedy_is_the_permutation(runner):
     assert logits.argmax(-1).tolist() == [perm[t] for t in ids]
     top2 = logits.topk(2, dim=-1).values
     assert bool(((top2[:, 0] - top2[:, 1]) > 2.0).all())  # a wide margin: rounding cannot flip it
+
+
+# --- beta: the runner-up the tree of guesses branches on ------------------------------------------
+
+
+def _tree(runner: ModelRunner, alpha: float, beta: float, k: int = 5):
+    prompt, cont = reference(3, n=40)
+    d = OracleDrafter(runner, alpha=alpha, seed=7, beta=beta)
+    d.alternatives = 1
+    d.set_references([(prompt, cont)])
+    d.free_before = runner.cache.num_free_blocks  # other tests of this module may hold sessions
+    d.open(1, prompt, GREEDY)
+    n = len(prompt)
+    (block,) = d.propose([DraftRequest(1, n, [], k)])
+    (tree,) = d.propose([DraftRequest(1, n + k, [], k, branch=BranchSpec(k, 16))])
+    return d, prompt, cont, block, tree
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_the_runner_up_is_right_with_probability_beta_where_the_top_1_is_wrong(runner, beta):
+    d, prompt, cont, block, tree = _tree(runner, 0.0, beta)  # every top-1 wrong
+    assert all(t != c for t, c in zip(block.token_ids, cont, strict=False))
+    first = next(b for b in tree.branches if b.accepted == 0)
+    assert (first.token == cont[0]) is (beta == 1.0)
+    if beta == 1.0:
+        # the branch after the right correction follows the reference again (all wrong at alpha 0)
+        assert len(first.block.token_ids) == 5 and d.stats.off_reference >= 1
+    d.close(1)
+    assert runner.cache.num_free_blocks == d.free_before
+
+
+def test_a_branch_after_a_right_guess_proposes_the_reference(runner):
+    d, prompt, cont, block, tree = _tree(runner, 1.0, 1.0)  # every top-1 right: all accepted
+    own = next(b for b in tree.branches if b.accepted == 5)
+    assert block.token_ids == cont[:5] and [own.token, *own.block.token_ids] == cont[5:11]
+    assert all(b.token != cont[b.accepted] for b in tree.branches if b.accepted < 5)  # top-2 wrong where top-1 right
+    # the verify accepted all and emitted the bonus: adopt the session's own branch, continue
+    (p,) = d.propose([DraftRequest(1, len(prompt) + 11, [], 3, adopt=own.id)])
+    assert p.token_ids == cont[11:14]
+    d.close(1)
+    assert runner.cache.num_free_blocks == d.free_before
+
+
+def test_beta_is_checked(runner):
+    with pytest.raises(ValueError, match="beta"):
+        OracleDrafter(runner, beta=1.5)

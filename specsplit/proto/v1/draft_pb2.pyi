@@ -18,18 +18,30 @@ class DraftOpen(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., prompt_len: _Optional[int] = ...) -> None: ...
 
 class DraftPropose(_message.Message):
-    __slots__ = ("round_id", "prefix_len", "new_tokens", "k", "hidden_states")
+    __slots__ = ("round_id", "prefix_len", "new_tokens", "k", "hidden_states", "branches", "adopt_branch")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    ADOPT_BRANCH_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     prefix_len: int
     new_tokens: _containers.RepeatedScalarFieldContainer[int]
     k: int
     hidden_states: bytes
-    def __init__(self, round_id: _Optional[int] = ..., prefix_len: _Optional[int] = ..., new_tokens: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., hidden_states: _Optional[bytes] = ...) -> None: ...
+    branches: DraftBranches
+    adopt_branch: int
+    def __init__(self, round_id: _Optional[int] = ..., prefix_len: _Optional[int] = ..., new_tokens: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., hidden_states: _Optional[bytes] = ..., branches: _Optional[_Union[DraftBranches, _Mapping]] = ..., adopt_branch: _Optional[int] = ...) -> None: ...
+
+class DraftBranches(_message.Message):
+    __slots__ = ("block_len", "max_branches")
+    BLOCK_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    block_len: int
+    max_branches: int
+    def __init__(self, block_len: _Optional[int] = ..., max_branches: _Optional[int] = ...) -> None: ...
 
 class DraftClientMessage(_message.Message):
     __slots__ = ("open", "propose")
@@ -40,20 +52,36 @@ class DraftClientMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[DraftOpen, _Mapping]] = ..., propose: _Optional[_Union[DraftPropose, _Mapping]] = ...) -> None: ...
 
 class DraftProposal(_message.Message):
-    __slots__ = ("round_id", "token_ids", "q", "draft_ns", "queue_ns", "prefilling")
+    __slots__ = ("round_id", "token_ids", "q", "draft_ns", "queue_ns", "prefilling", "branches")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
     DRAFT_NS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     PREFILLING_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDistribution]
     draft_ns: int
     queue_ns: int
     prefilling: bool
-    def __init__(self, round_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., draft_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., prefilling: bool = ...) -> None: ...
+    branches: _containers.RepeatedCompositeFieldContainer[DraftBranch]
+    def __init__(self, round_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., draft_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., prefilling: bool = ..., branches: _Optional[_Iterable[_Union[DraftBranch, _Mapping]]] = ...) -> None: ...
+
+class DraftBranch(_message.Message):
+    __slots__ = ("id", "accepted", "token", "token_ids", "q")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    Q_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    accepted: int
+    token: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    q: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDistribution]
+    def __init__(self, id: _Optional[int] = ..., accepted: _Optional[int] = ..., token: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ...) -> None: ...
 
 class DraftServerMessage(_message.Message):
     __slots__ = ("proposal",)
