@@ -383,6 +383,9 @@ class DraftModelDrafter(Drafter):
             rows = torch.tensor(live, device=self.device) if len(live) < n else None
             sub = batch.select(rows) if rows is not None else batch
             step, q = self._choose(logits, sub, rows, j)  # [m]
+            if plan is not None and q is None:  # planned tokens replace greedy picks (as in the chain below)
+                want = plan[:, j] if rows is None else plan[rows, j]
+                step = torch.where(want >= 0, want, step)
             if q is not None:
                 sparse.append((q[0], q[1], live))
             at = slice(None) if rows is None else rows
