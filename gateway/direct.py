@@ -18,9 +18,10 @@ import grpc
 
 from specsplit.outputs import SpecMetrics
 from specsplit.proto.v1 import target_pb2
-from specsplit.serving.completion_loop import Delta, Failover, LoopOptions, RoundTimes, RoundTiming
+from specsplit.serving.completion_loop import Delta, LoopOptions, RoundTimes, RoundTiming
 from specsplit.serving.convert import logprobs_from_pb, token_choice_to_pb
 from specsplit.serving.replicas import NoReplica, ReplicaPool, TierFailure
+from specsplit.serving.target_link import Failover
 from specsplit.speculation.sequence import Sequence
 
 log = logging.getLogger(__name__)
