@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from cpu_speculative import DRAFT, RESULTS, TARGET, chat_ids, log  # noqa: E402 - benchmarks/ is on the path
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = [
     "Write a Python function to calculate fibonacci numbers with memoization.",
     "Write a Python function that checks whether a string is a palindrome.",
@@ -40,16 +40,8 @@ PROMPTS = [
     "Write a Python function that counts the words in a text file.",
     "Write a Python function that flattens a nested list.",
 ]
-TARGET, DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def chat_ids(tok, prompt: str) -> list[int]:
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return tok.encode(text, add_special_tokens=False)
 
 
 def greedy_decode(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
