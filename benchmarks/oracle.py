@@ -131,15 +131,9 @@ class OracleDrafter(DraftModelDrafter):
 
     # ---- session hooks -------------------------------------------------------------------------
     def _on_open(self, seq_id: int) -> None:
-        s = self.sessions[seq_id]
-        if not s.params.greedy:
-            del self.sessions[seq_id]
-            raise SessionError("the oracle drafter serves greedy requests only")
+        refuse_sampled(self, seq_id)
         super()._on_open(seq_id)
-        ref = self._by_prompt.get(tuple(s.tokens))
-        if ref is not None:
-            self._ref_of[seq_id] = ref
-            self._checked[seq_id] = len(s.tokens)
+        follow_reference(self, seq_id)
 
     def _on_close(self, seq_id: int) -> None:
         super()._on_close(seq_id)
@@ -236,6 +230,22 @@ class OracleDrafter(DraftModelDrafter):
             ids[:, 1] = torch.where(known, top2, ids[:, 1])
             probs[:, 1] = torch.where(known, (1 - self.alpha) * self.beta, probs[:, 1])
         return ids, probs, chosen_p
+
+
+def refuse_sampled(d: Any, seq_id: int) -> None:
+    """An oracle knows greedy continuations only: a sampled session is refused at open."""
+    if not d.sessions[seq_id].params.greedy:
+        del d.sessions[seq_id]
+        raise SessionError("the oracle drafter serves greedy requests only")
+
+
+def follow_reference(d: Any, seq_id: int) -> None:
+    """Match a new session to the reference whose prompt it opens with (none: the model's own tokens)."""
+    tokens = d.sessions[seq_id].tokens
+    ref = d._by_prompt.get(tuple(tokens))
+    if ref is not None:
+        d._ref_of[seq_id] = ref
+        d._checked[seq_id] = len(tokens)
 
 
 def confident_random_model(shape: dict, device: torch.device, dtype: torch.dtype, *, seed: int = 0,

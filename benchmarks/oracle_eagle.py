@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from oracle import OracleDrafter, OracleStats
+from oracle import OracleDrafter, OracleStats, follow_reference, refuse_sampled
 
 from specsplit.speculation.drafters import DraftRequest
 from specsplit.speculation.eagle.drafter import EagleDrafter, HeadRunner
-from specsplit.speculation.session import SessionError
 
 DRAFT_VOCAB = 32000  # EAGLE-3's published Llama-3.1-8B heads
 
@@ -60,12 +59,15 @@ class OracleEagleDrafter(EagleDrafter):
     set_alpha = OracleDrafter.set_alpha
     set_references = OracleDrafter.set_references
     oracle_block = OracleDrafter.oracle_block
+    oracle_top2 = OracleDrafter.oracle_top2
+    set_beta = OracleDrafter.set_beta
     _plan = OracleDrafter._plan
 
     def __init__(self, runner: HeadRunner, alpha: float = 1.0, seed: int = 0) -> None:
         super().__init__(runner)
         self.seed = seed
         self.alpha = 1.0
+        self.beta = 0.0  # an EAGLE draft is never drafted ahead: runner-ups are not used
         self.set_alpha(alpha)
         self.refs: list[list[int]] = []
         self._by_prompt: dict[tuple[int, ...], int] = {}
@@ -77,15 +79,9 @@ class OracleEagleDrafter(EagleDrafter):
         self.stats = OracleStats()
 
     def _on_open(self, seq_id: int) -> None:
-        s = self.sessions[seq_id]
-        if not s.params.greedy:
-            del self.sessions[seq_id]
-            raise SessionError("the oracle drafter serves greedy requests only")
+        refuse_sampled(self, seq_id)
         super()._on_open(seq_id)
-        ref = self._by_prompt.get(tuple(s.tokens))
-        if ref is not None:
-            self._ref_of[seq_id] = ref
-            self._checked[seq_id] = len(s.tokens)
+        follow_reference(self, seq_id)
 
     def _on_close(self, seq_id: int) -> None:
         super()._on_close(seq_id)
@@ -98,7 +94,7 @@ class OracleEagleDrafter(EagleDrafter):
 
     def _run(self, reqs: list[DraftRequest], feed: list[Any]) -> dict[int, Any]:
         for r in reqs:
-            self._plans[r.seq_id] = self._plan(r.seq_id, self.sessions[r.seq_id].tokens, r.k)
+            self._plans[r.seq_id] = self._plan(r.seq_id, self.sessions[r.seq_id].tokens, r.k)[0]  # no runner-ups
         return super()._run(reqs, feed)
 
     def _planned(self, reqs: list[DraftRequest], k: int) -> torch.Tensor:
