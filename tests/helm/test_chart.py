@@ -39,6 +39,7 @@ GPU = "nvidia.com/gpu"
 # Realistic value sets; each must lint, render and validate.
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},
+    "eagle3-head": {"speculativeConfig": {"method": "eagle3", "model": "/models/heads/coder-eagle3"}},
     "ngram-no-draft-gpu": {
         "speculativeConfig": {"method": "ngram", "prompt_lookup_max": 5, "prompt_lookup_min": 2},
         "draft": {"replicas": 2, "tolerations": []},
@@ -315,6 +316,20 @@ def test_speculative_config_is_the_cli_json_for_draft_and_gateway(chart: Any) ->
     assert "SPECSPLIT_SPECULATIVE_CONFIG" not in env_of(
         container(one(docs, "Deployment", "target"))
     )
+
+
+def test_eagle3_head_served_from_the_model_volume(chart: Any) -> None:
+    """An EAGLE head: one GPU on the draft tier, the head's folder in the config of both the draft
+    tier (which runs it on the target's embeddings) and the gateway (which reads its layers)."""
+    docs = render(chart, {"speculativeConfig": {"method": "eagle3", "model": "/models/heads/coder-eagle3",
+                                                "num_speculative_tokens": 4}})
+    draft = container(one(docs, "Deployment", "draft"))
+    assert draft["resources"]["limits"][GPU] == 1
+    for component in ("draft", "gateway"):
+        c = container(one(docs, "Deployment", component))
+        assert json.loads(env_of(c)["SPECSPLIT_SPECULATIVE_CONFIG"]) == {
+            "method": "eagle3", "model": "/models/heads/coder-eagle3", "num_speculative_tokens": 4}
+        assert any(m["mountPath"] == "/models" for m in c["volumeMounts"])  # the head is read from there
 
 
 def test_without_a_draft_tier_the_gateway_decodes_plainly(chart: Any) -> None:
@@ -642,6 +657,10 @@ def test_schema_rejects_wrong_values_with_a_clear_message(
         (
             {"speculativeConfig": {"model": None}},
             "speculativeConfig.model is required for method draft_model",
+        ),
+        (
+            {"speculativeConfig": {"method": "eagle3", "model": "my-head"}},
+            "speculativeConfig.model for method eagle3 must be an absolute path inside the model volume",
         ),
         ({"tls": {"enabled": True}}, "tls.enabled=true needs tls.issuerRef.name"),
         (

@@ -66,7 +66,7 @@ app.kubernetes.io/part-of: specsplit
 {{/* GPUs per draft pod: none for ngram, draft_tensor_parallel_size (default 1) otherwise. */}}
 {{- define "specsplit.draftGpus" -}}
 {{- $c := .Values.speculativeConfig }}
-{{- if eq $c.method "ngram" }}0{{ else }}{{ int (default 1 $c.draft_tensor_parallel_size) }}{{ end }}
+{{- if eq $c.method "ngram" }}0{{ else if has $c.method (list "eagle" "eagle3") }}1{{ else }}{{ int (default 1 $c.draft_tensor_parallel_size) }}{{ end }}
 {{- end }}
 
 {{/* The --speculative-config JSON, with only the keys that apply to the method. */}}
@@ -76,6 +76,12 @@ app.kubernetes.io/part-of: specsplit
 {{- $keys := list "num_speculative_tokens" }}
 {{- if eq $c.method "ngram" }}
 {{- $keys = concat $keys (list "prompt_lookup_max" "prompt_lookup_min") }}
+{{- else if has $c.method (list "eagle" "eagle3") }}
+{{- $_ := required (printf "speculativeConfig.model is required for method %s: the head's folder in the model volume" $c.method) $c.model }}
+{{- if not (hasPrefix "/" $c.model) }}
+{{- fail (printf "speculativeConfig.model for method %s must be an absolute path inside the model volume (%s/...): heads are not in the catalogue" $c.method .Values.model.mountPath) }}
+{{- end }}
+{{- $keys = append $keys "model" }}
 {{- else }}
 {{- $_ := required "speculativeConfig.model is required for method draft_model: the draft model's catalogue name or path" $c.model }}
 {{- $keys = concat $keys (list "model" "draft_tensor_parallel_size") }}
