@@ -24,6 +24,7 @@ first collective, which must not happen inside a capture: the eager warm-up step
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,22 @@ from specsplit.runtime.attention import StepBatch, packed_to_device
 from specsplit.runtime.model import Transformer
 
 log = logging.getLogger(__name__)
+
+def capture(fn: Callable[[], Any], device: torch.device, pool: Any = None,
+            warmups: int = 1) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Run `fn` `warmups` times on a side stream (lazy allocations, kernel selection, NCCL
+    set-up must not happen inside a capture), then capture one call; returns (graph, outputs)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
 
 class CudaGraphs:
     """Captured forward passes keyed by the step's shapes (B, Q, context bucket)."""
@@ -144,14 +161,7 @@ class CudaGraphs:
                 outs.append(prev)
             return torch.stack(outs)  # [n, B]
 
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            chain()  # warm-up (its cache writes land where the replay's will: the same slots)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = chain()
+        graph, out = capture(chain, self.device, self.pool)  # the warm-up's cache writes land where the replay's will
         log.info("captured CUDA graph chain of %d steps for batch %d, context %d", len(batches), *batches[0].key[:1],
                  batches[0].key[2])
         return graph, static, first, forced, out
@@ -182,14 +192,6 @@ class CudaGraphs:
             by_layer = dict(zip(sorted(set(layers)), aux, strict=True))
             return self.model.compute_logits(hidden), torch.cat([by_layer[i] for i in layers], dim=-1)
 
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = step()
+        graph, out = capture(step, self.device, self.pool, warmups=2)
         log.info("captured CUDA graph for batch %d x %d tokens, context %d", *batch.key[:3])
         return graph, static, out

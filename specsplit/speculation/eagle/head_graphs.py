@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from specsplit.runtime.attention import StepBatch, packed_to_device
+from specsplit.runtime.cuda_graphs import capture
 from specsplit.runtime.runner import BATCH_BUCKETS
 
 if TYPE_CHECKING:
@@ -155,14 +156,7 @@ class HeadChain:
                 outs.append(tok)
             return torch.stack(outs)  # [k, B]
 
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):
-            chain()
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = chain()
+        graph, out = capture(chain, dev, self.pool)
         log.info("captured a CUDA graph of a %d-token EAGLE head block for batch %d x %d, context %d",
                  k, b, q, batches[0].key[2])
         return graph, static, st_in, last, forced, out
