@@ -244,6 +244,7 @@ class GatewayCore:
     @staticmethod
     def _new_timeline() -> dict[str, int]:
         return {"completions": 0, "rounds": 0, "tokens": 0, "relay_ns": 0}
+
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request runs or waits, at most `timeout_s`; True if none is left."""
         deadline = time.monotonic() + timeout_s

@@ -20,16 +20,10 @@ from typing import Any
 from specsplit.proto.v1 import draft_pb2_grpc, target_pb2
 from specsplit.sampling.params import SamplingParams
 from specsplit.serving.batcher import StepBatcher
-from specsplit.serving.completion_loop import (
-    CompletionLoop,
-    Delta,
-    LoopOptions,
-    Q,
-    TargetLink,
-    Verdict,
-)
+from specsplit.serving.completion_loop import CompletionLoop, Delta, LoopOptions
 from specsplit.serving.convert import logprobs_to_pb
 from specsplit.serving.replicas import ReplicaPool
+from specsplit.serving.target_link import Q, TargetLink, Verdict
 from specsplit.serving.tls import ClientTLS
 from specsplit.speculation.adaptive import CostModel
 from specsplit.speculation.sequence import Sequence

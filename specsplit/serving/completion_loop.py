@@ -35,15 +35,7 @@ from specsplit.serving.convert import (
     token_choice_to_pb,
 )
 from specsplit.serving.replicas import NoReplica, ReplicaPool, TierFailure, TierSession
-from specsplit.serving.target_link import (  # noqa: F401 - re-exported: the loop's vocabulary
-    CALLER_ERRORS,
-    Failover,
-    Q,
-    RemoteTarget,
-    TargetLink,
-    Verdict,
-    backoff_s,
-)
+from specsplit.serving.target_link import Q, RemoteTarget, TargetLink, Verdict, backoff_s
 from specsplit.speculation.adaptive import AdaptiveK, CostModel
 from specsplit.speculation.branches import MAX_BRANCHES, BranchProposal
 from specsplit.speculation.drafters import Proposal
