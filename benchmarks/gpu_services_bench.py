@@ -317,7 +317,8 @@ TIMELINE_PARTS = (
     ("verify hop (RPC transit, or the batcher's thread hand-off)", None),
     ("draft step (draft tier)", "draft_ns"),
     ("draft batch queue", "draft_queue_ns"),
-    ("draft hop (RPC transit + the draft tier's own code)", None),
+    ("draft tier's code around its step (reading the request, batcher hand-off, reply)", None),
+    ("draft RPC transit (both gRPC stacks, both ways)", None),
     ("loop code (choosing k, commit, bookkeeping)", None),
 )
 
@@ -328,7 +329,7 @@ def timeline(t: dict[str, int], client_ms_per_round: float) -> dict[str, Any]:
     that ran beside the verify (a pipelined block) costs the round nothing."""
     n = max(1, t.get("rounds", 0))
     ms = {k: t.get(k, 0) / n / 1e6 for k in ("round_ns", "verify_ns", "verify_wait_ns", "verify_queue_ns",
-                                             "draft_wait_ns", "draft_ns", "draft_queue_ns")}
+                                             "draft_wait_ns", "draft_ns", "draft_queue_ns", "draft_handled_ns")}
     draft_on_path = ms["draft_ns"]  # the loop records it only for blocks it waited for
     draft_queue_on_path = ms["draft_queue_ns"]
     parts = {
@@ -337,8 +338,10 @@ def timeline(t: dict[str, int], client_ms_per_round: float) -> dict[str, Any]:
         TIMELINE_PARTS[2][0]: max(0.0, ms["verify_wait_ns"] - ms["verify_ns"] - ms["verify_queue_ns"]),
         TIMELINE_PARTS[3][0]: draft_on_path,
         TIMELINE_PARTS[4][0]: draft_queue_on_path,
-        TIMELINE_PARTS[5][0]: max(0.0, ms["draft_wait_ns"] - draft_on_path - draft_queue_on_path),
-        TIMELINE_PARTS[6][0]: max(0.0, ms["round_ns"] - ms["verify_wait_ns"] - ms["draft_wait_ns"]),
+        # the draft tier reports its whole handling of each request it answered on the path
+        TIMELINE_PARTS[5][0]: max(0.0, ms["draft_handled_ns"] - draft_on_path - draft_queue_on_path),
+        TIMELINE_PARTS[6][0]: max(0.0, ms["draft_wait_ns"] - max(ms["draft_handled_ns"], draft_on_path + draft_queue_on_path)),
+        TIMELINE_PARTS[7][0]: max(0.0, ms["round_ns"] - ms["verify_wait_ns"] - ms["draft_wait_ns"]),
     }
     parts["gateway relay + streaming to the client (beside the next round in direct mode)"] = \
         t.get("relay_ns", 0) / n / 1e6

@@ -7,6 +7,7 @@ An EAGLE head also takes the target's hidden states, packed bf16 bytes on each p
 from __future__ import annotations
 
 import asyncio
+import time
 
 import torch
 
@@ -62,13 +63,15 @@ class DraftServicer(SessionServicer[DraftRequest, Proposal], draft_pb2_grpc.Draf
         adopt = msg.adopt_branch if msg.HasField("adopt_branch") else None
         return DraftRequest(seq_id, msg.prefix_len, list(msg.new_tokens), k, states, branch=branch, adopt=adopt)
 
-    def reply(self, msg: draft_pb2.DraftPropose, result: Proposal, queue_ns: int) -> draft_pb2.DraftServerMessage:
+    def reply(self, msg: draft_pb2.DraftPropose, result: Proposal, queue_ns: int, received_ns: int
+              ) -> draft_pb2.DraftServerMessage:
         branches = [draft_pb2.DraftBranch(id=b.id, accepted=b.accepted, token=b.token, token_ids=b.block.token_ids,
                                           q=sparse_to_pb(b.block.q_ids, b.block.q_probs))
                     for b in result.branches or ()]
         return draft_pb2.DraftServerMessage(proposal=draft_pb2.DraftProposal(
             round_id=msg.round_id, token_ids=result.token_ids, q=sparse_to_pb(result.q_ids, result.q_probs),
             draft_ns=result.draft_ns, queue_ns=queue_ns, prefilling=result.prefilling, branches=branches,
+            handled_ns=time.perf_counter_ns() - received_ns,
         ))
 
     def warmup_request(self, seq_id: int, prompt_len: int) -> DraftRequest:

@@ -52,7 +52,7 @@ class TargetServicer(SessionServicer[VerifyItem, VerifyResult], target_pb2_grpc.
         q_ids, q_probs = sparse_from_pb(list(msg.q), k, self.engine.vocab_size)  # type: ignore[attr-defined]
         return VerifyItem(seq_id, list(msg.draft_ids), q_ids, q_probs)
 
-    def reply(self, msg: target_pb2.TargetVerify, result: VerifyResult, queue_ns: int
+    def reply(self, msg: target_pb2.TargetVerify, result: VerifyResult, queue_ns: int, received_ns: int
               ) -> target_pb2.TargetServerMessage:
         return target_pb2.TargetServerMessage(result=target_pb2.VerifyResult(
             round_id=msg.round_id, num_accepted=result.num_accepted, next_token=result.emitted[-1],

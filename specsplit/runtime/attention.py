@@ -12,6 +12,7 @@ norms, rotary and cache writes); PyTorch SDPA otherwise, which gathers each sequ
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -123,6 +124,32 @@ class StepBatch:
         packed = np.concatenate([a.reshape(-1) for _, a in fields_])
         shapes = tuple((n, a.shape) for n, a in fields_)
         return cls(packed, shapes, t, b, qmax, lmax, block_size, dense)
+
+    def advanced(self, d: int, rows: int) -> StepBatch:
+        """This one-token-per-sequence step, `d` tokens later for its first `rows` sequences
+        (the others are padding and stay as they are): positions, context lengths and cache
+        slots move on, the rest is shared. A chained block's later steps are built this way,
+        a few array operations each instead of a whole `build`."""
+        if self.max_query_len != 1:
+            raise ValueError("only a step of one token per sequence can be advanced")
+        at, offset = {}, 0
+        for name, shape in self.shapes:
+            at[name] = (offset, shape)
+            offset += int(np.prod(shape))
+        packed = self.packed.copy()
+
+        def field(name: str) -> np.ndarray:
+            start, shape = at[name]
+            return packed[start : start + int(np.prod(shape))].reshape(shape)
+
+        field("positions")[:rows] += d
+        seq_lens = field("seq_lens")
+        seq_lens[:rows] += d
+        pos = seq_lens[:rows] - 1  # cache position of each sequence's one new token
+        tables = field("block_tables")
+        field("slot_mapping")[:rows] = tables[np.arange(rows), pos // self.block_size] * self.block_size \
+            + pos % self.block_size
+        return dataclasses.replace(self, packed=packed)
 
     def to_device(self, device: torch.device, out: Tensor | None = None) -> Tensor:
         """Copy to `device` (into `out` if given) through a reused pinned staging buffer."""

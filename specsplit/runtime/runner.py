@@ -260,9 +260,10 @@ class ModelRunner:
         seqs = [cache.seqs[s] for s in seq_ids]
         pad = self.graphs.bucket(max(needs.values()))
         tables = [s.blocks for s in seqs] + [[] for _ in range(b - m)]
-        batches = [StepBatch.build([0] * b, [1] * b, [s.length + j + 1 for s in seqs] + [1] * (b - m), tables,
-                                   cache.block_size, pad, dense=self.dense, write_lens=[1] * m + [0] * (b - m),
-                                   scratch_slot=self.scratch_slot) for j in range(n)]
+        first = StepBatch.build([0] * b, [1] * b, [s.length + 1 for s in seqs] + [1] * (b - m), tables,
+                                cache.block_size, pad, dense=self.dense, write_lens=[1] * m + [0] * (b - m),
+                                scratch_slot=self.scratch_slot)
+        batches = [first, *(first.advanced(j, m) for j in range(1, n))]
         out = self.graphs.run_chain(batches, first_ids, plan)
         if out is None:
             return None

@@ -74,6 +74,7 @@ class RoundTiming:
     draft_wait_ns: int = 0  # the loop waiting for a block after the verify (0: drafted ahead)
     draft_ns: int = 0  # the draft tier's own step time for that block
     draft_queue_ns: int = 0
+    draft_handled_ns: int = 0  # the draft tier's whole handling of that request (the rest of the wait: transit)
 
 
 @dataclass
@@ -366,6 +367,7 @@ class CompletionLoop:
                             self.draft_valid = len(seq.all_ids)
                             block, q = list(prop.token_ids), (prop.q_ids, prop.q_probs)
                             timing.draft_ns, timing.draft_queue_ns = prop.draft_ns, prop.queue_ns
+                            timing.draft_handled_ns = prop.handled_ns
                         if prop is not None and not prop.prefilling:  # a prompt chunk is no draft cost
                             self.costs.observe_draft_call((time.perf_counter_ns() - t_prop) / 1e9,
                                                           max(1, len(prop.token_ids)), catch_up,

@@ -96,7 +96,7 @@ def proposal_from_pb(pb: draft_pb2.DraftProposal, vocab_size: int) -> Proposal:
     """A draft replica's proposal; ValueError when its distributions are malformed."""
     ids = list(pb.token_ids)
     q_ids, q_probs = sparse_from_pb(list(pb.q), len(ids), vocab_size)
-    return Proposal(ids, q_ids, q_probs, pb.draft_ns, pb.queue_ns, pb.prefilling)
+    return Proposal(ids, q_ids, q_probs, pb.draft_ns, pb.queue_ns, pb.prefilling, handled_ns=pb.handled_ns)
 
 
 def verify_result_from_pb(pb: target_pb2.VerifyResult, seq_id: int, block: list[int]) -> VerifyResult:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
@@ -76,8 +77,9 @@ class SessionServicer(ABC, Generic[Req, Res]):
         """A step message as the engine's request; SessionError / ValueError on bad input."""
 
     @abstractmethod
-    def reply(self, msg: Any, result: Res, queue_ns: int) -> Any:
-        """The engine's result as the stream's server message."""
+    def reply(self, msg: Any, result: Res, queue_ns: int, received_ns: int) -> Any:
+        """The engine's result as the stream's server message (`received_ns`: perf_counter_ns
+        when the request was read, for a tier that reports its whole handling time)."""
 
     def progress(self, msg: Any, result: Res) -> Any | None:
         """A progress message when `result` is unfinished work (a chunk of a long prompt), else None."""
@@ -119,13 +121,14 @@ class SessionServicer(ABC, Generic[Req, Res]):
             async for msg in request_iterator:
                 if msg.WhichOneof("kind") != self.step_kind:
                     raise SessionError(f"after 'open', a {self.tier} session only takes '{self.step_kind}' messages")
+                received = time.perf_counter_ns()
                 step = getattr(msg, self.step_kind)
                 req = self.request(seq_id, step)
                 result, queue_ns = await self.batcher.submit(req)
                 while (note := self.progress(step, result)) is not None:  # slow, not hung: step again
                     yield note
                     result, queue_ns = await self.batcher.submit(req)
-                yield self.reply(step, result, queue_ns)
+                yield self.reply(step, result, queue_ns, received)
         except Exception as exc:
             self.metrics.errors.labels(status_for(exc)[0].name).inc()
             raise

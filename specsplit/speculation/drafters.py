@@ -65,6 +65,7 @@ class Proposal:
     prefilling: bool = False  # empty because this step cached a chunk of a long prompt instead
     branches: list[BranchProposal] | None = None  # a branch request's answer (token_ids then empty)
     alts: Alternatives | None = None  # the draft's runner-up candidates per token (when recorded)
+    handled_ns: int = 0  # served: the draft tier's whole handling of the request (queue and step included)
 
 
 @dataclass

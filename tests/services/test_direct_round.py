@@ -31,6 +31,20 @@ def test_target_tier_drives_a_completion_to_its_stopping_rule(cluster: Cluster, 
 
 
 @pytest.mark.timeout(60)
+def test_round_timings_split_the_draft_wait_into_handling_and_transit(cluster: Cluster, reference: Reference) -> None:
+    """The draft tier reports its whole handling of each request, so the timeline can tell the RPC's
+    transit from the tier's own code: handling covers the step and its queue, and fits in the wait."""
+    deltas = _generate(cluster, target_pb2.GenerateStart(
+        token_ids=reference.tokenizer.encode("def add(a, b):"), params=common_pb2.TokenChoice(temperature=0.0),
+        stopping=target_pb2.Stopping(max_new_tokens=16),
+        draft_address=f"127.0.0.1:{cluster.drafts['draft_model'].port}", num_speculative_tokens=3, pipeline=False))
+    waited = [d.timing for d in deltas if d.timing.draft_ns > 0]  # rounds that waited for a fresh block
+    assert waited
+    for t in waited:
+        assert t.draft_ns + t.draft_queue_ns <= t.draft_handled_ns <= t.draft_wait_ns
+
+
+@pytest.mark.timeout(60)
 def test_an_end_token_ends_the_completion_inside_a_block(cluster: Cluster, reference: Reference) -> None:
     prompt_ids = reference.tokenizer.encode("The quick brown fox")
     ref = reference.greedy("The quick brown fox", 12)

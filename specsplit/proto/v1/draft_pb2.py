@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from specsplit.proto.v1 import common_pb2 as specsplit_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specsplit/v1/draft.proto\x12\x0cspecsplit.v1\x1a\x19specsplit/v1/common.proto\"u\n\tDraftOpen\x12\x15\n\ttoken_ids\x18\x01 \x03(\rB\x02\x10\x01\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.specsplit.v1.TokenChoice\x12\x17\n\nprompt_len\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_prompt_len\"\xdb\x01\n\x0c\x44raftPropose\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x12\n\nprefix_len\x18\x02 \x01(\r\x12\x16\n\nnew_tokens\x18\x03 \x03(\rB\x02\x10\x01\x12\t\n\x01k\x18\x04 \x01(\r\x12\x15\n\rhidden_states\x18\n \x01(\x0c\x12\x32\n\x08\x62ranches\x18\x05 \x01(\x0b\x32\x1b.specsplit.v1.DraftBranchesH\x00\x88\x01\x01\x12\x19\n\x0c\x61\x64opt_branch\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\x0b\n\t_branchesB\x0f\n\r_adopt_branch\"8\n\rDraftBranches\x12\x11\n\tblock_len\x18\x01 \x01(\r\x12\x14\n\x0cmax_branches\x18\x02 \x01(\r\"t\n\x12\x44raftClientMessage\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specsplit.v1.DraftOpenH\x00\x12-\n\x07propose\x18\x02 \x01(\x0b\x32\x1a.specsplit.v1.DraftProposeH\x00\x42\x06\n\x04kind\"\xca\x01\n\rDraftProposal\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x15\n\ttoken_ids\x18\x02 \x03(\rB\x02\x10\x01\x12+\n\x01q\x18\x03 \x03(\x0b\x32 .specsplit.v1.SparseDistribution\x12\x10\n\x08\x64raft_ns\x18\x04 \x01(\x04\x12\x10\n\x08queue_ns\x18\x05 \x01(\x04\x12\x12\n\nprefilling\x18\x06 \x01(\x08\x12+\n\x08\x62ranches\x18\x07 \x03(\x0b\x32\x19.specsplit.v1.DraftBranch\"~\n\x0b\x44raftBranch\x12\n\n\x02id\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\r\n\x05token\x18\x03 \x01(\r\x12\x15\n\ttoken_ids\x18\x04 \x03(\rB\x02\x10\x01\x12+\n\x01q\x18\x05 \x03(\x0b\x32 .specsplit.v1.SparseDistribution\"M\n\x12\x44raftServerMessage\x12/\n\x08proposal\x18\x01 \x01(\x0b\x32\x1b.specsplit.v1.DraftProposalH\x00\x42\x06\n\x04kind2a\n\x0c\x44raftService\x12Q\n\x07Session\x12 .specsplit.v1.DraftClientMessage\x1a .specsplit.v1.DraftServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specsplit/v1/draft.proto\x12\x0cspecsplit.v1\x1a\x19specsplit/v1/common.proto\"u\n\tDraftOpen\x12\x15\n\ttoken_ids\x18\x01 \x03(\rB\x02\x10\x01\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.specsplit.v1.TokenChoice\x12\x17\n\nprompt_len\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_prompt_len\"\xdb\x01\n\x0c\x44raftPropose\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x12\n\nprefix_len\x18\x02 \x01(\r\x12\x16\n\nnew_tokens\x18\x03 \x03(\rB\x02\x10\x01\x12\t\n\x01k\x18\x04 \x01(\r\x12\x15\n\rhidden_states\x18\n \x01(\x0c\x12\x32\n\x08\x62ranches\x18\x05 \x01(\x0b\x32\x1b.specsplit.v1.DraftBranchesH\x00\x88\x01\x01\x12\x19\n\x0c\x61\x64opt_branch\x18\x06 \x01(\rH\x01\x88\x01\x01\x42\x0b\n\t_branchesB\x0f\n\r_adopt_branch\"8\n\rDraftBranches\x12\x11\n\tblock_len\x18\x01 \x01(\r\x12\x14\n\x0cmax_branches\x18\x02 \x01(\r\"t\n\x12\x44raftClientMessage\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.specsplit.v1.DraftOpenH\x00\x12-\n\x07propose\x18\x02 \x01(\x0b\x32\x1a.specsplit.v1.DraftProposeH\x00\x42\x06\n\x04kind\"\xde\x01\n\rDraftProposal\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x15\n\ttoken_ids\x18\x02 \x03(\rB\x02\x10\x01\x12+\n\x01q\x18\x03 \x03(\x0b\x32 .specsplit.v1.SparseDistribution\x12\x10\n\x08\x64raft_ns\x18\x04 \x01(\x04\x12\x10\n\x08queue_ns\x18\x05 \x01(\x04\x12\x12\n\nprefilling\x18\x06 \x01(\x08\x12+\n\x08\x62ranches\x18\x07 \x03(\x0b\x32\x19.specsplit.v1.DraftBranch\x12\x12\n\nhandled_ns\x18\x08 \x01(\x04\"~\n\x0b\x44raftBranch\x12\n\n\x02id\x18\x01 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\r\n\x05token\x18\x03 \x01(\r\x12\x15\n\ttoken_ids\x18\x04 \x03(\rB\x02\x10\x01\x12+\n\x01q\x18\x05 \x03(\x0b\x32 .specsplit.v1.SparseDistribution\"M\n\x12\x44raftServerMessage\x12/\n\x08proposal\x18\x01 \x01(\x0b\x32\x1b.specsplit.v1.DraftProposalH\x00\x42\x06\n\x04kind2a\n\x0c\x44raftService\x12Q\n\x07Session\x12 .specsplit.v1.DraftClientMessage\x1a .specsplit.v1.DraftServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,11 +50,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAFTCLIENTMESSAGE']._serialized_start=468
   _globals['_DRAFTCLIENTMESSAGE']._serialized_end=584
   _globals['_DRAFTPROPOSAL']._serialized_start=587
-  _globals['_DRAFTPROPOSAL']._serialized_end=789
-  _globals['_DRAFTBRANCH']._serialized_start=791
-  _globals['_DRAFTBRANCH']._serialized_end=917
-  _globals['_DRAFTSERVERMESSAGE']._serialized_start=919
-  _globals['_DRAFTSERVERMESSAGE']._serialized_end=996
-  _globals['_DRAFTSERVICE']._serialized_start=998
-  _globals['_DRAFTSERVICE']._serialized_end=1095
+  _globals['_DRAFTPROPOSAL']._serialized_end=809
+  _globals['_DRAFTBRANCH']._serialized_start=811
+  _globals['_DRAFTBRANCH']._serialized_end=937
+  _globals['_DRAFTSERVERMESSAGE']._serialized_start=939
+  _globals['_DRAFTSERVERMESSAGE']._serialized_end=1016
+  _globals['_DRAFTSERVICE']._serialized_start=1018
+  _globals['_DRAFTSERVICE']._serialized_end=1115
 # @@protoc_insertion_point(module_scope)

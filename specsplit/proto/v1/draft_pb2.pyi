@@ -52,7 +52,7 @@ class DraftClientMessage(_message.Message):
     def __init__(self, open: _Optional[_Union[DraftOpen, _Mapping]] = ..., propose: _Optional[_Union[DraftPropose, _Mapping]] = ...) -> None: ...
 
 class DraftProposal(_message.Message):
-    __slots__ = ("round_id", "token_ids", "q", "draft_ns", "queue_ns", "prefilling", "branches")
+    __slots__ = ("round_id", "token_ids", "q", "draft_ns", "queue_ns", "prefilling", "branches", "handled_ns")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class DraftProposal(_message.Message):
     QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     PREFILLING_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    HANDLED_NS_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDistribution]
@@ -67,7 +68,8 @@ class DraftProposal(_message.Message):
     queue_ns: int
     prefilling: bool
     branches: _containers.RepeatedCompositeFieldContainer[DraftBranch]
-    def __init__(self, round_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., draft_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., prefilling: bool = ..., branches: _Optional[_Iterable[_Union[DraftBranch, _Mapping]]] = ...) -> None: ...
+    handled_ns: int
+    def __init__(self, round_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., draft_ns: _Optional[int] = ..., queue_ns: _Optional[int] = ..., prefilling: bool = ..., branches: _Optional[_Iterable[_Union[DraftBranch, _Mapping]]] = ..., handled_ns: _Optional[int] = ...) -> None: ...
 
 class DraftBranch(_message.Message):
     __slots__ = ("id", "accepted", "token", "token_ids", "q")

@@ -152,14 +152,17 @@ class EagleDrafter(Drafter):
         made = self._run([by_id[f[0]] for f in feed], feed)
         return [made.get(r.seq_id, Proposal([])) for r in reqs]
 
-    def _chained(self, reqs: list[DraftRequest], feed: list[tuple[int, list[int], Tensor, int]],
-                 batch: SamplingBatch) -> dict[int, Proposal] | None:
+    def _chained(self, reqs: list[DraftRequest], feed: list[tuple[int, list[int], Tensor, int]]
+                 ) -> dict[int, Proposal] | None:
         """A greedy batch's blocks in one CUDA graph replay (`HeadChain`); None where that cannot
-        run (sampling, penalties, blocks of different lengths, no CUDA): step eagerly."""
+        run (sampling, penalties, logit bias, blocks of different lengths, no CUDA): step eagerly.
+        Decided from the requests' parameters on the host: no sampling tensors are built."""
         chain = self.runner.chain
         k = reqs[0].k
-        if chain is None or not batch.all_greedy or batch.bias_rows is not None or batch.any_penalty \
-                or batch.any_output_penalty or any(r.k != k for r in reqs):
+        params = [self.sessions[r.seq_id].params for r in reqs]
+        if chain is None or any(r.k != k for r in reqs) or not all(
+                p.greedy and not p.logit_bias and p.repetition_penalty == 1.0 and not p.presence_penalty
+                and not p.frequency_penalty for p in params):
             return None
         plan = self._planned(reqs, k)
         if plan is None and type(self)._pick is not EagleDrafter._pick:
@@ -182,11 +185,11 @@ class EagleDrafter(Drafter):
         return None
 
     def _run(self, reqs: list[DraftRequest], feed: list[tuple[int, list[int], Tensor, int]]) -> dict[int, Proposal]:
-        sessions = [self.sessions[r.seq_id] for r in reqs]
-        batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
-        chained = self._chained(reqs, feed, batch)
+        chained = self._chained(reqs, feed)
         if chained is not None:  # every block in one graph replay
             return chained
+        sessions = [self.sessions[r.seq_id] for r in reqs]
+        batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
         blocks: list[list[int]] = [[] for _ in reqs]
         q_ids: list[list[Tensor]] = [[] for _ in reqs]
         q_probs: list[list[Tensor]] = [[] for _ in reqs]

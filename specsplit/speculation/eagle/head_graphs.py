@@ -7,8 +7,11 @@ EAGLE-3 head for an 8B target cost 1.85 ms, a quarter of the target's whole deco
 every step's inputs are built on the host beforehand, the chosen token and the output state
 are fed to the next step on the device, and the k - 1 steps are one graph replay.
 
-Graphs are captured per (steps, batch bucket, context bucket) on first use, with the real
-inputs of that block (the warm-up's cache writes land where the replay then writes again).
+Graphs are captured per (steps, batch bucket, new tokens bucket, context bucket) on first use,
+with the real inputs of that block (the warm-up's cache writes land where the replay then
+writes again). The buckets are powers of two (contexts from 256) so that a served session meets
+few shapes: each capture costs tens of milliseconds, paid by the round that meets it. When the
+budget of graphs is used up the least recently used one is dropped.
 Greedy sessions only; anything else (sampling, penalties, no CUDA) steps eagerly.
 """
 
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONTEXT_BUCKET = 256  # the head's attention (SDPA or flash) reads a context padded to a multiple of this
+CONTEXT_BUCKET = 256  # the head's attention (SDPA or flash) reads a context padded to this times a power of two
 MAX_FEED = 16  # the most new tokens per sequence a block's first step takes in a graph (more: eager)
 
 
@@ -70,7 +73,7 @@ class HeadChain:
         m = len(seq_ids)
         b = next((x for x in BATCH_BUCKETS if x >= m), None)
         qs = [len(f) for f in feeds]
-        q = max(qs)
+        q = 1 << (max(qs) - 1).bit_length() if qs and max(qs) > 0 else 0  # few shapes: pad to a power of two
         if self.disabled or k < 1 or b is None or min(qs) < 1 or q > MAX_FEED:
             return None
         needs = {s: cache.seqs[s].length + n + k - 1 for s, n in zip(seq_ids, qs, strict=True)}
@@ -86,7 +89,7 @@ class HeadChain:
         starts = [s.length for s in seqs]
         for seq_id, new_len in needs.items():
             cache.reserve(seq_id, new_len)
-        pad = -(-max(max(needs.values()), max(starts) + q) // CONTEXT_BUCKET) * CONTEXT_BUCKET
+        pad = max(CONTEXT_BUCKET, 1 << (max(max(needs.values()), max(starts) + q) - 1).bit_length())
         tables = [s.blocks for s in seqs] + [[] for _ in range(b - m)]
         dense, write = r.backend == "sdpa", [1] * m + [0] * (b - m)
         ids = [t for f in feeds for t in [*f, *[0] * (q - len(f))]] + [0] * ((b - m) * q)
@@ -95,16 +98,17 @@ class HeadChain:
         # rotary positions are absolute, and the head's cache starts at each session's `base`
         first.packed[b * q : b * q + m * q] += np.repeat(np.asarray(bases, dtype=np.int64), q)  # "positions"
         batches = [first]
-        for j in range(1, k):
-            batch = StepBatch.build([0] * b, [1] * b, [x + n + j for x, n in zip(starts, qs, strict=True)] + [1] * (b - m),
-                                    tables, cache.block_size, pad, dense=dense, write_lens=write, scratch_slot=self.scratch)
-            batch.packed[b : b + m] += np.asarray(bases, dtype=np.int64)
-            batches.append(batch)
+        if k > 1:  # the later steps: one token each, fed on the device
+            step = StepBatch.build([0] * b, [1] * b, [x + n + 1 for x, n in zip(starts, qs, strict=True)] + [1] * (b - m),
+                                   tables, cache.block_size, pad, dense=dense, write_lens=write, scratch_slot=self.scratch)
+            step.packed[b : b + m] += np.asarray(bases, dtype=np.int64)  # "positions"
+            batches += [step, *(step.advanced(j, m) for j in range(1, k - 1))]
         key = (k, *first.key)
-        entry = self.graphs.get(key)
+        entry = self.graphs.pop(key, None)  # re-inserted below: the dict's order is least recently used first
         if entry is None:
-            if len(self.graphs) >= self.max_graphs:
-                return None
+            if len(self.graphs) >= self.max_graphs:  # make room: drop the least recently used graph
+                torch.cuda.synchronize(r.device)
+                self.graphs.pop(next(iter(self.graphs)))[0].reset()
             try:
                 entry = self._capture(batches, q)
             except Exception:  # noqa: BLE001 - an uncapturable head keeps drafting eagerly
@@ -113,7 +117,7 @@ class HeadChain:
                 for seq_id in seq_ids:  # give back the blocks reserved for the block
                     cache.truncate(seq_id, cache.seqs[seq_id].length)
                 return None
-            self.graphs[key] = entry
+        self.graphs[key] = entry
         graph, static, st_in, last, forced, out = entry
         packed_to_device(np.concatenate([x.packed for x in batches]), r.device, out=static)
         rows = torch.tensor([i * q + j for i, n in enumerate(qs) for j in range(n)], device=r.device)
