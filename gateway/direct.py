@@ -72,6 +72,7 @@ class DirectLoop:
                 stopping=target_pb2.Stopping(max_new_tokens=seq.max_new_tokens(), end_token_ids=self._end_ids()),
                 draft_address=draft, num_speculative_tokens=self.opts.num_speculative_tokens if draft else 0,
                 adaptive=self.opts.adaptive and seq.params.seed is None, pipeline=self.opts.pipeline,
+                max_branches=self.opts.max_branches,
                 prompt_len=len(seq.prompt_ids), hidden_layers=self.opts.hidden_layers if draft else (),
             )
             try:

@@ -26,6 +26,7 @@ from specsplit.serving.replicas import ReplicaPool
 from specsplit.serving.target_link import Q, TargetLink, Verdict
 from specsplit.serving.tls import ClientTLS
 from specsplit.speculation.adaptive import CostModel
+from specsplit.speculation.branches import MAX_BRANCHES
 from specsplit.speculation.sequence import Sequence
 from specsplit.speculation.session import MAX_BLOCK, SessionError
 from specsplit.speculation.target import TargetVerifier, VerifyItem, VerifyResult
@@ -96,6 +97,8 @@ def start_to_sequence(start: target_pb2.GenerateStart, params: SamplingParams, m
         raise SessionError("the prompt is empty")
     if start.num_speculative_tokens > MAX_BLOCK:
         raise SessionError(f"num_speculative_tokens={start.num_speculative_tokens} exceeds {MAX_BLOCK}")
+    if start.max_branches > MAX_BRANCHES:
+        raise SessionError(f"max_branches={start.max_branches} exceeds {MAX_BRANCHES}")
     if start.stopping.max_new_tokens < 1:
         raise SessionError("stopping.max_new_tokens must be >= 1")
     # every token-choice field as given; stopping by id only (EOS is among end_token_ids unless ignored)
@@ -125,7 +128,8 @@ async def run_generate(start: target_pb2.GenerateStart, link: LocalTarget,
     drafting = pool is not None and start.num_speculative_tokens > 0
     layers = link.verifier.check_hidden_layers(tuple(start.hidden_layers)) if drafting else ()
     opts = LoopOptions(num_speculative_tokens=int(start.num_speculative_tokens), adaptive=start.adaptive,
-                       pipeline=start.pipeline, round_timeout_s=round_timeout_s, vocab_size=link.verifier.vocab_size,
+                       pipeline=start.pipeline, max_branches=int(start.max_branches), round_timeout_s=round_timeout_s,
+                       vocab_size=link.verifier.vocab_size,
                        hidden_layers=layers, hidden_row_bytes=2 * link.verifier.runner.cfg.hidden_size * len(layers))
     prompt_len = start.prompt_len if start.HasField("prompt_len") else None
     link.prompt_len, link.hidden_layers = prompt_len, layers

@@ -84,7 +84,7 @@ class Stopping(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., end_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateStart(_message.Message):
-    __slots__ = ("token_ids", "params", "stopping", "draft_address", "num_speculative_tokens", "adaptive", "pipeline", "prompt_len", "hidden_layers")
+    __slots__ = ("token_ids", "params", "stopping", "draft_address", "num_speculative_tokens", "adaptive", "pipeline", "prompt_len", "hidden_layers", "max_branches")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class GenerateStart(_message.Message):
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.TokenChoice
     stopping: Stopping
@@ -103,7 +104,8 @@ class GenerateStart(_message.Message):
     pipeline: bool
     prompt_len: int
     hidden_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., draft_address: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: bool = ..., pipeline: bool = ..., prompt_len: _Optional[int] = ..., hidden_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    max_branches: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., draft_address: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: bool = ..., pipeline: bool = ..., prompt_len: _Optional[int] = ..., hidden_layers: _Optional[_Iterable[int]] = ..., max_branches: _Optional[int] = ...) -> None: ...
 
 class GenerateClientMessage(_message.Message):
     __slots__ = ("start",)
