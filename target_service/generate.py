@@ -117,6 +117,7 @@ def delta_to_pb(d: Delta) -> target_pb2.GenerateServerMessage:
     return target_pb2.GenerateServerMessage(delta=target_pb2.GenerateDelta(
         token_ids=d.token_ids, logprobs=logprobs_to_pb(d.logprobs, d.token_ids), drafted=d.drafted,
         accepted=d.accepted, pipelined=d.pipelined, timing=timing, draft_failure=d.draft_failure,
+        drafted_ahead=d.drafted_ahead,
     ))
 
 

@@ -42,6 +42,7 @@ from tests.services.conftest import (
     spec_config,
     stream_text,
 )
+from tests.services.test_http import metrics, value
 
 PROMPTS = ["def fibonacci(n):", "The quick brown fox", "for i in range(10):\n    print("]
 
@@ -250,6 +251,30 @@ def test_the_gateways_max_branches_reaches_the_draft_tier(cluster: Cluster, tree
     assert max(got for _, got in tree_requests) == max_branches  # the draft branched, as wide as allowed
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("round_mode", ["gateway", "direct"])
+def test_branch_metrics_count_rounds_drafted_ahead_and_their_hits(cluster: Cluster, tree_draft: TierHandle,
+                                                                  reference: Reference,
+                                                                  tree_requests: list[tuple[int, int]],
+                                                                  round_mode: str) -> None:
+    gw = _gateway(cluster, tree_draft, round_mode)
+    try:
+        ahead = hits = 0
+        for prompt in PROMPTS:
+            out = stream_text(f"127.0.0.1:{gw.port}", prompt, greedy_pb(32))
+            assert out.token_ids == reference.greedy(prompt, 32).token_ids, prompt
+            ahead += out.final.stats.drafted_ahead_rounds
+            hits += out.final.stats.pipelined_rounds
+        fam = metrics(gw.http_port)
+    finally:
+        cluster.aio.run(gw.shutdown(0.5))
+    assert value(fam, "specsplit_drafted_ahead_rounds_total") == ahead
+    assert value(fam, "specsplit_pipelined_rounds_total") == hits
+    assert 0 < hits < ahead  # the tiny draft's guesses hit sometimes, not always
+    assert value(fam, "specsplit_branch_hit_rate") == pytest.approx(hits / ahead)
+    # every speculative propose answered was a round drafted ahead, but the last one of each
+    # completion, which may be cancelled when the completion ends first
+    assert len(tree_requests) - len(PROMPTS) <= ahead <= len(tree_requests)
 @pytest.mark.parametrize("bad", [-1, MAX_BRANCHES + 1])
 def test_a_gateway_with_max_branches_out_of_range_is_refused_at_start(cluster: Cluster, bad: int,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:

@@ -132,7 +132,7 @@ class RoundTiming(_message.Message):
     def __init__(self, round_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., verify_queue_ns: _Optional[int] = ..., draft_wait_ns: _Optional[int] = ..., draft_ns: _Optional[int] = ..., draft_queue_ns: _Optional[int] = ..., verify_wait_ns: _Optional[int] = ...) -> None: ...
 
 class GenerateDelta(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "drafted", "accepted", "pipelined", "timing", "draft_failure", "prompt_logprobs")
+    __slots__ = ("token_ids", "logprobs", "drafted", "accepted", "pipelined", "timing", "draft_failure", "prompt_logprobs", "drafted_ahead")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class GenerateDelta(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FAILURE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_AHEAD_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
     drafted: int
@@ -149,7 +150,8 @@ class GenerateDelta(_message.Message):
     timing: RoundTiming
     draft_failure: str
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., pipelined: bool = ..., timing: _Optional[_Union[RoundTiming, _Mapping]] = ..., draft_failure: _Optional[str] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
+    drafted_ahead: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., pipelined: bool = ..., timing: _Optional[_Union[RoundTiming, _Mapping]] = ..., draft_failure: _Optional[str] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., drafted_ahead: bool = ...) -> None: ...
 
 class GenerateServerMessage(_message.Message):
     __slots__ = ("delta", "progress")
