@@ -53,7 +53,7 @@ class LocalTarget(TargetLink):
         self.opened = self._fresh = True
 
     async def verify(self, block: list[int], q: Q) -> Verdict:
-        item = VerifyItem(self.seq_id, list(block), *q)
+        item = VerifyItem(self.seq_id, list(block), *q, stop_states=self._take_stop_states())
         res, queue_ns = await self.batcher.submit(item)
         chunked = res.pending
         while res.prefill is not None:  # a chunk of a long prompt went in: report it, step again

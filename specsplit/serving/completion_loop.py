@@ -206,6 +206,8 @@ class CompletionLoop:
         self.drafts = None
         self.draft = None
         self.adaptive.k_max = 0
+        self._restart_target = False  # no head left to rebuild
+        self.target.stop_states()  # EAGLE: no draft reads the target's states any more
 
     async def _drop_draft(self, s: TierSession, f: TierFailure) -> None:
         """A draft session broke: try another replica (the next open), or decode plainly."""

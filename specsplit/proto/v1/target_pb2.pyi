@@ -20,14 +20,16 @@ class TargetOpen(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., prompt_len: _Optional[int] = ..., hidden_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TargetVerify(_message.Message):
-    __slots__ = ("round_id", "draft_ids", "q")
+    __slots__ = ("round_id", "draft_ids", "q", "stop_hidden_states")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
+    STOP_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     draft_ids: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDistribution]
-    def __init__(self, round_id: _Optional[int] = ..., draft_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ...) -> None: ...
+    stop_hidden_states: bool
+    def __init__(self, round_id: _Optional[int] = ..., draft_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., stop_hidden_states: bool = ...) -> None: ...
 
 class TargetClientMessage(_message.Message):
     __slots__ = ("open", "verify")
