@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from gateway.discovery import dns_name
 from specsplit.config import SpeculativeConfig
 from specsplit.serving.tls import ClientTLS, ServerTLS
+from specsplit.speculation.branches import check_max_branches
 
 DISCOVERY_MODES = ("static", "dns", "kubernetes")
 
@@ -34,6 +35,9 @@ class GatewayConfig:
     max_prompt_tokens: int | None = None  # default: the model's context minus one
     max_tokens_limit: int = 8192  # largest max_tokens a request may ask for
     pipeline: bool = True  # draft block i+1 while block i is verified
+    # the tree of guesses: at most this many outcomes of a verify drafted ahead for (the draft's
+    # likeliest; 1 = only the all-accepted guess); 0 = every outcome the draft guesses, up to 64
+    max_branches: int = 0
     # direct: the target tier drives the rounds and streams to the draft tier itself (one network
     # hop per round instead of four through the gateway); gateway: the gateway drives them
     round_mode: str = "direct"
@@ -74,6 +78,7 @@ class GatewayConfig:
         self.tier_tls("target")
         if self.api_key_max_concurrent < 0 or self.api_key_tokens_per_minute < 0:
             raise ValueError("API key limits must be >= 0 (0 = unlimited)")
+        check_max_branches(self.max_branches)
         if self.max_concurrent_requests < 1 or self.max_queued_requests < 0:
             raise ValueError("max_concurrent_requests must be >= 1 and max_queued_requests >= 0")
 

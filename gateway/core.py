@@ -70,7 +70,7 @@ class GatewayCore:
             if sc is not None else None
         self.opts = LoopOptions(
             num_speculative_tokens=sc.num_speculative_tokens if sc else 0, adaptive=sc.adaptive if sc else False,
-            pipeline=cfg.pipeline, round_timeout_s=cfg.round_timeout_s, session_timeout_s=cfg.request_timeout_s,
+            pipeline=cfg.pipeline, max_branches=cfg.max_branches, round_timeout_s=cfg.round_timeout_s, session_timeout_s=cfg.request_timeout_s,
             kv_wait_s=cfg.kv_wait_s, vocab_size=max(self.vocab_size, model_vocab_size or 0),
             hidden_layers=hidden_layers,  # EAGLE: the target states the draft's head reads
             hidden_row_bytes=2 * hidden_size * len(hidden_layers),

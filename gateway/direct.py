@@ -72,6 +72,7 @@ class DirectLoop:
                 stopping=target_pb2.Stopping(max_new_tokens=seq.max_new_tokens(), end_token_ids=self._end_ids()),
                 draft_address=draft, num_speculative_tokens=self.opts.num_speculative_tokens if draft else 0,
                 adaptive=self.opts.adaptive and seq.params.seed is None, pipeline=self.opts.pipeline,
+                max_branches=self.opts.max_branches,
                 prompt_len=len(seq.prompt_ids), hidden_layers=self.opts.hidden_layers if draft else (),
             )
             try:
@@ -127,6 +128,7 @@ class DirectLoop:
                 m.num_rounds += 1
                 m.num_emitted_tokens += len(kept)
                 stats.num_pipelined_rounds += int(d.pipelined)
+                stats.num_drafted_ahead_rounds += int(d.drafted_ahead)
                 t = d.timing
                 timing = RoundTiming(t.round_ns, t.verify_ns, t.verify_wait_ns, t.verify_queue_ns, t.draft_wait_ns,
                                      t.draft_ns, t.draft_queue_ns, t.draft_handled_ns)
@@ -149,7 +151,8 @@ class DirectLoop:
                         stats.draft_fallback = True
                 out = Delta(seq.index, kept, text, lps[: len(kept)] if lps else None, seq.finish_reason,
                             seq.stop_reason, drafted=d.drafted, accepted=min(d.accepted, len(kept)),
-                            pipelined=d.pipelined, timing=timing, draft_failure=d.draft_failure)
+                            pipelined=d.pipelined, timing=timing, draft_failure=d.draft_failure,
+                            drafted_ahead=d.drafted_ahead)
                 self.times.relay_ns += time.perf_counter_ns() - t_relay
                 yield out
                 if move and not seq.finished:

@@ -13,7 +13,10 @@ SPEC_COUNTERS = {
     "num_drafted_tokens": ("specsplit_drafted_tokens_total", "Tokens proposed by the draft tier"),
     "num_accepted_tokens": ("specsplit_accepted_tokens_total", "Drafted tokens accepted"),
     "num_rounds": ("specsplit_rounds_total", "Verify rounds"),
-    "num_pipelined_rounds": ("specsplit_pipelined_rounds_total", "Rounds served by a pipelined block"),
+    "num_pipelined_rounds": ("specsplit_pipelined_rounds_total",
+                             "Rounds served by a block drafted ahead: a guess of the tree matched the verdict (hits)"),
+    "num_drafted_ahead_rounds": ("specsplit_drafted_ahead_rounds_total",
+                                 "Rounds for which a block was drafted ahead beside the previous verify"),
     "num_failovers": ("specsplit_failovers_total", "Sessions moved to another replica"),
     "num_preemptions": ("specsplit_preemptions_total",
                         "Sessions a tier refused or dropped for lack of KV memory, re-opened later"),
@@ -27,6 +30,9 @@ class GatewayMetrics:
         self.tokens = Counter("specsplit_tokens_total", "Tokens by kind", ["kind"], registry=r)
         self.spec = {f: Counter(name, text, registry=r) for f, (name, text) in SPEC_COUNTERS.items()}
         self.acceptance = Gauge("specsplit_acceptance_rate", "Accepted / drafted tokens (since start)", registry=r)
+        self.branch_hit_rate = Gauge("specsplit_branch_hit_rate",
+                                     "Pipelined / drafted-ahead rounds: how often the tree of guesses held (since start)",
+                                     registry=r)
         self.mean_len = Gauge("specsplit_mean_accepted_length", "Tokens per round (since start)", registry=r)
         self.round_seconds = Histogram("specsplit_round_part_seconds", "Per-round time by part", ["part"],
                                        registry=r, buckets=ROUND_BUCKETS)
@@ -59,3 +65,5 @@ class GatewayMetrics:
             counter.inc(getattr(m, f))
         self.acceptance.set(self.total.acceptance_rate)
         self.mean_len.set(self.total.mean_accepted_length)
+        t = self.total
+        self.branch_hit_rate.set(t.num_pipelined_rounds / t.num_drafted_ahead_rounds if t.num_drafted_ahead_rounds else 0.0)

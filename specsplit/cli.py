@@ -64,6 +64,13 @@ def _model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
                         "(smollm2-135m, qwen2.5-coder-1.5b, qwen2.5-coder-0.5b) [env SPECSPLIT_MODEL]")
 
 
+def _max_branches(p: argparse.ArgumentParser) -> None:
+    _add(p, "--max-branches", type=int, default=0, help="the tree of guesses: at most this many outcomes of a "
+         "verify the draft tier drafts ahead for while the target verifies (its likeliest; 1 = only the "
+         "all-accepted guess), 1..64; 0 = every outcome it guesses (how many: the draft tier's "
+         "--branch-alternatives)")
+
+
 def _engine_flags(p: argparse.ArgumentParser, *, spec: bool) -> None:
     if spec:
         _add(p, "--speculative-config", help="JSON with vLLM's keys: method (draft_model, ngram, eagle, eagle3), "
@@ -138,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--max-queued-requests", type=int, default=1024, help="waiting requests before 429")
     _add(p, "--no-pipeline", type=_bool, default=False, help="disable drafting block i+1 during verify", nargs="?",
          const=True)
+    _max_branches(p)
     _add(p, "--round", default="direct", choices=("direct", "gateway"), help="who drives the rounds: direct = the "
          "target tier, streaming to the draft tier itself (fewer hops); gateway = the gateway, between the tiers")
     _add(p, "--max-model-len", type=int, help="context limit (default: the model's)")
@@ -170,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--dtype", default="auto", help="auto, float32, bfloat16, float16")
     _add(p, "--max-model-len", type=int, help="context limit")
     _add(p, "--log-level", default="warning", help="log level of the three processes")
+    _max_branches(p)
     p.add_argument("--prompt", help="after start, stream this prompt's answer and its stats, then stop")
     p.add_argument("--max-tokens", type=int, default=128, help="for --prompt")
 

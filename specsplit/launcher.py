@@ -48,6 +48,9 @@ def wait_serving(address: str, procs: list[subprocess.Popen], timeout_s: float =
 def run_up(a: argparse.Namespace) -> int:
     """Start target and draft, then the gateway; serve (or answer --prompt); stop all three on
     Ctrl-C, SIGTERM or SIGHUP, and with them whatever had been started."""
+    from specsplit.speculation.branches import check_max_branches
+
+    check_max_branches(a.max_branches)  # a bad flag: one clear error before anything starts
     spec = a.speculative_config or json.dumps(DEFAULT_SPEC)
     names = list(a.served_model_name or [a.model])  # clients use the name the user typed, not the cache path
     # resolve (pull/convert) models once here, with a progress bar, before three processes race for it
@@ -101,7 +104,7 @@ def _start_and_serve(a: argparse.Namespace, model: str, spec: str, names: list[s
     procs.append(subprocess.Popen([
         *base, "gateway", model, "--speculative-config", spec, "--port", str(a.port), "--grpc-port", str(a.grpc_port),
         "--target-addresses", f"{host}:{tport}", "--draft-addresses", f"{host}:{dport}", *common,
-        "--served-model-name", *names], env=env))
+        "--max-branches", str(a.max_branches), "--served-model-name", *names], env=env))
     wait_serving(f"{host}:{a.grpc_port}", procs)
     print(f"specsplit is up:\n  OpenAI HTTP  http://{host}:{a.port}/v1  (model {', '.join(map(repr, names))})\n"
           f"  gRPC         {host}:{a.grpc_port}   (specsplit generate --address {host}:{a.grpc_port} 'prompt')\n"

@@ -20,6 +20,9 @@ class SpecMetrics:
     num_rounds: int = 0  # verify steps (each emits accepted + 1 tokens)
     num_emitted_tokens: int = 0  # tokens produced by those rounds
     num_pipelined_rounds: int = 0  # rounds whose block was drafted while the previous one was verified
+    # rounds for which a block was drafted ahead (the draft answered a speculative propose); the
+    # pipelined ones are those whose guess (a branch of the tree) matched the verdict: hits
+    num_drafted_ahead_rounds: int = 0
     draft_ns: int = 0  # wall time waiting for the draft tier
     verify_ns: int = 0  # wall time waiting for the target tier
     overhead_ns: int = 0  # the rest of the loop's time
@@ -48,6 +51,7 @@ class SpecMetrics:
         return {"drafted_tokens": self.num_drafted_tokens, "accepted_tokens": self.num_accepted_tokens,
                 "rounds": self.num_rounds, "acceptance_rate": self.acceptance_rate,
                 "mean_accepted_length": self.mean_accepted_length, "pipelined_rounds": self.num_pipelined_rounds,
+                "drafted_ahead_rounds": self.num_drafted_ahead_rounds,
                 "draft_fallback": self.draft_fallback}
 
 

@@ -26,6 +26,7 @@ from specsplit.serving.replicas import ReplicaPool
 from specsplit.serving.target_link import Q, TargetLink, Verdict
 from specsplit.serving.tls import ClientTLS
 from specsplit.speculation.adaptive import CostModel
+from specsplit.speculation.branches import MAX_BRANCHES
 from specsplit.speculation.sequence import Sequence
 from specsplit.speculation.session import MAX_BLOCK, SessionError
 from specsplit.speculation.target import TargetVerifier, VerifyItem, VerifyResult
@@ -52,7 +53,7 @@ class LocalTarget(TargetLink):
         self.opened = self._fresh = True
 
     async def verify(self, block: list[int], q: Q) -> Verdict:
-        item = VerifyItem(self.seq_id, list(block), *q)
+        item = VerifyItem(self.seq_id, list(block), *q, stop_states=self._take_stop_states())
         res, queue_ns = await self.batcher.submit(item)
         chunked = res.pending
         while res.prefill is not None:  # a chunk of a long prompt went in: report it, step again
@@ -96,6 +97,8 @@ def start_to_sequence(start: target_pb2.GenerateStart, params: SamplingParams, m
         raise SessionError("the prompt is empty")
     if start.num_speculative_tokens > MAX_BLOCK:
         raise SessionError(f"num_speculative_tokens={start.num_speculative_tokens} exceeds {MAX_BLOCK}")
+    if start.max_branches > MAX_BRANCHES:
+        raise SessionError(f"max_branches={start.max_branches} exceeds {MAX_BRANCHES}")
     if start.stopping.max_new_tokens < 1:
         raise SessionError("stopping.max_new_tokens must be >= 1")
     # every token-choice field as given; stopping by id only (EOS is among end_token_ids unless ignored)
@@ -114,6 +117,7 @@ def delta_to_pb(d: Delta) -> target_pb2.GenerateServerMessage:
     return target_pb2.GenerateServerMessage(delta=target_pb2.GenerateDelta(
         token_ids=d.token_ids, logprobs=logprobs_to_pb(d.logprobs, d.token_ids), drafted=d.drafted,
         accepted=d.accepted, pipelined=d.pipelined, timing=timing, draft_failure=d.draft_failure,
+        drafted_ahead=d.drafted_ahead,
     ))
 
 
@@ -125,7 +129,8 @@ async def run_generate(start: target_pb2.GenerateStart, link: LocalTarget,
     drafting = pool is not None and start.num_speculative_tokens > 0
     layers = link.verifier.check_hidden_layers(tuple(start.hidden_layers)) if drafting else ()
     opts = LoopOptions(num_speculative_tokens=int(start.num_speculative_tokens), adaptive=start.adaptive,
-                       pipeline=start.pipeline, round_timeout_s=round_timeout_s, vocab_size=link.verifier.vocab_size,
+                       pipeline=start.pipeline, max_branches=int(start.max_branches), round_timeout_s=round_timeout_s,
+                       vocab_size=link.verifier.vocab_size,
                        hidden_layers=layers, hidden_row_bytes=2 * link.verifier.runner.cfg.hidden_size * len(layers))
     prompt_len = start.prompt_len if start.HasField("prompt_len") else None
     link.prompt_len, link.hidden_layers = prompt_len, layers

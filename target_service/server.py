@@ -50,7 +50,7 @@ class TargetServicer(SessionServicer[VerifyItem, VerifyResult], target_pb2_grpc.
         if k > MAX_BLOCK:
             raise SessionError(f"draft block of {k} tokens exceeds the limit of {MAX_BLOCK}")
         q_ids, q_probs = sparse_from_pb(list(msg.q), k, self.engine.vocab_size)  # type: ignore[attr-defined]
-        return VerifyItem(seq_id, list(msg.draft_ids), q_ids, q_probs)
+        return VerifyItem(seq_id, list(msg.draft_ids), q_ids, q_probs, stop_states=msg.stop_hidden_states)
 
     def reply(self, msg: target_pb2.TargetVerify, result: VerifyResult, queue_ns: int, received_ns: int
               ) -> target_pb2.TargetServerMessage:

@@ -93,6 +93,7 @@ class Delta:
     pipelined: bool = False
     timing: RoundTiming | None = None
     draft_failure: str = ""  # the draft replica failed in this round (the loop went on plainly)
+    drafted_ahead: bool = False  # a block had been drafted ahead for this round (pipelined: and it matched)
 
 
 class RoundTimes:
@@ -206,6 +207,8 @@ class CompletionLoop:
         self.drafts = None
         self.draft = None
         self.adaptive.k_max = 0
+        self._restart_target = False  # no head left to rebuild
+        self.target.stop_states()  # EAGLE: no draft reads the target's states any more
 
     async def _drop_draft(self, s: TierSession, f: TierFailure) -> None:
         """A draft session broke: try another replica (the next open), or decode plainly."""
@@ -291,7 +294,7 @@ class CompletionLoop:
         q: Q = (None, None)
         spec: asyncio.Task | None = None
         spec_k = 0
-        pipelined = False
+        pipelined = ahead = False
         timing = RoundTiming()
         pending: Delta | None = None  # the last round's tokens, sent once the next verify is under way
         verify: asyncio.Future | None = None
@@ -335,17 +338,19 @@ class CompletionLoop:
                 drafted_block = block
                 if seq.finished:
                     timing.round_ns = time.perf_counter_ns() - t_round
-                    yield self._delta(kept, text, lps, len(drafted_block), a, pipelined, timing)
+                    yield self._delta(kept, text, lps, len(drafted_block), a, pipelined, timing, ahead)
                     break
                 if drafted_block:
                     self.draft_valid = before + a
                 # next block: the pipelined guess if it holds, else a fresh proposal
                 block, q = [], (None, None)
                 t1 = time.perf_counter_ns()
-                hit = False
+                hit = ahead_next = False
                 if spec is not None:
                     prop = await spec
                     spec = None
+                    ahead_next = prop is not None and bool(prop.branches)  # a block was drafted ahead
+                    self.stats.num_drafted_ahead_rounds += int(ahead_next)
                     won = next((b for b in prop.branches or () if (b.accepted, b.token) == (a, emitted[-1])), None) \
                         if prop is not None else None
                     if won is not None:
@@ -378,8 +383,8 @@ class CompletionLoop:
                 self.stats.draft_ns += t_end - t1
                 self.stats.overhead_ns += max(0, (t_end - t_round) - t_verify - (t_end - t1))
                 # sent once the next verify is under way: the caller's streaming is off the round's path
-                pending = self._delta(kept, text, lps, len(drafted_block), a, pipelined, timing)
-                pipelined, timing = hit, RoundTiming()
+                pending = self._delta(kept, text, lps, len(drafted_block), a, pipelined, timing, ahead)
+                pipelined, ahead, timing = hit, ahead_next, RoundTiming()
         finally:
             for task in (spec, verify):
                 if task is not None and not task.done():
@@ -403,13 +408,13 @@ class CompletionLoop:
         return res
 
     def _delta(self, kept: list[int], text: str, lps: list[dict[int, float]] | None, drafted: int, accepted: int,
-               pipelined: bool, timing: RoundTiming) -> Delta:
+               pipelined: bool, timing: RoundTiming, ahead: bool = False) -> Delta:
         self.times.add(timing)
         failure, self._draft_failure = self._draft_failure, ""
         seq = self.seq
         return Delta(seq.index, kept, text, lps[: len(kept)] if lps else None, seq.finish_reason, seq.stop_reason,
                      drafted=drafted, accepted=min(accepted, len(kept)), pipelined=pipelined, timing=timing,
-                     draft_failure=failure)
+                     draft_failure=failure, drafted_ahead=ahead)
 
 
 def _rows(prop: Proposal, start: int, stop: int) -> Q:

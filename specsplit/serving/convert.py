@@ -79,7 +79,7 @@ def spec_stats_to_pb(m: SpecMetrics) -> common_pb2.SpecStats:
         pipelined_rounds=m.num_pipelined_rounds, acceptance_rate=m.acceptance_rate,
         mean_accepted_length=m.mean_accepted_length, draft_ns=m.draft_ns, verify_ns=m.verify_ns,
         overhead_ns=m.overhead_ns, draft_fallback=m.draft_fallback, emitted_tokens=m.num_emitted_tokens,
-        failovers=m.num_failovers, preemptions=m.num_preemptions,
+        failovers=m.num_failovers, preemptions=m.num_preemptions, drafted_ahead_rounds=m.num_drafted_ahead_rounds,
     )
 
 
@@ -89,6 +89,7 @@ def spec_stats_from_pb(pb: common_pb2.SpecStats) -> SpecMetrics:
         num_emitted_tokens=pb.emitted_tokens, num_pipelined_rounds=pb.pipelined_rounds, draft_ns=pb.draft_ns,
         verify_ns=pb.verify_ns, overhead_ns=pb.overhead_ns, num_failovers=pb.failovers,
         num_preemptions=pb.preemptions, draft_fallback=pb.draft_fallback,
+        num_drafted_ahead_rounds=pb.drafted_ahead_rounds,
     )
 
 

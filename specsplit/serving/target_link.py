@@ -62,6 +62,19 @@ class Verdict:
 class TargetLink(ABC):
     """The target side of one completion: a local session or a stream to a replica."""
 
+    hidden_layers: tuple[int, ...] = ()  # EAGLE: the target layers whose states each verify returns
+    _stop_states = False  # the next verify tells the session to compute no more states
+
+    def stop_states(self) -> None:
+        """The draft that read the states is gone (plain decoding from now on): the session stops
+        computing and returning them from the next verify on, and a re-opened one asks for none."""
+        if self.hidden_layers:
+            self.hidden_layers, self._stop_states = (), True
+
+    def _take_stop_states(self) -> bool:
+        stop, self._stop_states = self._stop_states, False
+        return stop
+
     @abstractmethod
     async def open(self) -> None:
         """Start the session with every committed token (prefilled by the first verify)."""
@@ -180,6 +193,7 @@ class RemoteTarget(TargetLink):
         self.params_pb = params_pb
         self.opts = opts
         self.failover = Failover(pool, opts, stats)
+        self.hidden_layers = opts.hidden_layers
         self.session: TierSession | None = None
         self._round = 0
         self._fresh = False  # the next verify is the session's first
@@ -191,7 +205,7 @@ class RemoteTarget(TargetLink):
             try:
                 await s.send(target_pb2.TargetClientMessage(open=target_pb2.TargetOpen(
                     token_ids=self.all_ids(), params=self.params_pb, prompt_len=self.prompt_len,
-                    hidden_layers=self.opts.hidden_layers)))
+                    hidden_layers=self.hidden_layers)))
                 self.session = s
                 self._fresh = True
                 return
@@ -205,7 +219,7 @@ class RemoteTarget(TargetLink):
                 await self.open()
             self._round += 1
             msg = target_pb2.TargetClientMessage(verify=target_pb2.TargetVerify(
-                round_id=self._round, draft_ids=block, q=sparse_to_pb(*q)))
+                round_id=self._round, draft_ids=block, q=sparse_to_pb(*q), stop_hidden_states=self._take_stop_states()))
             try:
                 pb = (await self.session.request(msg, self.opts.round_timeout_s)).result  # type: ignore[union-attr]
                 self.failover.succeeded()

@@ -33,6 +33,15 @@ if TYPE_CHECKING:
 MAX_BRANCHES = 64  # per request: a tree wider than this costs more than it could ever win
 
 
+def check_max_branches(n: int) -> int:
+    """A configured tree width (`--max-branches`): 0 means every outcome the draft guesses (at most
+    MAX_BRANCHES); anything outside 0..MAX_BRANCHES is refused where it is configured, at start."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_BRANCHES:
+        raise ValueError(f"max_branches must be an integer in 0..{MAX_BRANCHES} (0: every outcome the draft "
+                         f"guesses; 1: only the all-accepted guess), got {n!r}")
+    return n
+
+
 @dataclass(frozen=True)
 class BranchSpec:
     """Guess the outcomes of the session's last `block_len` tokens (the block under verify)."""

@@ -66,6 +66,8 @@ class VerifyItem:
     draft_ids: list[int] = field(default_factory=list)  # the block to verify, may be empty
     q_ids: Tensor | None = None  # [k, K] int64 sparse draft support (sampled requests)
     q_probs: Tensor | None = None  # [k, K] float32 the probabilities the draft sampled from
+    # EAGLE: the draft that read this session's hidden states is gone: compute none from this step on
+    stop_states: bool = False
 
 
 @dataclass
@@ -173,6 +175,8 @@ class TargetVerifier:
             self.check_ids(it.draft_ids, "draft block")
             if not s.params.greedy and it.draft_ids and it.q_ids is None:
                 raise SessionError(f"session {it.seq_id}: a sampled request needs the draft distribution q")
+            if it.stop_states:  # no more state copies (nor the hidden-state graphs) for this session
+                s.hidden_layers, s.hidden = (), []
             sessions.append(s)
         chunks = plan_chunks([len(s.unfed) + len(it.draft_ids) for it, s in zip(items, sessions, strict=True)],
                              [len(s.unfed) for s in sessions], self.prefill_chunk)

@@ -505,6 +505,12 @@ def test_target_dials_the_draft_tier_over_mtls_for_direct_rounds(chart: Any) -> 
     assert "--round=direct" in gateway
 
 
+@pytest.mark.parametrize(("values", "flag"), [({}, "--max-branches=0"),
+                                              ({"gateway": {"maxBranches": 2}}, "--max-branches=2")])
+def test_gateway_max_branches_becomes_its_flag(chart: Any, values: dict[str, Any], flag: str) -> None:
+    assert flag in container(one(render(chart, values), "Deployment", "gateway"))["args"]
+
+
 # --- gateway scaling and exposure -------------------------------------------------------------
 
 
@@ -631,6 +637,8 @@ def test_notes_say_how_to_reach_the_gateway(chart: Any) -> None:
         ({"tls": {"duration": "90 days"}}, "/tls/duration"),
         ({"gateway": {"apiKeys": {"tokensPerMinute": -1}}}, "/gateway/apiKeys/tokensPerMinute"),
         ({"gateway": {"apiKeys": {"secret": "x"}}}, "additional properties 'secret' not allowed"),
+        ({"gateway": {"maxBranches": 65}}, "/gateway/maxBranches"),
+        ({"gateway": {"maxBranches": -1}}, "/gateway/maxBranches"),
     ],
 )
 def test_schema_rejects_wrong_values_with_a_clear_message(

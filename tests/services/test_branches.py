@@ -8,21 +8,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
 
 from draft_service.config import DraftServiceConfig
-from draft_service.server import start_draft
+from draft_service.server import DraftServicer, start_draft
 from gateway.config import GatewayConfig
 from gateway.server import GatewayHandle, start_gateway
+from specsplit.cli import main
 from specsplit.launcher import free_port
-from specsplit.proto.v1 import draft_pb2_grpc, gateway_pb2, gateway_pb2_grpc, target_pb2_grpc
+from specsplit.proto.v1 import (
+    draft_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    target_pb2,
+    target_pb2_grpc,
+)
 from specsplit.sampling.params import SamplingParams
 from specsplit.serving.completion_loop import CompletionLoop, Delta, LoopOptions
 from specsplit.serving.replicas import ReplicaPool
 from specsplit.serving.tier import TierHandle
 from specsplit.speculation.adaptive import CostModel
+from specsplit.speculation.branches import MAX_BRANCHES
 from specsplit.speculation.sequence import Sequence
 from tests.services.conftest import (
     KV_BYTES,
@@ -33,6 +42,7 @@ from tests.services.conftest import (
     spec_config,
     stream_text,
 )
+from tests.services.test_http import metrics, value
 
 PROMPTS = ["def fibonacci(n):", "The quick brown fox", "for i in range(10):\n    print("]
 
@@ -60,11 +70,27 @@ def _tree_draft_idle(request: pytest.FixtureRequest) -> Iterator[None]:
         assert sample(h, "specsplit_kv_cache_usage_ratio") == 0, "the draft tier kept KV blocks"
 
 
-def _gateway(cluster: Cluster, draft: TierHandle, round_mode: str) -> GatewayHandle:
+def _gateway(cluster: Cluster, draft: TierHandle, round_mode: str, **cfg: Any) -> GatewayHandle:
     return cluster.aio.run(start_gateway(GatewayConfig(
         str(cluster.models.target), spec_config("draft_model", cluster.models), host="127.0.0.1", port=0,
         grpc_port=0, pipeline=True, round_mode=round_mode, target_addresses=(f"127.0.0.1:{cluster.target.port}",),
-        draft_addresses=(f"127.0.0.1:{draft.port}",))))
+        draft_addresses=(f"127.0.0.1:{draft.port}",), **cfg)))
+
+
+@pytest.fixture
+def tree_requests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(max_branches asked, branches answered) of every speculative propose a draft tier serves."""
+    seen: list[tuple[int, int]] = []
+    reply = DraftServicer.reply
+
+    def spy(self: DraftServicer, msg: Any, result: Any, queue_ns: int) -> Any:
+        out = reply(self, msg, result, queue_ns)
+        if msg.HasField("branches"):
+            seen.append((msg.branches.max_branches, len(out.proposal.branches)))
+        return out
+
+    monkeypatch.setattr(DraftServicer, "reply", spy)
+    return seen
 
 
 def _run_loop(cluster: Cluster, draft: TierHandle, prompt_ids: list[int], params: SamplingParams, vocab: int,
@@ -205,3 +231,73 @@ def test_a_bad_branch_request_is_invalid_argument(tree_draft: TierHandle, branch
             pytest.raises(grpc.RpcError) as e:
         list(draft_pb2_grpc.DraftServiceStub(ch).Session(iter(msgs), timeout=30))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in e.value.details()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("max_branches", [1, 3])
+@pytest.mark.parametrize("round_mode", ["gateway", "direct"])
+def test_the_gateways_max_branches_reaches_the_draft_tier(cluster: Cluster, tree_draft: TierHandle,
+                                                          reference: Reference, tree_requests: list[tuple[int, int]],
+                                                          round_mode: str, max_branches: int) -> None:
+    gw = _gateway(cluster, tree_draft, round_mode, max_branches=max_branches)
+    try:
+        for prompt in PROMPTS[:2]:
+            out = stream_text(f"127.0.0.1:{gw.port}", prompt, greedy_pb(32))
+            assert out.token_ids == reference.greedy(prompt, 32).token_ids, prompt
+    finally:
+        cluster.aio.run(gw.shutdown(0.5))
+    assert tree_requests, "no block was drafted ahead"
+    assert {asked for asked, _ in tree_requests} == {max_branches}
+    assert max(got for _, got in tree_requests) == max_branches  # the draft branched, as wide as allowed
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("round_mode", ["gateway", "direct"])
+def test_branch_metrics_count_rounds_drafted_ahead_and_their_hits(cluster: Cluster, tree_draft: TierHandle,
+                                                                  reference: Reference,
+                                                                  tree_requests: list[tuple[int, int]],
+                                                                  round_mode: str) -> None:
+    gw = _gateway(cluster, tree_draft, round_mode)
+    try:
+        ahead = hits = 0
+        for prompt in PROMPTS:
+            out = stream_text(f"127.0.0.1:{gw.port}", prompt, greedy_pb(32))
+            assert out.token_ids == reference.greedy(prompt, 32).token_ids, prompt
+            ahead += out.final.stats.drafted_ahead_rounds
+            hits += out.final.stats.pipelined_rounds
+        fam = metrics(gw.http_port)
+    finally:
+        cluster.aio.run(gw.shutdown(0.5))
+    assert value(fam, "specsplit_drafted_ahead_rounds_total") == ahead
+    assert value(fam, "specsplit_pipelined_rounds_total") == hits
+    assert 0 < hits < ahead  # the tiny draft's guesses hit sometimes, not always
+    assert value(fam, "specsplit_branch_hit_rate") == pytest.approx(hits / ahead)
+    # every speculative propose answered was a round drafted ahead, but the last one of each
+    # completion, which may be cancelled when the completion ends first
+    assert len(tree_requests) - len(PROMPTS) <= ahead <= len(tree_requests)
+@pytest.mark.parametrize("bad", [-1, MAX_BRANCHES + 1])
+def test_a_gateway_with_max_branches_out_of_range_is_refused_at_start(cluster: Cluster, bad: int,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match=f"max_branches must be an integer in 0..{MAX_BRANCHES}"):
+        GatewayConfig(str(cluster.models.target), spec_config("draft_model", cluster.models),
+                      target_addresses=("127.0.0.1:1",), draft_addresses=("127.0.0.1:2",), max_branches=bad)
+    assert main(["gateway", str(cluster.models.target), "--target-addresses", "127.0.0.1:1",
+                 "--max-branches", str(bad)]) == 2
+    assert f"max_branches must be an integer in 0..{MAX_BRANCHES}" in capsys.readouterr().err
+
+
+def test_specsplit_up_refuses_max_branches_out_of_range_before_starting_anything(
+        cluster: Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["up", str(cluster.models.target), "--max-branches", str(MAX_BRANCHES + 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"max_branches must be an integer in 0..{MAX_BRANCHES}" in err and "starting target" not in err
+
+
+@pytest.mark.timeout(30)
+def test_a_direct_start_with_too_many_branches_is_invalid_argument(cluster: Cluster) -> None:
+    start = target_pb2.GenerateStart(token_ids=[1, 2], stopping=target_pb2.Stopping(max_new_tokens=4),
+                                     max_branches=MAX_BRANCHES + 1)
+    with grpc.insecure_channel(f"127.0.0.1:{cluster.target.port}") as ch, pytest.raises(grpc.RpcError) as e:
+        list(target_pb2_grpc.TargetServiceStub(ch).Generate(
+            iter([target_pb2.GenerateClientMessage(start=start)]), timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_branches" in e.value.details()

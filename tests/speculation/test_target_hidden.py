@@ -56,3 +56,24 @@ def test_hidden_layers_outside_the_model_are_refused():
         v.open(1, [1, 2], GREEDY, hidden_layers=(7,))
     with pytest.raises(SessionError, match="hidden layers"):
         v.open(1, [1, 2], GREEDY, hidden_layers=(0, 1, 2, 3, 4))
+
+
+def test_a_session_told_to_stop_states_computes_none_and_keeps_its_tokens():
+    """After the EAGLE draft is gone: no state rows, no hidden-state forward, the same tokens."""
+    prompt = [5, 9, 14, 3, 7]
+    plain, told = TargetVerifier(_runner()), TargetVerifier(_runner())
+    plain.open(1, prompt, GREEDY)
+    told.open(1, prompt, GREEDY, hidden_layers=(2, 3, 4))
+    assert told.step([VerifyItem(1)])[0].hidden_states is not None
+    plain.step([VerifyItem(1)])
+
+    def no_hidden_forward(*a: object, **kw: object) -> None:
+        raise AssertionError("a session that stopped its states ran the hidden-state forward")
+
+    told.runner.forward_hidden = no_hidden_forward  # type: ignore[method-assign]
+    got = told.step([VerifyItem(1, [4, 4], stop_states=True)])[0]
+    ref = plain.step([VerifyItem(1, [4, 4])])[0]
+    assert got.hidden_states is None and got.emitted == ref.emitted
+    for _ in range(3):  # and from then on
+        got, ref = told.step([VerifyItem(1)])[0], plain.step([VerifyItem(1)])[0]
+        assert got.hidden_states is None and got.emitted == ref.emitted

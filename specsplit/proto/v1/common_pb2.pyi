@@ -101,7 +101,7 @@ class TokenLogprobs(_message.Message):
     def __init__(self, logprob: _Optional[float] = ..., top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SpecStats(_message.Message):
-    __slots__ = ("drafted_tokens", "accepted_tokens", "rounds", "pipelined_rounds", "acceptance_rate", "mean_accepted_length", "draft_ns", "verify_ns", "overhead_ns", "draft_fallback", "emitted_tokens", "failovers", "preemptions")
+    __slots__ = ("drafted_tokens", "accepted_tokens", "rounds", "pipelined_rounds", "acceptance_rate", "mean_accepted_length", "draft_ns", "verify_ns", "overhead_ns", "draft_fallback", "emitted_tokens", "failovers", "preemptions", "drafted_ahead_rounds")
     DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class SpecStats(_message.Message):
     EMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_AHEAD_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     drafted_tokens: int
     accepted_tokens: int
     rounds: int
@@ -128,4 +129,5 @@ class SpecStats(_message.Message):
     emitted_tokens: int
     failovers: int
     preemptions: int
-    def __init__(self, drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., pipelined_rounds: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., overhead_ns: _Optional[int] = ..., draft_fallback: bool = ..., emitted_tokens: _Optional[int] = ..., failovers: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...
+    drafted_ahead_rounds: int
+    def __init__(self, drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., pipelined_rounds: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., draft_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., overhead_ns: _Optional[int] = ..., draft_fallback: bool = ..., emitted_tokens: _Optional[int] = ..., failovers: _Optional[int] = ..., preemptions: _Optional[int] = ..., drafted_ahead_rounds: _Optional[int] = ...) -> None: ...

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from specsplit.proto.v1 import common_pb2 as specsplit_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specsplit/v1/target.proto\x12\x0cspecsplit.v1\x1a\x19specsplit/v1/common.proto\"\x91\x01\n\nTargetOpen\x12\x15\n\ttoken_ids\x18\x01 \x03(\rB\x02\x10\x01\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.specsplit.v1.TokenChoice\x12\x17\n\nprompt_len\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x19\n\rhidden_layers\x18\x04 \x03(\rB\x02\x10\x01\x42\r\n\x0b_prompt_len\"d\n\x0cTargetVerify\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x15\n\tdraft_ids\x18\x02 \x03(\rB\x02\x10\x01\x12+\n\x01q\x18\x03 \x03(\x0b\x32 .specsplit.v1.SparseDistribution\"u\n\x13TargetClientMessage\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.specsplit.v1.TargetOpenH\x00\x12,\n\x06verify\x18\x02 \x01(\x0b\x32\x1a.specsplit.v1.TargetVerifyH\x00\x42\x06\n\x04kind\"\xeb\x01\n\x0cVerifyResult\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\r\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\x12\x11\n\tverify_ns\x18\x05 \x01(\x04\x12\x10\n\x08queue_ns\x18\x06 \x01(\x04\x12\x34\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\x12\x15\n\rhidden_states\x18\x08 \x01(\x0c\"E\n\x0fPrefillProgress\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x11\n\tprefilled\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\"~\n\x13TargetServerMessage\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1a.specsplit.v1.VerifyResultH\x00\x12\x31\n\x08progress\x18\x02 \x01(\x0b\x32\x1d.specsplit.v1.PrefillProgressH\x00\x42\x06\n\x04kind\"=\n\x08Stopping\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x19\n\rend_token_ids\x18\x02 \x03(\rB\x02\x10\x01\"\x99\x02\n\rGenerateStart\x12\x15\n\ttoken_ids\x18\x01 \x03(\rB\x02\x10\x01\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.specsplit.v1.TokenChoice\x12(\n\x08stopping\x18\x03 \x01(\x0b\x32\x16.specsplit.v1.Stopping\x12\x15\n\rdraft_address\x18\x04 \x01(\t\x12\x1e\n\x16num_speculative_tokens\x18\x05 \x01(\r\x12\x10\n\x08\x61\x64\x61ptive\x18\x06 \x01(\x08\x12\x10\n\x08pipeline\x18\x07 \x01(\x08\x12\x17\n\nprompt_len\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x19\n\rhidden_layers\x18\t \x03(\rB\x02\x10\x01\x42\r\n\x0b_prompt_len\"M\n\x15GenerateClientMessage\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.specsplit.v1.GenerateStartH\x00\x42\x06\n\x04kind\"\xbe\x01\n\x0bRoundTiming\x12\x10\n\x08round_ns\x18\x01 \x01(\x04\x12\x11\n\tverify_ns\x18\x02 \x01(\x04\x12\x17\n\x0fverify_queue_ns\x18\x03 \x01(\x04\x12\x15\n\rdraft_wait_ns\x18\x04 \x01(\x04\x12\x10\n\x08\x64raft_ns\x18\x05 \x01(\x04\x12\x16\n\x0e\x64raft_queue_ns\x18\x06 \x01(\x04\x12\x16\n\x0everify_wait_ns\x18\x07 \x01(\x04\x12\x18\n\x10\x64raft_handled_ns\x18\x08 \x01(\x04\"\x83\x02\n\rGenerateDelta\x12\x15\n\ttoken_ids\x18\x01 \x03(\rB\x02\x10\x01\x12-\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\x12\x0f\n\x07\x64rafted\x18\x03 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\r\x12\x11\n\tpipelined\x18\x05 \x01(\x08\x12)\n\x06timing\x18\x06 \x01(\x0b\x32\x19.specsplit.v1.RoundTiming\x12\x15\n\rdraft_failure\x18\x07 \x01(\t\x12\x34\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\"\x80\x01\n\x15GenerateServerMessage\x12,\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1b.specsplit.v1.GenerateDeltaH\x00\x12\x31\n\x08progress\x18\x02 \x01(\x0b\x32\x1d.specsplit.v1.PrefillProgressH\x00\x42\x06\n\x04kind2\xbe\x01\n\rTargetService\x12S\n\x07Session\x12!.specsplit.v1.TargetClientMessage\x1a!.specsplit.v1.TargetServerMessage(\x01\x30\x01\x12X\n\x08Generate\x12#.specsplit.v1.GenerateClientMessage\x1a#.specsplit.v1.GenerateServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specsplit/v1/target.proto\x12\x0cspecsplit.v1\x1a\x19specsplit/v1/common.proto\"\x91\x01\n\nTargetOpen\x12\x15\n\ttoken_ids\x18\x01 \x03(\rB\x02\x10\x01\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.specsplit.v1.TokenChoice\x12\x17\n\nprompt_len\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x19\n\rhidden_layers\x18\x04 \x03(\rB\x02\x10\x01\x42\r\n\x0b_prompt_len\"\x80\x01\n\x0cTargetVerify\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x15\n\tdraft_ids\x18\x02 \x03(\rB\x02\x10\x01\x12+\n\x01q\x18\x03 \x03(\x0b\x32 .specsplit.v1.SparseDistribution\x12\x1a\n\x12stop_hidden_states\x18\x04 \x01(\x08\"u\n\x13TargetClientMessage\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.specsplit.v1.TargetOpenH\x00\x12,\n\x06verify\x18\x02 \x01(\x0b\x32\x1a.specsplit.v1.TargetVerifyH\x00\x42\x06\n\x04kind\"\xeb\x01\n\x0cVerifyResult\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x12\n\nnext_token\x18\x03 \x01(\r\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\x12\x11\n\tverify_ns\x18\x05 \x01(\x04\x12\x10\n\x08queue_ns\x18\x06 \x01(\x04\x12\x34\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\x12\x15\n\rhidden_states\x18\x08 \x01(\x0c\"E\n\x0fPrefillProgress\x12\x10\n\x08round_id\x18\x01 \x01(\x04\x12\x11\n\tprefilled\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\"~\n\x13TargetServerMessage\x12,\n\x06result\x18\x01 \x01(\x0b\x32\x1a.specsplit.v1.VerifyResultH\x00\x12\x31\n\x08progress\x18\x02 \x01(\x0b\x32\x1d.specsplit.v1.PrefillProgressH\x00\x42\x06\n\x04kind\"=\n\x08Stopping\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x19\n\rend_token_ids\x18\x02 \x03(\rB\x02\x10\x01\"\xaf\x02\n\rGenerateStart\x12\x15\n\ttoken_ids\x18\x01 \x03(\rB\x02\x10\x01\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.specsplit.v1.TokenChoice\x12(\n\x08stopping\x18\x03 \x01(\x0b\x32\x16.specsplit.v1.Stopping\x12\x15\n\rdraft_address\x18\x04 \x01(\t\x12\x1e\n\x16num_speculative_tokens\x18\x05 \x01(\r\x12\x10\n\x08\x61\x64\x61ptive\x18\x06 \x01(\x08\x12\x10\n\x08pipeline\x18\x07 \x01(\x08\x12\x17\n\nprompt_len\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x19\n\rhidden_layers\x18\t \x03(\rB\x02\x10\x01\x12\x14\n\x0cmax_branches\x18\n \x01(\rB\r\n\x0b_prompt_len\"M\n\x15GenerateClientMessage\x12,\n\x05start\x18\x01 \x01(\x0b\x32\x1b.specsplit.v1.GenerateStartH\x00\x42\x06\n\x04kind\"\xbe\x01\n\x0bRoundTiming\x12\x10\n\x08round_ns\x18\x01 \x01(\x04\x12\x11\n\tverify_ns\x18\x02 \x01(\x04\x12\x17\n\x0fverify_queue_ns\x18\x03 \x01(\x04\x12\x15\n\rdraft_wait_ns\x18\x04 \x01(\x04\x12\x10\n\x08\x64raft_ns\x18\x05 \x01(\x04\x12\x16\n\x0e\x64raft_queue_ns\x18\x06 \x01(\x04\x12\x16\n\x0everify_wait_ns\x18\x07 \x01(\x04\x12\x18\n\x10\x64raft_handled_ns\x18\x08 \x01(\x04\"\x9a\x02\n\rGenerateDelta\x12\x15\n\ttoken_ids\x18\x01 \x03(\rB\x02\x10\x01\x12-\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\x12\x0f\n\x07\x64rafted\x18\x03 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\r\x12\x11\n\tpipelined\x18\x05 \x01(\x08\x12)\n\x06timing\x18\x06 \x01(\x0b\x32\x19.specsplit.v1.RoundTiming\x12\x15\n\rdraft_failure\x18\x07 \x01(\t\x12\x34\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1b.specsplit.v1.TokenLogprobs\x12\x15\n\rdrafted_ahead\x18\t \x01(\x08\"\x80\x01\n\x15GenerateServerMessage\x12,\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1b.specsplit.v1.GenerateDeltaH\x00\x12\x31\n\x08progress\x18\x02 \x01(\x0b\x32\x1d.specsplit.v1.PrefillProgressH\x00\x42\x06\n\x04kind2\xbe\x01\n\rTargetService\x12S\n\x07Session\x12!.specsplit.v1.TargetClientMessage\x1a!.specsplit.v1.TargetServerMessage(\x01\x30\x01\x12X\n\x08Generate\x12#.specsplit.v1.GenerateClientMessage\x1a#.specsplit.v1.GenerateServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,28 +49,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEDELTA'].fields_by_name['token_ids']._serialized_options = b'\020\001'
   _globals['_TARGETOPEN']._serialized_start=71
   _globals['_TARGETOPEN']._serialized_end=216
-  _globals['_TARGETVERIFY']._serialized_start=218
-  _globals['_TARGETVERIFY']._serialized_end=318
-  _globals['_TARGETCLIENTMESSAGE']._serialized_start=320
-  _globals['_TARGETCLIENTMESSAGE']._serialized_end=437
-  _globals['_VERIFYRESULT']._serialized_start=440
-  _globals['_VERIFYRESULT']._serialized_end=675
-  _globals['_PREFILLPROGRESS']._serialized_start=677
-  _globals['_PREFILLPROGRESS']._serialized_end=746
-  _globals['_TARGETSERVERMESSAGE']._serialized_start=748
-  _globals['_TARGETSERVERMESSAGE']._serialized_end=874
-  _globals['_STOPPING']._serialized_start=876
-  _globals['_STOPPING']._serialized_end=937
-  _globals['_GENERATESTART']._serialized_start=940
-  _globals['_GENERATESTART']._serialized_end=1221
-  _globals['_GENERATECLIENTMESSAGE']._serialized_start=1223
-  _globals['_GENERATECLIENTMESSAGE']._serialized_end=1300
-  _globals['_ROUNDTIMING']._serialized_start=1303
-  _globals['_ROUNDTIMING']._serialized_end=1493
-  _globals['_GENERATEDELTA']._serialized_start=1496
-  _globals['_GENERATEDELTA']._serialized_end=1755
-  _globals['_GENERATESERVERMESSAGE']._serialized_start=1758
-  _globals['_GENERATESERVERMESSAGE']._serialized_end=1886
-  _globals['_TARGETSERVICE']._serialized_start=1889
-  _globals['_TARGETSERVICE']._serialized_end=2079
+  _globals['_TARGETVERIFY']._serialized_start=219
+  _globals['_TARGETVERIFY']._serialized_end=347
+  _globals['_TARGETCLIENTMESSAGE']._serialized_start=349
+  _globals['_TARGETCLIENTMESSAGE']._serialized_end=466
+  _globals['_VERIFYRESULT']._serialized_start=469
+  _globals['_VERIFYRESULT']._serialized_end=704
+  _globals['_PREFILLPROGRESS']._serialized_start=706
+  _globals['_PREFILLPROGRESS']._serialized_end=775
+  _globals['_TARGETSERVERMESSAGE']._serialized_start=777
+  _globals['_TARGETSERVERMESSAGE']._serialized_end=903
+  _globals['_STOPPING']._serialized_start=905
+  _globals['_STOPPING']._serialized_end=966
+  _globals['_GENERATESTART']._serialized_start=969
+  _globals['_GENERATESTART']._serialized_end=1272
+  _globals['_GENERATECLIENTMESSAGE']._serialized_start=1274
+  _globals['_GENERATECLIENTMESSAGE']._serialized_end=1351
+  _globals['_ROUNDTIMING']._serialized_start=1354
+  _globals['_ROUNDTIMING']._serialized_end=1544
+  _globals['_GENERATEDELTA']._serialized_start=1547
+  _globals['_GENERATEDELTA']._serialized_end=1829
+  _globals['_GENERATESERVERMESSAGE']._serialized_start=1832
+  _globals['_GENERATESERVERMESSAGE']._serialized_end=1960
+  _globals['_TARGETSERVICE']._serialized_start=1963
+  _globals['_TARGETSERVICE']._serialized_end=2153
 # @@protoc_insertion_point(module_scope)

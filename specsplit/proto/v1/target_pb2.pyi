@@ -20,14 +20,16 @@ class TargetOpen(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., prompt_len: _Optional[int] = ..., hidden_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TargetVerify(_message.Message):
-    __slots__ = ("round_id", "draft_ids", "q")
+    __slots__ = ("round_id", "draft_ids", "q", "stop_hidden_states")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     DRAFT_IDS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
+    STOP_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     draft_ids: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDistribution]
-    def __init__(self, round_id: _Optional[int] = ..., draft_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ...) -> None: ...
+    stop_hidden_states: bool
+    def __init__(self, round_id: _Optional[int] = ..., draft_ids: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., stop_hidden_states: bool = ...) -> None: ...
 
 class TargetClientMessage(_message.Message):
     __slots__ = ("open", "verify")
@@ -84,7 +86,7 @@ class Stopping(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., end_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateStart(_message.Message):
-    __slots__ = ("token_ids", "params", "stopping", "draft_address", "num_speculative_tokens", "adaptive", "pipeline", "prompt_len", "hidden_layers")
+    __slots__ = ("token_ids", "params", "stopping", "draft_address", "num_speculative_tokens", "adaptive", "pipeline", "prompt_len", "hidden_layers", "max_branches")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +96,7 @@ class GenerateStart(_message.Message):
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: _common_pb2.TokenChoice
     stopping: Stopping
@@ -103,7 +106,8 @@ class GenerateStart(_message.Message):
     pipeline: bool
     prompt_len: int
     hidden_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., draft_address: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: bool = ..., pipeline: bool = ..., prompt_len: _Optional[int] = ..., hidden_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    max_branches: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[_common_pb2.TokenChoice, _Mapping]] = ..., stopping: _Optional[_Union[Stopping, _Mapping]] = ..., draft_address: _Optional[str] = ..., num_speculative_tokens: _Optional[int] = ..., adaptive: bool = ..., pipeline: bool = ..., prompt_len: _Optional[int] = ..., hidden_layers: _Optional[_Iterable[int]] = ..., max_branches: _Optional[int] = ...) -> None: ...
 
 class GenerateClientMessage(_message.Message):
     __slots__ = ("start",)
@@ -132,7 +136,7 @@ class RoundTiming(_message.Message):
     def __init__(self, round_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., verify_queue_ns: _Optional[int] = ..., draft_wait_ns: _Optional[int] = ..., draft_ns: _Optional[int] = ..., draft_queue_ns: _Optional[int] = ..., verify_wait_ns: _Optional[int] = ..., draft_handled_ns: _Optional[int] = ...) -> None: ...
 
 class GenerateDelta(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "drafted", "accepted", "pipelined", "timing", "draft_failure", "prompt_logprobs")
+    __slots__ = ("token_ids", "logprobs", "drafted", "accepted", "pipelined", "timing", "draft_failure", "prompt_logprobs", "drafted_ahead")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +145,7 @@ class GenerateDelta(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FAILURE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_AHEAD_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
     drafted: int
@@ -149,7 +154,8 @@ class GenerateDelta(_message.Message):
     timing: RoundTiming
     draft_failure: str
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., pipelined: bool = ..., timing: _Optional[_Union[RoundTiming, _Mapping]] = ..., draft_failure: _Optional[str] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
+    drafted_ahead: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., pipelined: bool = ..., timing: _Optional[_Union[RoundTiming, _Mapping]] = ..., draft_failure: _Optional[str] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ..., drafted_ahead: bool = ...) -> None: ...
 
 class GenerateServerMessage(_message.Message):
     __slots__ = ("delta", "progress")
