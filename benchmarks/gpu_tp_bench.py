@@ -331,6 +331,11 @@ class Bench:
             with self.using(tp, RandomWeights(TINY, seed=0), f"all_reduce_tp{tp}") as r:
                 for numel in (4096, 8192):
                     for method in ("nccl", "symm_mem_one_shot"):
+                        if method == "symm_mem_one_shot" and tp > 2:
+                            # its store rendezvous hung at TP 4 (2026-11-27) until the call's limit,
+                            # and a hung collective cannot be interrupted: every later result was lost
+                            row[f"{method}_{numel}"] = "skipped: hangs in its rendezvous at TP > 2"
+                            continue
                         try:
                             row[f"{method}_{numel}"] = r.all_reduce_ms(numel, iters=64, method=method) * 1000
                         except Exception as e:  # noqa: BLE001 - e.g. symmetric memory unavailable
