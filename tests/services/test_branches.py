@@ -83,8 +83,8 @@ def tree_requests(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     seen: list[tuple[int, int]] = []
     reply = DraftServicer.reply
 
-    def spy(self: DraftServicer, msg: Any, result: Any, queue_ns: int) -> Any:
-        out = reply(self, msg, result, queue_ns)
+    def spy(self: DraftServicer, msg: Any, result: Any, queue_ns: int, received_ns: int) -> Any:
+        out = reply(self, msg, result, queue_ns, received_ns)
         if msg.HasField("branches"):
             seen.append((msg.branches.max_branches, len(out.proposal.branches)))
         return out

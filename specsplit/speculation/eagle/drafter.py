@@ -29,7 +29,7 @@ from specsplit.sampling.logits import (
 )
 from specsplit.speculation.drafters import Drafter, DraftRequest, Proposal, penalty_inputs
 from specsplit.speculation.eagle.head import EagleHead
-from specsplit.speculation.eagle.head_graphs import HeadChain
+from specsplit.speculation.eagle.head_graphs import MAX_FEED, HeadChain
 from specsplit.speculation.target import SessionError
 
 log = logging.getLogger(__name__)
@@ -168,11 +168,25 @@ class EagleDrafter(Drafter):
         if plan is None and type(self)._pick is not EagleDrafter._pick:
             return None  # picks made on the host, step by step
         seq_ids = [r.seq_id for r in reqs]
+        if any(len(f[1]) > MAX_FEED for f in feed):
+            self._feed_all_but_last(feed)  # a prompt's states: eagerly into the cache, then the block in a graph
         ids = chain.run(seq_ids, [f[1] for f in feed], torch.cat([f[2] for f in feed]),
                         [self.state[s].base for s in seq_ids], k, plan)
         if ids is None:
             return None
         return {s: Proposal(block) for s, block in zip(seq_ids, ids.tolist(), strict=True)}
+
+    def _feed_all_but_last(self, feed: list[tuple[int, list[int], Tensor, int]]) -> None:
+        """Append every new entry but the last of each sequence to the head's cache in one eager
+        step, and leave only the last in `feed` (in place: an eager fallback must not feed them
+        again). The block's graph then starts from one new token, whatever the prompt's length."""
+        long = [i for i, f in enumerate(feed) if len(f[1]) > 1]
+        seq_ids = [feed[i][0] for i in long]
+        self.runner.step(seq_ids, [feed[i][1][:-1] for i in long], torch.cat([feed[i][2][:-1] for i in long]),
+                         [self.state[s].base for s in seq_ids])
+        for i in long:
+            seq_id, tokens, states, start = feed[i]
+            feed[i] = (seq_id, tokens[-1:], states[-1:], start + len(tokens) - 1)
 
     def _pick(self, reqs: list[DraftRequest], step: list[int], toks: list[int]) -> list[int]:
         """The tokens drafted at position `step[j]` of each live request's block: the head's choice.
