@@ -1,10 +1,12 @@
 """The speculation loop of one completion: draft a block, verify it, commit, repeat.
 
-One loop, two places (docs/architecture.md, "The round"):
+One loop, two places (docs/architecture.md, "Who drives the round"):
 - the target tier runs it for the direct round (`LocalTarget`: its own batcher; the draft
   replica is a stream of its own), streaming each round's tokens to the gateway;
 - the gateway runs it for the gateway-driven round (`RemoteTarget`: a stream to a target
   replica, with failover).
+What a round does to the completion (k, commit, statistics) is `RoundBook`'s
+(specsplit/speculation/round.py), shared with the in-process engine; this loop adds the RPCs.
 Whoever calls it owns the ground truth (`Sequence`: prompt + committed tokens), so the
 tiers' KV caches are soft state: when a replica fails mid-generation, the session is
 re-opened on another replica with every committed token and the round is re-run; nothing

@@ -5,6 +5,8 @@ sequence (one batched call), the target verifies all blocks and prefills all new
 prompts in one batched forward, and every sequence commits its accepted tokens plus one.
 A finished sequence frees its slot at once for the next waiting one. Without a drafter the
 same loop is plain decoding (k = 0), which is the baseline every benchmark compares to.
+What a round does to each sequence (k, commit, statistics) is `RoundBook`'s (round.py), the
+same bookkeeping the served loop uses; this engine adds the batching.
 """
 
 from __future__ import annotations
