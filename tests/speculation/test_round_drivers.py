@@ -1,4 +1,4 @@
-"""The shared round as the in-process engine drives it: seeded requests stay reproducible.
+"""The shared round as its drivers use it: seeded requests stay reproducible in both.
 
 Adaptive k picks the block length from measured step times, and how many random numbers a
 round draws depends on the block length; so a seeded sampled request must keep k fixed, or
@@ -53,3 +53,23 @@ def test_unseeded_request_still_adapts_k_to_the_timings(make_llm, tiny_target, t
     llm.engine.costs = _costs(1.0)
     dear = llm.generate(["def fibonacci(n):"], params, use_tqdm=False)[0].metrics.num_drafted_tokens
     assert dear < cheap
+
+
+def test_served_loop_keeps_k_fixed_for_a_seeded_request_as_the_engine_does():
+    """The served loop takes its k from the same round book: fixed when seeded, adaptive when not,
+    counted into the loop's own statistics (the gateway reports those)."""
+    from specsplit.proto.v1 import draft_pb2_grpc, target_pb2_grpc
+    from specsplit.serving.completion_loop import CompletionLoop, LoopOptions
+    from specsplit.serving.replicas import ReplicaPool
+    from specsplit.speculation.sequence import Sequence
+
+    def loop(seed: int | None) -> CompletionLoop:
+        seq = Sequence(0, [5, 6, 7], SamplingParams(temperature=1.0, max_tokens=20, seed=seed), (0,), 64)
+        return CompletionLoop(seq, ReplicaPool("target", target_pb2_grpc.TargetServiceStub),
+                              ReplicaPool("draft", draft_pb2_grpc.DraftServiceStub), _costs(1.0),
+                              LoopOptions(num_speculative_tokens=K, adaptive=True))
+
+    seeded, unseeded = loop(3), loop(None)
+    assert seeded.book.choose_k(seeded.costs, drafting=True) == K  # drafting looks dear, yet k stays
+    assert unseeded.book.choose_k(unseeded.costs, drafting=True) == 0
+    assert seeded.book.metrics is seeded.stats
