@@ -8,7 +8,6 @@ into one stream per request. Protocol-specific code lives in grpc_api.py and htt
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import time
@@ -26,6 +25,7 @@ from specsplit.serving.completion_loop import CompletionLoop, Delta, LoopOptions
 from specsplit.serving.errors import Overloaded, Unavailable
 from specsplit.serving.replicas import ReplicaPool
 from specsplit.speculation.adaptive import CostModel
+from specsplit.speculation.round import completion_params
 from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence
 from specsplit.speculation.session import check_token_ids
 
@@ -196,9 +196,8 @@ class GatewayCore:
     async def _one(self, prompt: Prompt, params: SamplingParams, index: int, out: asyncio.Queue,
                    prompt_index: int = 0) -> None:
         j = index - prompt_index * params.n  # which of this prompt's n: a prompt's seeds do not depend on its place
-        p = params if params.seed is None or j == 0 else dataclasses.replace(params, seed=params.seed + j)
-        seq = Sequence(next(self._ids), list(prompt.token_ids), p, self.eos_ids, self.max_model_len,
-                       IncrementalDetokenizer(self.tokenizer, prompt.token_ids), index=index)
+        seq = Sequence(next(self._ids), list(prompt.token_ids), completion_params(params, j), self.eos_ids,
+                       self.max_model_len, IncrementalDetokenizer(self.tokenizer, prompt.token_ids), index=index)
         loop: CompletionLoop | DirectLoop = DirectLoop(seq, self.targets, self.drafts, self.opts) \
             if self.cfg.round_mode == "direct" else CompletionLoop(seq, self.targets, self.drafts, self.costs, self.opts)
         recorded = False

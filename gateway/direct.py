@@ -22,6 +22,7 @@ from specsplit.serving.completion_loop import Delta, LoopOptions, RoundTimes, Ro
 from specsplit.serving.convert import logprobs_from_pb, token_choice_to_pb
 from specsplit.serving.replicas import NoReplica, ReplicaPool, TierFailure
 from specsplit.serving.target_link import Failover
+from specsplit.speculation.round import adapts_k, commit_verdict
 from specsplit.speculation.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class DirectLoop:
                 token_ids=seq.all_ids, params=self._params_pb,
                 stopping=target_pb2.Stopping(max_new_tokens=seq.max_new_tokens(), end_token_ids=self._end_ids()),
                 draft_address=draft, num_speculative_tokens=self.opts.num_speculative_tokens if draft else 0,
-                adaptive=self.opts.adaptive and seq.params.seed is None, pipeline=self.opts.pipeline,
+                adaptive=adapts_k(self.opts.adaptive, seq.params), pipeline=self.opts.pipeline,
                 max_branches=self.opts.max_branches,
                 prompt_len=len(seq.prompt_ids), hidden_layers=self.opts.hidden_layers if draft else (),
             )
@@ -118,15 +119,9 @@ class DirectLoop:
                 self.failover.succeeded()
                 ids = list(d.token_ids)
                 lps = logprobs_from_pb(list(d.logprobs), ids)
-                if d.prompt_logprobs and seq.prompt_logprobs is None:  # echo: the first delta has them
-                    prompt = logprobs_from_pb(list(d.prompt_logprobs), seq.all_ids[1 : len(d.prompt_logprobs) + 1])
-                    seq.prompt_logprobs = [None, *(prompt or [])][: len(seq.prompt_ids)]
-                kept, text = seq.commit(ids, lps)
-                m = stats
-                m.num_drafted_tokens += d.drafted
-                m.num_accepted_tokens += min(d.accepted, len(kept))
-                m.num_rounds += 1
-                m.num_emitted_tokens += len(kept)
+                prompt = logprobs_from_pb(list(d.prompt_logprobs), seq.all_ids[1 : len(d.prompt_logprobs) + 1]) \
+                    if d.prompt_logprobs else None  # echo: the first delta carries them
+                kept, text = commit_verdict(seq, stats, d.drafted, d.accepted, ids, lps, prompt)
                 stats.num_pipelined_rounds += int(d.pipelined)
                 stats.num_drafted_ahead_rounds += int(d.drafted_ahead)
                 t = d.timing

@@ -1,10 +1,12 @@
 """The speculation loop of one completion: draft a block, verify it, commit, repeat.
 
-One loop, two places (docs/architecture.md, "The round"):
+One loop, two places (docs/architecture.md, "Who drives the round"):
 - the target tier runs it for the direct round (`LocalTarget`: its own batcher; the draft
   replica is a stream of its own), streaming each round's tokens to the gateway;
 - the gateway runs it for the gateway-driven round (`RemoteTarget`: a stream to a target
   replica, with failover).
+What a round does to the completion (k, commit, statistics) is `RoundBook`'s
+(specsplit/speculation/round.py), shared with the in-process engine; this loop adds the RPCs.
 Whoever calls it owns the ground truth (`Sequence`: prompt + committed tokens), so the
 tiers' KV caches are soft state: when a replica fails mid-generation, the session is
 re-opened on another replica with every committed token and the round is re-run; nothing
@@ -40,6 +42,7 @@ from specsplit.speculation.adaptive import AdaptiveK, CostModel
 from specsplit.speculation.branches import MAX_BRANCHES, BranchProposal
 from specsplit.speculation.drafters import Proposal
 from specsplit.speculation.eagle.wire import tail_rows
+from specsplit.speculation.round import RoundBook
 from specsplit.speculation.sequence import Sequence
 from specsplit.speculation.session import out_of_vocab
 
@@ -150,11 +153,9 @@ class CompletionLoop:
         self.drafts = drafts
         self.costs = costs
         self.opts = opts
-        # a seeded request keeps k fixed: k chosen from measured timings would change how many
-        # random numbers each round draws, and with them the sampled tokens
-        self.adaptive = AdaptiveK(opts.num_speculative_tokens if drafts is not None else 0,
-                                  opts.adaptive and seq.params.seed is None)
         self.stats = SpecMetrics()
+        # k, commit and statistics of each round: the same bookkeeping as the in-process engine's
+        self.book = RoundBook(seq, opts.num_speculative_tokens if drafts is not None else 0, opts.adaptive, self.stats)
         self.times = RoundTimes()
         self._params_pb = token_choice_to_pb(seq.params)
         self.target: TargetLink = target if isinstance(target, TargetLink) else \
@@ -167,7 +168,6 @@ class CompletionLoop:
         self._draft_opened = False  # a draft session was opened before (a re-open rebuilds the head's states)
         self._restart_target = False  # the next verify re-prefills the target to send every state again
         self.draft: TierSession | None = None
-        self.draft_valid = 0  # committed tokens the draft session holds
         self._round = 0
         self._bad_drafts: set[str] = set()
         self._draft_pauses = 0  # draft KV refusals in a row
@@ -189,7 +189,7 @@ class CompletionLoop:
                 await s.send(draft_pb2.DraftClientMessage(open=draft_pb2.DraftOpen(
                     token_ids=self.seq.all_ids, params=self._params_pb, prompt_len=self.prompt_len)))
                 self.draft = s
-                self.draft_valid = len(self.seq.all_ids)
+                self.book.draft_valid = len(self.seq.all_ids)
                 # a re-opened EAGLE draft has no head state: the target re-sends every position's
                 # states with the next verify (one re-prefill); until then it drafts from the latest
                 self._restart_target = self._draft_opened and bool(self.opts.hidden_layers)
@@ -223,6 +223,11 @@ class CompletionLoop:
         log.warning("%s; re-opening the draft session on another replica", f)
         self.drafts.mark_failed(f.address)  # type: ignore[union-attr]
         self._bad_drafts.add(f.address)
+
+    @property
+    def adaptive(self) -> AdaptiveK:
+        """This completion's adaptive k (the round book's); falling back to plain decoding zeroes its k_max."""
+        return self.book.adaptive
 
     async def close(self) -> None:
         await self.target.close()
@@ -276,13 +281,8 @@ class CompletionLoop:
                 prefix_len, new_tokens = len(self.seq.all_ids), []  # the new session holds these
         return None
 
-    def _room(self) -> int:
-        """The longest block worth verifying: the round's own token must still fit after it."""
-        seq = self.seq
-        return max(0, min(seq.max_new_tokens() - 1, seq.max_model_len - len(seq.all_ids) - 1))
-
     def _choose_k(self) -> int:
-        return self.adaptive.choose(self.costs, self._room()) if self.drafts is not None else 0
+        return self.book.choose_k(self.costs, self.drafts is not None)
 
     async def run(self) -> AsyncIterator[Delta]:
         """Generate until the sequence finishes, yielding each round's committed delta."""
@@ -321,27 +321,15 @@ class CompletionLoop:
                 t_verify = time.perf_counter_ns() - t0
                 timing.verify_wait_ns, timing.verify_ns, timing.verify_queue_ns = t_verify, res.verify_ns, res.queue_ns
                 self.stats.verify_ns += t_verify
-                if res.prompt_logprobs and seq.prompt_logprobs is None:  # echo: the first verdict has them
-                    seq.prompt_logprobs = [None, *res.prompt_logprobs][: len(seq.prompt_ids)]
-                a = res.num_accepted
-                emitted, lps = res.emitted, res.logprobs
-                kept, text = seq.commit(emitted, lps)
-                m = self.stats
-                m.num_drafted_tokens += len(block)
-                m.num_accepted_tokens += min(a, len(kept))
-                m.num_rounds += 1
-                m.num_emitted_tokens += len(kept)
-                if block:
-                    self.adaptive.observe(len(block), a)
-                if not res.chunked:  # a chunked prefill is no verify cost
-                    self.costs.observe_verify(len(block), t_verify / 1e9)
+                a, emitted, lps = res.num_accepted, res.emitted, res.logprobs
+                # echo: the first verdict carries the prompt's logprobs
+                kept, text = self.book.commit(len(block), a, emitted, lps, res.prompt_logprobs or None)
+                self.costs.observe_verify(len(block), t_verify / 1e9, prompt_chunk=res.chunked)
                 drafted_block = block
                 if seq.finished:
                     timing.round_ns = time.perf_counter_ns() - t_round
                     yield self._delta(kept, text, lps, len(drafted_block), a, pipelined, timing, ahead)
                     break
-                if drafted_block:
-                    self.draft_valid = before + a
                 # next block: the pipelined guess if it holds, else a fresh proposal
                 block, q = [], (None, None)
                 t1 = time.perf_counter_ns()
@@ -356,27 +344,27 @@ class CompletionLoop:
                     if won is not None:
                         hit = True
                         # drafted before this round's tokens were committed: cut to what is left
-                        n = min(spec_k, self._room())
+                        n = min(spec_k, self.book.room())
                         block = list(won.block.token_ids[:n])
                         q = _rows(won.block, 0, n)
-                        self.draft_valid = len(seq.all_ids)
+                        self.book.draft_valid = len(seq.all_ids)
                         self._adopt = won.id  # the draft session becomes that branch
                         self.stats.num_pipelined_rounds += 1  # drafted beside the verify: not on the round's path
                 if not hit and self.drafts is not None:
                     k = self._choose_k()
                     if k > 0:
-                        catch_up = len(seq.all_ids) - self.draft_valid
+                        valid = self.book.draft_valid
+                        catch_up = len(seq.all_ids) - valid
                         t_prop = time.perf_counter_ns()
-                        prop = await self._propose(self.draft_valid, seq.all_ids[self.draft_valid :], k)
+                        prop = await self._propose(valid, seq.all_ids[valid:], k)
                         if prop is not None:
-                            self.draft_valid = len(seq.all_ids)
+                            self.book.draft_valid = len(seq.all_ids)
                             block, q = list(prop.token_ids), (prop.q_ids, prop.q_probs)
                             timing.draft_ns, timing.draft_queue_ns = prop.draft_ns, prop.queue_ns
                             timing.draft_handled_ns = prop.handled_ns
-                        if prop is not None and not prop.prefilling:  # a prompt chunk is no draft cost
                             self.costs.observe_draft_call((time.perf_counter_ns() - t_prop) / 1e9,
                                                           max(1, len(prop.token_ids)), catch_up,
-                                                          self.adaptive.k_max)
+                                                          self.adaptive.k_max, prompt_chunk=prop.prefilling)
                 t_end = time.perf_counter_ns()
                 timing.draft_wait_ns = t_end - t1
                 timing.round_ns = t_end - t_round

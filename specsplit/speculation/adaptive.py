@@ -42,17 +42,23 @@ class CostModel:
         else:
             self.draft_step.update(seconds_per_step)
 
-    def observe_draft_call(self, seconds: float, steps: int, new_tokens: int, k_max: int) -> None:
+    def observe_draft_call(self, seconds: float, steps: int, new_tokens: int, k_max: int, *,
+                           prompt_chunk: bool = False) -> None:
         """A draft call of `steps` forwards whose first one fed `new_tokens` tokens.
 
         A call that first catches up on tokens the draft skipped (rounds with k = 0, a fresh
         prefill: more than k_max + 1 new tokens) is not a draft step's cost; counting it would
-        make drafting look dear, keep k at 0 and never measure it again.
+        make drafting look dear, keep k at 0 and never measure it again. Nor is a call that
+        prefilled a chunk of a long prompt (`prompt_chunk`).
         """
-        if steps > 0 and new_tokens <= k_max + 1:
+        if steps > 0 and new_tokens <= k_max + 1 and not prompt_chunk:
             self.observe_draft(seconds / steps)
 
-    def observe_verify(self, k: int, seconds: float) -> None:
+    def observe_verify(self, k: int, seconds: float, *, prompt_chunk: bool = False) -> None:
+        """A verify step of k draft tokens per sequence; a step that prefilled a chunk of a long
+        prompt (`prompt_chunk`) is a prefill's cost, not a verify's, and is not counted."""
+        if prompt_chunk:
+            return
         if k not in self.verify:
             self.verify[k] = Ema(seconds)
         else:

@@ -5,11 +5,12 @@ sequence (one batched call), the target verifies all blocks and prefills all new
 prompts in one batched forward, and every sequence commits its accepted tokens plus one.
 A finished sequence frees its slot at once for the next waiting one. Without a drafter the
 same loop is plain decoding (k = 0), which is the baseline every benchmark compares to.
+What a round does to each sequence (k, commit, statistics) is `RoundBook`'s (round.py), the
+same bookkeeping the served loop uses; this engine adds the batching.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import deque
@@ -21,8 +22,9 @@ import torch
 from specsplit.outputs import CompletionOutput, Logprob, RequestOutput, SpecMetrics
 from specsplit.runtime.kv_cache import OutOfKVMemory
 from specsplit.sampling.params import SamplingParams
-from specsplit.speculation.adaptive import AdaptiveK, CostModel
+from specsplit.speculation.adaptive import CostModel
 from specsplit.speculation.drafters import Drafter, DraftRequest
+from specsplit.speculation.round import RoundBook, completion_params
 from specsplit.speculation.sequence import IncrementalDetokenizer, Sequence, end_token_ids
 from specsplit.speculation.target import TargetVerifier, VerifyItem
 
@@ -33,8 +35,7 @@ log = logging.getLogger(__name__)
 class _Running:
     seq: Sequence
     request_id: str
-    adaptive: AdaptiveK
-    drafter_valid: int = 0  # committed tokens the drafter session already holds
+    book: RoundBook  # k, commit and statistics of its rounds (shared with the served loop)
     opened: bool = False
     hidden: list[Any] = field(default_factory=list)  # target states not yet handed to the drafter (EAGLE)
 
@@ -81,15 +82,14 @@ class SpecEngine:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; max_model_len is {self.max_model_len}")
         req = _Request(request_id, prompt, list(prompt_ids))
         for i in range(params.n):
-            p = params if params.seed is None or i == 0 else dataclasses.replace(params, seed=params.seed + i)
             seq = Sequence(
-                self._next_seq, list(prompt_ids), p, self.eos_ids, self.max_model_len,
+                self._next_seq, list(prompt_ids), completion_params(params, i), self.eos_ids, self.max_model_len,
                 IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer is not None else None,
                 index=i,
             )
             self._next_seq += 1
             req.seqs.append(seq)
-            self.waiting.append(_Running(seq, request_id, AdaptiveK(self.k_max, self.adaptive)))
+            self.waiting.append(_Running(seq, request_id, RoundBook(seq, self.k_max, self.adaptive)))
         self.requests[request_id] = req
 
     def abort(self, request_id: str) -> None:
@@ -110,20 +110,20 @@ class SpecEngine:
         self._admit()
         if not self.running:
             return self._reap()
-        ks = {r.seq.seq_id: self._choose_k(r) for r in self.running}
+        ks = {r.seq.seq_id: r.book.choose_k(self.costs, self.drafter is not None) for r in self.running}
         drafts: dict[int, Any] = {}
         if self.drafter is not None:
             reqs = []
             for r in self.running:
                 if not r.opened:
                     self.drafter.open(r.seq.seq_id, r.seq.all_ids, r.seq.params, len(r.seq.prompt_ids))
-                    r.drafter_valid = len(r.seq.all_ids)
+                    r.book.draft_valid = len(r.seq.all_ids)
                     r.hidden.clear()  # the target's re-prefill sends every position's state again
                 ids = r.seq.all_ids
                 if ks[r.seq.seq_id] > 0 or not r.opened:
                     hidden = torch.cat(r.hidden) if len(r.hidden) > 1 else (r.hidden[0] if r.hidden else None)
-                    reqs.append(DraftRequest(r.seq.seq_id, r.drafter_valid, ids[r.drafter_valid:], ks[r.seq.seq_id],
-                                             hidden))
+                    valid = r.book.draft_valid
+                    reqs.append(DraftRequest(r.seq.seq_id, valid, ids[valid:], ks[r.seq.seq_id], hidden))
             if reqs:
                 t0 = time.perf_counter()
                 try:
@@ -134,13 +134,13 @@ class SpecEngine:
                             self.drafter.close(r.seq.seq_id)
                     self._preempt_one()
                     return self._reap()
-                if not any(p.prefilling for p in props):  # a prompt chunk is no draft cost
-                    self.costs.observe_draft_call(time.perf_counter() - t0, max(q.k for q in reqs),
-                                                  max(len(q.new_tokens) for q in reqs), self.k_max)
+                self.costs.observe_draft_call(time.perf_counter() - t0, max(q.k for q in reqs),
+                                              max(len(q.new_tokens) for q in reqs), self.k_max,
+                                              prompt_chunk=any(p.prefilling for p in props))
                 for q, p in zip(reqs, props, strict=True):
                     drafts[q.seq_id] = p
                     run = next(r for r in self.running if r.seq.seq_id == q.seq_id)
-                    run.drafter_valid = len(run.seq.all_ids)
+                    run.book.draft_valid = len(run.seq.all_ids)
                     run.hidden.clear()
         items = []
         for r in self.running:
@@ -156,32 +156,18 @@ class SpecEngine:
         except OutOfKVMemory:
             self._preempt_one()
             return self._reap()
-        if not any(r.pending for r in results):  # a prompt chunk is no verify cost
-            self.costs.observe_verify(max(len(i.draft_ids) for i in items), time.perf_counter() - t0)
+        self.costs.observe_verify(max(len(i.draft_ids) for i in items), time.perf_counter() - t0,
+                                  prompt_chunk=any(r.pending for r in results))
         for r, it, res in zip(self.running, items, results, strict=True):
             if res.pending:  # a chunk of a long prompt went in; its first token comes in a later step
                 continue
-            k = len(it.draft_ids)
-            r.drafter_valid += res.num_accepted if k else 0
             if res.hidden_states is not None:
                 r.hidden.append(res.hidden_states)
-            if k:
-                r.adaptive.observe(k, res.num_accepted)
-            lps = _to_logprobs(res.logprobs) if res.logprobs is not None else None
-            if res.prompt_logprobs is not None and r.seq.prompt_logprobs is None:
-                r.seq.prompt_logprobs = [None, *_to_logprobs(res.prompt_logprobs)][: len(r.seq.prompt_ids)]
-            kept, _ = r.seq.commit(res.emitted, lps)
-            m = r.seq.metrics
-            m.num_drafted_tokens += k
-            m.num_accepted_tokens += min(res.num_accepted, len(kept))
-            m.num_rounds += 1
-            m.num_emitted_tokens += len(kept)
+            prompt_lps = _to_logprobs(res.prompt_logprobs) \
+                if res.prompt_logprobs is not None and r.seq.prompt_logprobs is None else None
+            r.book.commit(len(it.draft_ids), res.num_accepted, res.emitted,
+                          _to_logprobs(res.logprobs) if res.logprobs is not None else None, prompt_lps)
         return self._reap()
-
-    def _choose_k(self, r: _Running) -> int:
-        seq = r.seq
-        room = min(seq.max_new_tokens() - 1, self.max_model_len - len(seq.all_ids) - 1)
-        return r.adaptive.choose(self.costs, room) if self.drafter is not None else 0
 
     def _admit(self) -> None:
         caches = [self.target.runner.cache]
