@@ -4,9 +4,11 @@ vLLM's default layers 2, 4 and 5), heads written in the published layouts, and t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from draft_service.config import DraftServiceConfig
@@ -121,3 +123,24 @@ def check_recorded_states(rec: Recorder, target: Path, layers: tuple[int, ...]) 
         torch.testing.assert_close(states.float(), ref[start : start + n], atol=0.05, rtol=0.02)
         covered.update(range(start, start + n))
     return covered
+
+
+def one_completion_fixtures(name: str, prompt: str, max_tokens: int, method: str) -> tuple[Callable[..., Any], ...]:
+    """The module fixtures of a test module that streams one completion through an EAGLE cluster:
+    `eagle_models`, `eagle_cluster` (serving `method` only) and `reference` (the target's own
+    greedy tokens); assign them to those names in the module."""
+    @pytest.fixture(scope="module")
+    def eagle_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+        return make_eagle_models(tmp_path_factory.mktemp(name))
+
+    @pytest.fixture(scope="module")
+    def eagle_cluster(aio: LoopThread, eagle_models: dict[str, Path]) -> Iterator[EagleCluster]:
+        c = EagleCluster(aio, eagle_models, methods=(method,))
+        yield c
+        c.close()
+
+    @pytest.fixture(scope="module")
+    def reference(eagle_models: dict[str, Path]) -> list[int]:
+        return plain_greedy(eagle_models["target"], [prompt], max_tokens)[prompt]
+
+    return eagle_models, eagle_cluster, reference

@@ -11,7 +11,6 @@ failure and the gateway starts the completion again with the survivor (the targe
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -23,8 +22,7 @@ from tests.services.eagle_cluster import (
     LAYERS,
     EagleCluster,
     check_recorded_states,
-    make_eagle_models,
-    plain_greedy,
+    one_completion_fixtures,
 )
 
 PROMPT = "def fibonacci(n):"
@@ -33,21 +31,7 @@ KILL_AFTER = 20  # tokens received before the kill
 METHOD = "eagle3"
 
 
-@pytest.fixture(scope="module")
-def eagle_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_eagle_models(tmp_path_factory.mktemp("eagle-failover"))
-
-
-@pytest.fixture(scope="module")
-def eagle_cluster(aio: LoopThread, eagle_models: dict[str, Path]) -> Iterator[EagleCluster]:
-    c = EagleCluster(aio, eagle_models, methods=(METHOD,))
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def reference(eagle_models: dict[str, Path]) -> list[int]:
-    return plain_greedy(eagle_models["target"], [PROMPT], MAX_TOKENS)[PROMPT]
+eagle_models, eagle_cluster, reference = one_completion_fixtures("eagle-failover", PROMPT, MAX_TOKENS, METHOD)
 
 
 def _victim(eagle_models: dict[str, Path], log: Path) -> ReplicaProcess:

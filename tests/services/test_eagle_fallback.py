@@ -9,7 +9,6 @@ the target tier's own loop).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,7 @@ from tests.services.eagle_cluster import (
     LAYERS,
     EagleCluster,
     eagle_spec,
-    make_eagle_models,
-    plain_greedy,
+    one_completion_fixtures,
 )
 
 PROMPT = "def fibonacci(n):"
@@ -36,21 +34,7 @@ KILL_AFTER = 12  # tokens received before it does
 METHOD = "eagle3"
 
 
-@pytest.fixture(scope="module")
-def eagle_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_eagle_models(tmp_path_factory.mktemp("eagle-fallback"))
-
-
-@pytest.fixture(scope="module")
-def eagle_cluster(aio: LoopThread, eagle_models: dict[str, Path]) -> Iterator[EagleCluster]:
-    c = EagleCluster(aio, eagle_models, methods=(METHOD,))
-    yield c
-    c.close()
-
-
-@pytest.fixture(scope="module")
-def reference(eagle_models: dict[str, Path]) -> list[int]:
-    return plain_greedy(eagle_models["target"], [PROMPT], MAX_TOKENS)[PROMPT]
+eagle_models, eagle_cluster, reference = one_completion_fixtures("eagle-fallback", PROMPT, MAX_TOKENS, METHOD)
 
 
 @pytest.fixture
