@@ -13,16 +13,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import grpc
 import pytest
 
-from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc
-from tests.services.conftest import LoopThread, ReplicaProcess, greedy_pb
+from tests.services.conftest import LoopThread, ReplicaProcess
 from tests.services.eagle_cluster import (
     LAYERS,
     EagleCluster,
     check_recorded_states,
     one_completion_fixtures,
+    stream_interrupted,
 )
 
 PROMPT = "def fibonacci(n):"
@@ -53,21 +52,13 @@ def test_killing_the_eagle_draft_replica_loses_no_token_and_rebuilds_the_head(
     assert pool is not None
     survivor = f"127.0.0.1:{eagle_cluster.drafts[METHOD].port}"
     try:
-        ids: list[int] = []
-        final = None
-        with grpc.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
-            call = gateway_pb2_grpc.GatewayStub(ch).Generate(
-                gateway_pb2.GenerateRequest(text=PROMPT, params=greedy_pb(MAX_TOKENS)), timeout=120)
-            for msg in call:
-                ids += msg.token_ids
-                if msg.HasField("usage"):
-                    final = msg
-                if victim.proc.poll() is None and len(ids) >= KILL_AFTER:
-                    assert not msg.HasField("usage"), "the stream ended before the kill"
-                    assert not rec.seen, "the survivor drafted before the kill"
-                    # discovery finds a second draft replica while the first one holds the session
-                    aio.call(lambda: pool.set_addresses([victim.address, survivor]))
-                    victim.kill()
+        def kill_the_victim() -> None:
+            assert not rec.seen, "the survivor drafted before the kill"
+            # discovery finds a second draft replica while the first one holds the session
+            aio.call(lambda: pool.set_addresses([victim.address, survivor]))
+            victim.kill()
+
+        ids, final = stream_interrupted(f"127.0.0.1:{gw.port}", PROMPT, MAX_TOKENS, KILL_AFTER, kill_the_victim)
         assert final is not None and victim.proc.poll() is not None
         assert ids == reference  # no token lost or repeated
         assert not final.stats.draft_fallback and final.stats.drafted_tokens > 0

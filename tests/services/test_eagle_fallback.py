@@ -17,15 +17,16 @@ import pytest
 
 from draft_service.config import DraftServiceConfig
 from draft_service.server import start_draft
-from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc, target_pb2, target_pb2_grpc
+from specsplit.proto.v1 import target_pb2, target_pb2_grpc
 from specsplit.serving.target_link import RemoteTarget
 from target_service.generate import LocalTarget
-from tests.services.conftest import KV_BYTES, LoopThread, greedy_choice_pb, greedy_pb
+from tests.services.conftest import KV_BYTES, LoopThread, greedy_choice_pb
 from tests.services.eagle_cluster import (
     LAYERS,
     EagleCluster,
     eagle_spec,
     one_completion_fixtures,
+    stream_interrupted,
 )
 
 PROMPT = "def fibonacci(n):"
@@ -61,21 +62,16 @@ def test_after_the_eagle_draft_is_lost_the_target_sends_no_states_and_output_sta
         str(eagle_models["target"]), eagle_spec(METHOD, eagle_models), host="127.0.0.1", grpc_port=0,
         metrics_port=0, kv_cache_memory_bytes=KV_BYTES)), timeout=120)
     gw = eagle_cluster.gateway(METHOD, round_mode, drafts=(f"127.0.0.1:{draft.port}",))
-    ids: list[int] = []
-    final = None
+    states_before = 0
+
+    def lose_the_draft() -> None:
+        nonlocal draft, states_before
+        states_before = sum(1 for n in verdict_states if n)
+        aio.run(draft.shutdown(0.0))
+        draft = None
+
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
-            call = gateway_pb2_grpc.GatewayStub(ch).Generate(
-                gateway_pb2.GenerateRequest(text=PROMPT, params=greedy_pb(MAX_TOKENS)), timeout=120)
-            for msg in call:
-                ids += msg.token_ids
-                if msg.HasField("usage"):
-                    final = msg
-                if draft is not None and len(ids) >= KILL_AFTER:
-                    assert not msg.HasField("usage"), "the stream ended before the draft tier went away"
-                    states_before = sum(1 for n in verdict_states if n)
-                    aio.run(draft.shutdown(0.0))
-                    draft = None
+        ids, final = stream_interrupted(f"127.0.0.1:{gw.port}", PROMPT, MAX_TOKENS, KILL_AFTER, lose_the_draft)
     finally:
         if draft is not None:
             aio.run(draft.shutdown(0.0))
