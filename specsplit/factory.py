@@ -173,11 +173,12 @@ def eagle_target_layers(cfg: SpeculativeConfig, target_model: str | Path) -> tup
     gateway asks the target tier to return, from the head's config.json and the target's; the
     same choice as the in-process drafter (HeadConfig.target_layers). Checks the head fits the
     target, so a mismatched deployment fails at start, not mid-request."""
+    from specsplit.models.heads import resolve_head
     from specsplit.speculation.eagle.checkpoint import read_head_config
 
     assert cfg.model is not None
     tcfg = _model_config(model_folder(target_model))
-    hc = read_head_config(Path(cfg.model).expanduser(), cfg.method)
+    hc = read_head_config(resolve_head(cfg.model), cfg.method)
     if hc.target_hidden_size != tcfg.hidden_size:
         raise ValueError(f"EAGLE head {cfg.model!r} reads target states of width {hc.target_hidden_size}, "
                          f"but the target's hidden size is {tcfg.hidden_size}: a head trained for another target")

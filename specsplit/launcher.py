@@ -118,15 +118,15 @@ def _start_and_serve(a: argparse.Namespace, model: str, spec: str, names: list[s
 
 
 def _check_eagle(spec: dict, model: str) -> dict:
-    """An EAGLE head is a local folder (not a catalogue name): check it fits the target before
-    three processes start, so a bad config is one clear error, not a tier dying at start."""
-    from pathlib import Path
-
+    """An EAGLE head is a local folder or a hub id (not a catalogue name): fetch it once and check
+    it fits the target before three processes start, so a bad config is one clear error, not a
+    tier dying at start; the tiers get its folder."""
     from specsplit.config import SpeculativeConfig
     from specsplit.factory import eagle_target_layers
+    from specsplit.models.heads import resolve_head
 
-    spec = {**spec, "model": str(Path(spec.get("model") or "").expanduser().resolve())} if spec.get("model") else spec
     try:
+        spec = {**spec, "model": str(resolve_head(spec["model"]))} if spec.get("model") else spec
         eagle_target_layers(SpeculativeConfig.from_any(spec), model)  # type: ignore[arg-type]
     except ValueError as e:
         raise SystemExit(f"specsplit up: {e}") from None

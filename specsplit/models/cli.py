@@ -1,4 +1,4 @@
-"""`specsplit models pull NAME [--force]` and `specsplit models list`.
+"""`specsplit models pull NAME [--force] [--head]` and `specsplit models list`.
 
 The top-level CLI registers these with `add_models_subparser`; `python -m specsplit.models.cli`
 runs them on their own.
@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from specsplit.models.catalog import CATALOG
+from specsplit.models.heads import resolve_head
 from specsplit.models.resolve import cache_dir, list_cached, resolve_model
 
 
@@ -28,7 +29,7 @@ def add_models_subparser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 def run_models(args: argparse.Namespace) -> int:
     """Run the `models` subcommand parsed into `args`; return the exit code."""
     if args.models_command == "pull":
-        return _pull(args.name, force=args.force)
+        return _pull(args.name, force=args.force, head=args.head)
     if args.models_command == "list":
         return _list()
     raise ValueError(f"unknown models command {args.models_command!r}")
@@ -53,12 +54,14 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     )
     pull.add_argument("name", metavar="NAME", help="catalogue name, .gguf path or hub id")
     pull.add_argument("--force", action="store_true", help="pull and convert again even if cached")
+    pull.add_argument("--head", action="store_true",
+                      help="NAME is an EAGLE head (a folder or hub id), kept as it is in <cache>/heads")
     commands.add_parser("list", help="show cached models and catalogue entries not pulled yet")
 
 
-def _pull(name: str, *, force: bool) -> int:
+def _pull(name: str, *, force: bool, head: bool = False) -> int:
     try:
-        folder = resolve_model(name, progress=True, force=force)
+        folder = resolve_head(name) if head else resolve_model(name, progress=True, force=force)
     except (ValueError, RuntimeError) as exc:
         print(f"specsplit models pull: {exc}", file=sys.stderr)
         return 1

@@ -332,6 +332,25 @@ def test_eagle3_head_served_from_the_model_volume(chart: Any) -> None:
         assert any(m["mountPath"] == "/models" for m in c["volumeMounts"])  # the head is read from there
 
 
+def test_an_eagle_head_named_by_hub_id_is_pulled_by_the_draft_and_gateway_pods(chart: Any) -> None:
+    """As vLLM takes it: `model: org/name`. Both pods that read the head pull it into the model
+    volume first (`specsplit models pull --head`), and their config names it as given."""
+    head = "yuhuili/EAGLE3-LLaMA3.1-Instruct-8B"
+    docs = render(chart, {"speculativeConfig": {"method": "eagle3", "model": head}})
+    for component in ("draft", "gateway"):
+        w = one(docs, "Deployment", component)
+        pulls = [c["args"] for c in w["spec"]["template"]["spec"]["initContainers"]]
+        assert ["models", "pull", "--head", head] in pulls
+        assert ["models", "pull", "qwen2.5-coder-1.5b"] in pulls  # the target model still comes first
+        assert json.loads(env_of(container(w))["SPECSPLIT_SPECULATIVE_CONFIG"])["model"] == head
+    assert not any("--head" in c["args"] for c in one(docs, "Deployment", "target")["spec"]["template"]["spec"]
+                   .get("initContainers", []))
+    # an absolute head path is never pulled
+    docs = render(chart, {"speculativeConfig": {"method": "eagle3", "model": "/models/heads/h"}})
+    draft_pulls = [c["args"] for c in one(docs, "Deployment", "draft")["spec"]["template"]["spec"]["initContainers"]]
+    assert draft_pulls == [["models", "pull", "qwen2.5-coder-1.5b"]]
+
+
 def test_without_a_draft_tier_the_gateway_decodes_plainly(chart: Any) -> None:
     docs = render(chart, {"draft": {"enabled": False}})
     assert not find(docs, "Deployment", "draft") and not find(docs, "Service", "draft")
@@ -668,7 +687,8 @@ def test_schema_rejects_wrong_values_with_a_clear_message(
         ),
         (
             {"speculativeConfig": {"method": "eagle3", "model": "my-head"}},
-            "speculativeConfig.model for method eagle3 must be an absolute path inside the model volume",
+            "speculativeConfig.model for method eagle3 must be an absolute path inside the model volume (/models/...) "
+            "or a hub id (org/name)",
         ),
         ({"tls": {"enabled": True}}, "tls.enabled=true needs tls.issuerRef.name"),
         (

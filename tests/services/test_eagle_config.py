@@ -50,7 +50,8 @@ def _spec(method: str, head: Path | str) -> SpeculativeConfig:
 
 
 BAD = {  # name: (method, head key or path, message)
-    "missing head folder": ("eagle3", "/nonexistent/head", "not a folder with config.json"),
+    "missing head folder": ("eagle3", "/nonexistent/head", "no such folder, and not a hub id"),
+    "head hub id not fetchable": ("eagle3", "no-such-org/no-such-head", "Hugging Face hub"),
     "head of another target": ("eagle3", "wide-head", "96"),
     "eagle3 head named eagle": ("eagle", "eagle3", "holds an 'eagle3' head"),
 }

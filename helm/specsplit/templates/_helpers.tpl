@@ -77,9 +77,9 @@ app.kubernetes.io/part-of: specsplit
 {{- if eq $c.method "ngram" }}
 {{- $keys = concat $keys (list "prompt_lookup_max" "prompt_lookup_min") }}
 {{- else if has $c.method (list "eagle" "eagle3") }}
-{{- $_ := required (printf "speculativeConfig.model is required for method %s: the head's folder in the model volume" $c.method) $c.model }}
-{{- if not (hasPrefix "/" $c.model) }}
-{{- fail (printf "speculativeConfig.model for method %s must be an absolute path inside the model volume (%s/...): heads are not in the catalogue" $c.method .Values.model.mountPath) }}
+{{- $_ := required (printf "speculativeConfig.model is required for method %s: the head's folder in the model volume or its hub id" $c.method) $c.model }}
+{{- if not (or (hasPrefix "/" $c.model) (regexMatch "^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$" $c.model)) }}
+{{- fail (printf "speculativeConfig.model for method %s must be an absolute path inside the model volume (%s/...) or a hub id (org/name): heads are not in the catalogue" $c.method .Values.model.mountPath) }}
 {{- end }}
 {{- $keys = append $keys "model" }}
 {{- else }}
@@ -177,13 +177,17 @@ grpc:
 {{- define "specsplit.pullInitContainers" -}}
 {{- $root := .root }}
 {{- if $root.Values.model.download.enabled }}
-{{- range $i, $name := .models }}
+{{- $pulls := list }}
+{{- range .models }}{{ $pulls = append $pulls (list "models" "pull" .) }}{{ end }}
+{{- range .heads }}{{ $pulls = append $pulls (list "models" "pull" "--head" .) }}{{ end }}
+{{- range $i, $args := $pulls }}
+{{- $name := last $args }}
 {{- if and $name (not (hasPrefix "/" $name)) }}
 - name: pull-model-{{ $i }}
   image: {{ include "specsplit.image" $root }}
   imagePullPolicy: {{ $root.Values.image.pullPolicy }}
   command: ["specsplit"]
-  args: ["models", "pull", {{ $name | quote }}]
+  args: {{ toJson $args }}
   env:
     - name: SPECSPLIT_CACHE
       value: {{ $root.Values.model.mountPath | quote }}

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from specsplit.models.heads import resolve_head
 from specsplit.speculation.eagle.checkpoint import load_head
 from specsplit.speculation.eagle.drafter import EagleDrafter, HeadRunner
 
@@ -57,10 +58,7 @@ def load_eagle_drafter(
     max_model_len: int, kv_cache_bytes: int | None = None, top_k: int = 32,
 ) -> EagleDrafter:
     """The drafter of `speculative_config={"method": "eagle"|"eagle3", "model": head_path}`."""
-    head_path = Path(head_path).expanduser()
-    if not (head_path / "config.json").exists():
-        raise ValueError(f"EAGLE head {str(head_path)!r} is not a folder with config.json and weights "
-                         "(train one with `specsplit eagle train TARGET`)")
+    head_path = resolve_head(head_path)  # a folder, or a hub id fetched once into the cache
     loaded = load_head(head_path, method, dtype=dtype, device=device)
     hc = loaded.head.hc
     if hc.model.vocab_size != vocab_size and (hc.method == "eagle" or loaded.embed is not None):
