@@ -195,6 +195,14 @@ class ModelRunner:
     def truncate(self, seq_id: int, length: int) -> None:
         self.cache.truncate(seq_id, length)
 
+    def fork(self, forks: list[tuple[int, int, int]]) -> list[int]:
+        """Children sharing their parents' first tokens, (parent, child, length) each; the
+        children that fit (see PagedKVCache.fork)."""
+        return self.cache.fork(forks)
+
+    def rename(self, old: int, new: int) -> None:
+        self.cache.rename(old, new)
+
     def shutdown(self, timeout_s: float = 5.0) -> bool:
         """Nothing to stop for one device (TensorParallelRunner stops its workers here, within
         `timeout_s`); True = stopped cleanly."""

@@ -23,6 +23,7 @@ gone exits on its own, and workers ignore SIGINT/SIGTERM: rank 0 owns their life
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("SPECSPLIT_TP_TIMEOUT_S", "120")))
 
 # message opcodes (word 0 of every message)
-ADD, FREE, TRUNCATE, FORWARD, STOP, ALL_REDUCE_BENCH, REPLAY_BENCH, FORWARD_HIDDEN = 1, 2, 3, 4, 5, 6, 7, 8
+ADD, FREE, TRUNCATE, FORWARD, STOP, ALL_REDUCE_BENCH, REPLAY_BENCH, FORWARD_HIDDEN, FORK, RENAME = range(1, 11)
 # per-rank teardown states (ShmBroadcast.states)
 LOADING, READY, LEFT, DONE = 0, 1, 2, 3
 
@@ -199,6 +200,9 @@ def _worker(rank: int, world: int, port: int, device_type: str, folder: str | No
         ADD: lambda m: runner.add(m[1]),
         FREE: lambda m: runner.free(m[1]),
         TRUNCATE: lambda m: runner.truncate(m[1], m[2]),
+        # every rank's cache is in the same state, so the same forks take the same blocks
+        FORK: lambda m: runner.fork([(m[i], m[i + 1], m[i + 2]) for i in range(1, len(m), 3)]),
+        RENAME: lambda m: runner.rename(m[1], m[2]),
         FORWARD: lambda m: runner.forward(decode_forward(m)),
         FORWARD_HIDDEN: lambda m: runner.forward_hidden(*decode_forward_layers(m)),
         ALL_REDUCE_BENCH: lambda m: _bench(all_reduce_ms, ctx, device, m[1], m[2], ALL_REDUCE_METHODS[m[3]]),
@@ -279,7 +283,8 @@ class TensorParallelRunner:
         self.cfg = self.local.cfg
         self.device = self.local.device
         self.max_model_len = self.local.max_model_len
-        self.cache = self.local.cache
+        self.cache = self.local.cache  # for questions only (block size, free blocks): changes go through
+        # the methods here, which every rank mirrors
 
     def _workers_alive(self) -> bool:
         return all(p.exitcode is None for p in self.procs)
@@ -314,7 +319,21 @@ class TensorParallelRunner:
     def length(self, seq_id: int) -> int:
         return self.local.length(seq_id)
 
-    def forward(self, inputs: list[StepInput]) -> torch.Tensor:
+    def fork(self, forks: list[tuple[int, int, int]]) -> list[int]:
+        self._send(FORK, *(x for f in forks for x in f))
+        return self.local.fork(forks)
+
+    def rename(self, old: int, new: int) -> None:
+        self._send(RENAME, old, new)
+        self.local.rename(old, new)
+
+    def forward(self, inputs: list[StepInput], device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """ModelRunner.forward on every rank. `device_ids` (a drafter feeding its own picks back)
+        come to the host here: the other ranks cannot read rank 0's device."""
+        if device_ids is not None:
+            if device_ids.shape != (len(inputs),) or any(len(i.token_ids) != 1 for i in inputs):
+                raise ValueError("device_ids needs exactly one token per input")
+            inputs = [dataclasses.replace(i, token_ids=[t]) for i, t in zip(inputs, device_ids.tolist(), strict=True)]
         # validate on rank 0 first so a bad batch never reaches the workers
         self.local.check(inputs)
         self.ring.send(encode_forward(inputs), alive=self._workers_alive)

@@ -303,9 +303,7 @@ class DraftModelDrafter(Drafter):
         return self.runner.length(seq_id)
 
     def _free_blocks(self, reqs: list[DraftRequest]) -> int | None:
-        if not isinstance(self.runner, ModelRunner):
-            return 0  # tensor parallel: its workers mirror cache operations, forks are not among them
-        cache = self.runner.cache
+        cache = self.runner.cache  # questions only: changes go through the runner (mirrored over TP ranks)
         need = sum(cache.blocks_needed(r.seq_id, len(self._session(r.seq_id).tokens) + r.k - 1) for r in reqs)
         if need > cache.num_free_blocks:  # branches are guesses: they give way before any session does
             self.tree.reclaim(self, {r.seq_id for r in reqs})
@@ -316,11 +314,11 @@ class DraftModelDrafter(Drafter):
         return -(-final_len // bs) - shared // bs
 
     def _fork(self, forks: list[tuple[int, int, int]]) -> list[int]:
-        return self.runner.cache.fork(forks) if forks else []
+        return self.runner.fork(forks) if forks else []
 
     def _adopt_fork(self, seq_id: int, child: int) -> None:
         self.runner.free(seq_id)
-        self.runner.cache.rename(child, seq_id)
+        self.runner.rename(child, seq_id)
 
     def _free_fork(self, child: int) -> None:
         self.runner.free(child)

@@ -57,6 +57,26 @@ def test_tp2_logits_equal_one_device_through_prefill_verify_rollback_and_decode(
         r.free(11)
 
 
+def test_tp2_forks_and_renames_mirror_one_device(tp2: TensorParallelRunner, one: ModelRunner) -> None:
+    """Branches of the tree of guesses on a TP draft: every rank forks the same blocks, so a
+    branch's steps (on shared full blocks and a copied partial one) equal one device's."""
+    for r in (tp2, one):
+        r.add(20)
+    _same(tp2, one, [StepInput(20, list(range(3, 40)))])  # 37 tokens: full blocks and a partial one
+    made = [r.fork([(20, 21, 37), (20, 22, 33)]) for r in (tp2, one)]
+    assert made[0] == made[1] == [21, 22]
+    _same(tp2, one, [StepInput(21, [50, 51]), StepInput(22, [52]), StepInput(20, [53])])
+    for r in (tp2, one):
+        r.free(20)
+        r.rename(21, 20)  # the branch that happened becomes the session
+        r.free(22)
+    _same(tp2, one, [StepInput(20, [54])])
+    assert tp2.length(20) == one.length(20) == 40
+    assert len(tp2.cache.seqs[20].blocks) == len(one.cache.seqs[20].blocks)  # (a shard's pool holds more blocks)
+    for r in (tp2, one):
+        r.free(20)
+
+
 def test_bad_step_is_refused_on_rank0_and_the_group_keeps_working(tp2: TensorParallelRunner, one: ModelRunner) -> None:
     with pytest.raises(ValueError, match="no cache"):
         tp2.forward([StepInput(999, [1])])

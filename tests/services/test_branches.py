@@ -6,6 +6,7 @@ default; on a CPU the default is the single all-accepted guess).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -166,6 +167,35 @@ def test_greedy_through_real_servers_with_branches(cluster: Cluster, tree_draft:
         assert pipelined > 0
     finally:
         cluster.aio.run(gw.shutdown(0.5))
+
+
+@pytest.mark.timeout(240)
+def test_a_tensor_parallel_draft_tier_drafts_branches_too(cluster: Cluster, reference: Reference,
+                                                          tree_requests: list[tuple[int, int]]) -> None:
+    """A draft model sharded over two ranks (gloo here) forks its branches on every rank alike:
+    the tree hits, output stays the target's own, and the pool is empty afterwards."""
+    spec = dataclasses.replace(spec_config("draft_model", cluster.models), draft_tensor_parallel_size=2)
+    h = cluster.aio.run(start_draft(DraftServiceConfig(
+        str(cluster.models.target), spec, host="127.0.0.1", grpc_port=0, metrics_port=free_port(),
+        kv_cache_memory_bytes=KV_BYTES, branch_alternatives=1)), timeout=180)
+    try:
+        gw = _gateway(cluster, h, "direct")
+        try:
+            pipelined = 0
+            for prompt in PROMPTS[:2]:
+                out = stream_text(f"127.0.0.1:{gw.port}", prompt, greedy_pb(32))
+                assert out.token_ids == reference.greedy(prompt, 32).token_ids, prompt
+                pipelined += out.final.stats.pipelined_rounds
+        finally:
+            cluster.aio.run(gw.shutdown(0.5))
+        assert any(answered > 1 for _, answered in tree_requests), "no request got more than one branch"
+        assert pipelined > 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sample(h, "specsplit_kv_cache_usage_ratio") != 0:
+            time.sleep(0.02)
+        assert sample(h, "specsplit_kv_cache_usage_ratio") == 0, "the TP draft tier kept KV blocks"
+    finally:
+        cluster.aio.run(h.shutdown(0.5))
 
 
 @pytest.mark.timeout(60)
