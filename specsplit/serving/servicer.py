@@ -172,13 +172,20 @@ class SessionServicer(ABC, Generic[Req, Res]):
         await self.batcher.call(run)
 
     async def start(self, cfg: TierConfig, on_stop: Callable[[], None] | None = None) -> TierHandle:
-        """Serve, warm up, report SERVING; `on_stop` runs after the drain (e.g. stop TP workers)."""
-        handle = await start_tier(
-            name=self.tier, add_servicer=lambda s: self.add_to_server(self, s),
-            service_name=self.service_name, batcher=self.batcher, metrics=self.metrics, host=cfg.host,
-            port=cfg.grpc_port, metrics_port=cfg.metrics_port, warmup=self.warmup, tls=cfg.tls,
-            health_port=cfg.health_port,
-        )
+        """Serve, warm up, report SERVING; `on_stop` runs after the drain (e.g. stop TP workers),
+        or at once when the start fails (a TP runner's workers would otherwise keep the process
+        from exiting)."""
+        try:
+            handle = await start_tier(
+                name=self.tier, add_servicer=lambda s: self.add_to_server(self, s),
+                service_name=self.service_name, batcher=self.batcher, metrics=self.metrics, host=cfg.host,
+                port=cfg.grpc_port, metrics_port=cfg.metrics_port, warmup=self.warmup, tls=cfg.tls,
+                health_port=cfg.health_port,
+            )
+        except BaseException:
+            if on_stop is not None:
+                on_stop()
+            raise
         self.handle = handle
         if on_stop is not None:
             handle.on_stop.append(on_stop)

@@ -49,15 +49,25 @@ async def start_tier(
     health_port: int | None = None,
 ) -> TierHandle:
     batcher.start()
-    srv = await start_grpc_server(add_servicer, [service_name], host=host, port=port, tls=tls,
-                                  health_port=health_port)
-    mport = 0
-    if metrics_port:
-        server, _ = serve_metrics(metrics.registry, host, metrics_port)
-        mport = server.server_port
-        log.info("%s metrics on http://%s:%d/metrics", name, host, mport)
-    if warmup is not None:
-        await warmup()
+    srv = metrics_server = None
+    try:
+        srv = await start_grpc_server(add_servicer, [service_name], host=host, port=port, tls=tls,
+                                      health_port=health_port)
+        mport = 0
+        if metrics_port:
+            metrics_server, _ = serve_metrics(metrics.registry, host, metrics_port)
+            mport = metrics_server.server_port
+            log.info("%s metrics on http://%s:%d/metrics", name, host, mport)
+        if warmup is not None:
+            await warmup()
+    except BaseException:  # a tier that fails to start leaves nothing running behind it
+        if srv is not None:
+            await srv.shutdown(0.0)
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+        await batcher.stop()
+        raise
     await srv.set_serving(True)
     log.info("%s ready on port %d", name, srv.port)
     return TierHandle(srv, batcher, metrics, mport)

@@ -4,6 +4,7 @@ those in flight finish within the grace period or are handed back (UNAVAILABLE),
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import signal
 import time
@@ -155,3 +156,36 @@ def test_draining_gateway_refuses_new_http_and_grpc_requests_and_fails_its_healt
     assert any(m.HasField("usage") for m in call)  # the request in flight completes
     stopping.result(20)
     ch.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_tp_tier_that_fails_to_start_stops_its_workers_and_its_server(
+        aio: LoopThread, models: TinyModels, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start that fails after the TP workers are up (here its warm-up step) raises at once and
+    leaves nothing behind: no worker process (which would keep the process from ever exiting),
+    no listening port."""
+    import multiprocessing
+
+    from draft_service.config import DraftServiceConfig
+    from draft_service.server import DraftServicer, start_draft
+    from specsplit.launcher import free_port
+    from tests.services.conftest import spec_config
+
+    def broken(self: DraftServicer, seq_id: int, prompt_len: int) -> Any:
+        raise ValueError("warm-up broken on purpose")
+
+    monkeypatch.setattr(DraftServicer, "warmup_request", broken)
+    spec = dataclasses.replace(spec_config("draft_model", models), draft_tensor_parallel_size=2)
+    port = free_port()
+    t = time.monotonic()
+    with pytest.raises(ValueError, match="warm-up broken on purpose"):
+        aio.run(start_draft(DraftServiceConfig(str(models.target), spec, host="127.0.0.1", grpc_port=port,
+                                               metrics_port=0)), timeout=100)
+    assert time.monotonic() - t < 90
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children(), "a TP worker outlived the failed start"
+    # nobody listens there any more
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.FutureTimeoutError):
+        grpc.channel_ready_future(ch).result(timeout=1)
