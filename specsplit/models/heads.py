@@ -9,12 +9,9 @@ after its pull init container) finds it without the hub.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from specsplit.models.resolve import _HUB_ID, _hub_reason, cache_dir
-
-log = logging.getLogger(__name__)
+from specsplit.models.resolve import cache_dir, hub_snapshot, is_hub_id
 
 # a head's files on the hub: config and weights in either format, nothing else
 HEAD_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
@@ -40,17 +37,11 @@ def resolve_head(spec: str | Path) -> Path:
         return path.resolve()
     text = str(spec)
     cached = head_cache_folder(text)
-    if _HUB_ID.match(text) and "/" in text and not path.exists():
+    if is_hub_id(text) and "/" in text and not path.exists():
         if is_head_folder(cached):
             return cached
-        try:
-            from huggingface_hub import snapshot_download
-
-            snapshot_download(text, allow_patterns=list(HEAD_PATTERNS), local_dir=cached)
-        except Exception as exc:  # noqa: BLE001 - any hub failure becomes the one message below
-            log.debug("hub download of head %r failed", text, exc_info=True)
-            reason = _hub_reason(text, exc)
-        else:
+        folder, reason = hub_snapshot(text, HEAD_PATTERNS, local_dir=cached)
+        if folder is not None:
             if is_head_folder(cached):
                 return cached
             reason = f"hub repo {text} has no config.json with *.safetensors or pytorch_model*.bin"

@@ -144,17 +144,11 @@ def _from_hub(spec: str, path: Path) -> Path:
     """Download `spec` from the Hugging Face hub, or explain every way it failed to resolve."""
     if path.exists():
         reason = f"{path} exists but holds no config.json + *.safetensors and is no .gguf file"
-    elif not _HUB_ID.match(spec):
+    elif not is_hub_id(spec):
         reason = "it is not a hub id either"
     else:
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(spec, allow_patterns=list(HUB_PATTERNS)))
-        except Exception as exc:  # noqa: BLE001 - any hub failure becomes the one message below
-            log.debug("hub download of %r failed", spec, exc_info=True)
-            reason = _hub_reason(spec, exc)
-        else:
+        folder, reason = hub_snapshot(spec, HUB_PATTERNS)
+        if folder is not None:
             if is_hf_folder(folder):
                 return folder
             reason = f"hub repo {spec} has no config.json + *.safetensors"
@@ -164,6 +158,23 @@ def _from_hub(spec: str, path: Path) -> Path:
         f"cannot resolve model {spec!r}{hint}: not a model folder (config.json + *.safetensors), "
         f"not a .gguf file, not a catalogue name ({', '.join(CATALOG)}); {reason}"
     )
+
+
+def is_hub_id(spec: str) -> bool:
+    """"org/name" or "name": the specs worth trying on the hub."""
+    return bool(_HUB_ID.match(spec))
+
+
+def hub_snapshot(spec: str, patterns: tuple[str, ...], local_dir: Path | None = None) -> tuple[Path | None, str]:
+    """Download the files of hub repo `spec` matching `patterns` (into `local_dir`, else the hub's
+    own cache): (its folder, "") or (None, why not, in one clause)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, allow_patterns=list(patterns), local_dir=local_dir)), ""
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes the one message of the caller
+        log.debug("hub download of %r failed", spec, exc_info=True)
+        return None, _hub_reason(spec, exc)
 
 
 def _hub_reason(spec: str, exc: Exception) -> str:
