@@ -231,6 +231,27 @@ class Streamed:
     final: gateway_pb2.GenerateResponse | None
 
 
+def stream_interrupted(address: str, prompt: str, max_tokens: int, after: int, interrupt: Callable[[], None],
+                       timeout: float = 120.0) -> tuple[list[int], gateway_pb2.GenerateResponse | None]:
+    """Stream a greedy completion through a gateway and call `interrupt` once, when `after` tokens
+    have arrived and the stream is still going; returns the tokens and the final message."""
+    ids: list[int] = []
+    final = None
+    done = False
+    with grpc.insecure_channel(address) as ch:
+        call = gateway_pb2_grpc.GatewayStub(ch).Generate(
+            gateway_pb2.GenerateRequest(text=prompt, params=greedy_pb(max_tokens)), timeout=timeout)
+        for msg in call:
+            ids += msg.token_ids
+            if msg.HasField("usage"):
+                final = msg
+            if not done and len(ids) >= after:
+                assert not msg.HasField("usage"), "the stream ended before the interruption"
+                interrupt()
+                done = True
+    return ids, final
+
+
 def stream_text(address: str, prompt: str, params: common_pb2.SamplingParams, timeout: float = 60.0) -> Streamed:
     """Generate through the public gRPC API, collecting completion 0."""
     with grpc.insecure_channel(address) as ch:

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import torch
 
@@ -17,13 +16,12 @@ from draft_service.server import _load, start_draft
 from gateway.config import GatewayConfig
 from gateway.server import GatewayHandle, start_gateway
 from specsplit import LLM, SamplingParams, SpeculativeConfig
-from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc
 from specsplit.runtime.runner import ModelRunner, StepInput
 from specsplit.serving.tier import TierHandle
 from specsplit.testing import make_tiny_model
 from target_service.config import TargetServiceConfig
 from target_service.server import start_target
-from tests.services.conftest import KV_BYTES, LoopThread, greedy_pb
+from tests.services.conftest import KV_BYTES, LoopThread
 from tests.speculation.eagle_layouts import write_eagle1, write_eagle3
 
 METHODS = ("eagle", "eagle3")
@@ -147,23 +145,3 @@ def one_completion_fixtures(name: str, prompt: str, max_tokens: int, method: str
 
     return eagle_models, eagle_cluster, reference
 
-
-def stream_interrupted(address: str, prompt: str, max_tokens: int, after: int, interrupt: Callable[[], None]
-                       ) -> tuple[list[int], gateway_pb2.GenerateResponse | None]:
-    """Stream a greedy completion through a gateway and call `interrupt` once, when `after` tokens
-    have arrived and the stream is still going; returns the tokens and the final message."""
-    ids: list[int] = []
-    final = None
-    done = False
-    with grpc.insecure_channel(address) as ch:
-        call = gateway_pb2_grpc.GatewayStub(ch).Generate(
-            gateway_pb2.GenerateRequest(text=prompt, params=greedy_pb(max_tokens)), timeout=120)
-        for msg in call:
-            ids += msg.token_ids
-            if msg.HasField("usage"):
-                final = msg
-            if not done and len(ids) >= after:
-                assert not msg.HasField("usage"), "the stream ended before the interruption"
-                interrupt()
-                done = True
-    return ids, final

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.services.conftest import LoopThread, ReplicaProcess
+from tests.services.conftest import LoopThread, ReplicaProcess, stream_interrupted
 from tests.services.eagle_cluster import (
     LAYERS,
     EagleCluster,
     check_recorded_states,
     one_completion_fixtures,
-    stream_interrupted,
 )
 
 PROMPT = "def fibonacci(n):"

@@ -20,13 +20,12 @@ from draft_service.server import start_draft
 from specsplit.proto.v1 import target_pb2, target_pb2_grpc
 from specsplit.serving.target_link import RemoteTarget
 from target_service.generate import LocalTarget
-from tests.services.conftest import KV_BYTES, LoopThread, greedy_choice_pb
+from tests.services.conftest import KV_BYTES, LoopThread, greedy_choice_pb, stream_interrupted
 from tests.services.eagle_cluster import (
     LAYERS,
     EagleCluster,
     eagle_spec,
     one_completion_fixtures,
-    stream_interrupted,
 )
 
 PROMPT = "def fibonacci(n):"

@@ -11,19 +11,18 @@ import dataclasses
 import json
 from collections.abc import Iterator
 
-import grpc
 import pytest
 
 from gateway.config import GatewayConfig
 from gateway.server import GatewayHandle, start_gateway
-from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc
+from specsplit.proto.v1 import gateway_pb2
 from tests.services.conftest import (
     LoopThread,
     Reference,
     ReplicaProcess,
     TinyModels,
-    greedy_pb,
     spec_config,
+    stream_interrupted,
 )
 
 PROMPT = "def fibonacci(n):"
@@ -67,23 +66,17 @@ def _stream_and_kill(aio: LoopThread, gw: GatewayHandle, replicas: dict[str, Rep
                      ) -> tuple[list[int], gateway_pb2.GenerateResponse, ReplicaProcess]:
     """Stream PROMPT; after KILL_AFTER tokens SIGKILL the `kind` replica that holds the session."""
     pool = gw.core.targets if kind == "target" else gw.core.drafts
-    ids: list[int] = []
-    final = None
     victim = None
-    with grpc.insecure_channel(f"127.0.0.1:{gw.port}") as ch:
-        call = gateway_pb2_grpc.GatewayStub(ch).Generate(
-            gateway_pb2.GenerateRequest(text=PROMPT, params=greedy_pb(MAX_TOKENS)), timeout=90)
-        for msg in call:
-            ids += msg.token_ids
-            if msg.HasField("usage"):
-                final = msg
-            if victim is None and len(ids) >= KILL_AFTER:
-                assert not msg.HasField("usage"), "the stream ended before the kill"
-                load = aio.call(lambda: dict(pool.load))
-                holding = [a for a, n in load.items() if n > 0]
-                assert len(holding) == 1, load
-                victim = next(p for p in replicas.values() if p.address == holding[0])
-                victim.kill()
+
+    def kill_the_holder() -> None:
+        nonlocal victim
+        load = aio.call(lambda: dict(pool.load))
+        holding = [a for a, n in load.items() if n > 0]
+        assert len(holding) == 1, load
+        victim = next(p for p in replicas.values() if p.address == holding[0])
+        victim.kill()
+
+    ids, final = stream_interrupted(f"127.0.0.1:{gw.port}", PROMPT, MAX_TOKENS, KILL_AFTER, kill_the_holder, timeout=90)
     assert final is not None and victim is not None
     return ids, final, victim
 
