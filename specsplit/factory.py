@@ -178,7 +178,7 @@ def eagle_target_layers(cfg: SpeculativeConfig, target_model: str | Path) -> tup
 
     assert cfg.model is not None
     tcfg = _model_config(model_folder(target_model))
-    hc = read_head_config(resolve_head(cfg.model), cfg.method)
+    hc = read_head_config(resolve_head(cfg.model, config_only=True), cfg.method)
     if hc.target_hidden_size != tcfg.hidden_size:
         raise ValueError(f"EAGLE head {cfg.model!r} reads target states of width {hc.target_hidden_size}, "
                          f"but the target's hidden size is {tcfg.hidden_size}: a head trained for another target")

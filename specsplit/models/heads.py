@@ -29,11 +29,14 @@ def head_cache_folder(spec: str) -> Path:
     return cache_dir() / "heads" / spec.replace("/", "--")
 
 
-def resolve_head(spec: str | Path) -> Path:
+def resolve_head(spec: str | Path, *, config_only: bool = False) -> Path:
     """The folder of the EAGLE head `spec`: a local folder, else a hub id fetched once into the
-    cache. A ValueError says why neither worked (the hub's own error shortened to one clause)."""
+    cache. A ValueError says why neither worked (the hub's own error shortened to one clause).
+
+    `config_only`: the caller reads only config.json (the gateway, for the target layers the head
+    reads), so a local folder without the weights is enough."""
     path = Path(spec).expanduser()
-    if is_head_folder(path):
+    if is_head_folder(path) or (config_only and (path / "config.json").is_file()):
         return path.resolve()
     text = str(spec)
     cached = head_cache_folder(text)

@@ -59,6 +59,18 @@ def test_a_local_head_folder_is_used_as_it_is(tmp_path: Path, cache: Path, hub: 
     assert not hub.calls
 
 
+def test_a_reader_of_the_config_alone_takes_a_folder_without_weights(tmp_path: Path, cache: Path, hub: FakeHub
+                                                                    ) -> None:
+    """The gateway reads only the head's config (which target layers to ask for); a head tier needs weights."""
+    folder = tmp_path / "head"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert resolve_head(str(folder), config_only=True) == folder.resolve()
+    with pytest.raises(ValueError, match="no config.json with"):
+        resolve_head(str(folder))
+    assert not hub.calls
+
+
 def test_a_hub_id_is_fetched_once_into_the_cache(cache: Path, hub: FakeHub) -> None:
     folder = resolve_head(HUB_ID)
     assert folder == head_cache_folder(HUB_ID) == cache / "heads" / "yuhuili--EAGLE-LLaMA3-Instruct-8B"
