@@ -90,9 +90,9 @@ def main() -> int:
     proj = torch.randn(1, 4096, device=dev, dtype=dt)  # one new token's projected target state
 
     def head_block() -> None:
-        ids = runner.chain.run([0], [[7]], proj, [0], k)  # type: ignore[union-attr]
-        assert ids is not None
-        ids.tolist()  # the block reaches the host, as a proposal does
+        got = runner.chain.run([0], [[7]], proj, [0], k)  # type: ignore[union-attr]
+        assert got is not None
+        got[0].tolist()  # the block reaches the host, as a proposal does
         runner.cache.truncate(0, 512)
 
     t_block = timed(head_block, args.iters)

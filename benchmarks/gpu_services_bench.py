@@ -423,7 +423,7 @@ async def part6(a: argparse.Namespace, ports: dict[str, int], draft: Tier, targe
     if timing.get("draft_bound_ms"):
         dr = timing["draft_token_ms"] / timing["draft_bound_ms"]
         g["draft_token_over_bound"] = goal(dr, "<= 1.3", dr <= 1.3)
-    if {("direct-pipelined", 0.8), ("direct-sequential", 0.8)} <= rows.keys() and a.method == "draft_model":  # EAGLE does not pipeline
+    if {("direct-pipelined", 0.8), ("direct-sequential", 0.8)} <= rows.keys():
         for b, r in sorted(by_beta.items()):
             pr = r["tok_s"] / rows[("direct-sequential", 0.8)]["tok_s"]
             key = "pipelined_over_sequential_alpha0.8" + ("" if b == a.beta[-1] else f"_beta{b:g}")

@@ -67,7 +67,7 @@ class OracleEagleDrafter(EagleDrafter):
         super().__init__(runner)
         self.seed = seed
         self.alpha = 1.0
-        self.beta = 0.0  # an EAGLE draft is never drafted ahead: runner-ups are not used
+        self.beta = 0.0  # an EAGLE head drafts ahead only the all-accepted outcome: runner-ups are not used
         self.set_alpha(alpha)
         self.refs: list[list[int]] = []
         self._by_prompt: dict[tuple[int, ...], int] = {}

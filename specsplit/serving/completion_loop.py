@@ -22,7 +22,6 @@ once (and the draft adopts that branch); otherwise the draft proposes afresh.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -61,7 +60,7 @@ class LoopOptions:
     vocab_size: int = 0  # draft ids must be below this (0: unchecked); the target checks again
     kv_wait_s: float = 30.0  # a session a tier keeps refusing for lack of KV memory: RESOURCE_EXHAUSTED after this
     # EAGLE drafts: the target layers whose states each verify returns and the next propose carries
-    # (empty: none); such a loop does not pipeline, as no guess can have the unverified states
+    # (empty: none); a block drafted ahead goes on from the head's own states (eagle/drafter.py)
     hidden_layers: tuple[int, ...] = ()
     hidden_row_bytes: int = 0  # wire size of one position's states (bf16: 2 * hidden_size * len(hidden_layers))
 
@@ -162,9 +161,8 @@ class CompletionLoop:
             RemoteTarget(target, lambda: self.seq.all_ids, self._params_pb, opts, self.stats, self.prompt_len)
         # (tier, status) -> tier sessions that broke (a metric): the target's failover's and the draft's
         self.failures = self.target.failover.failures if isinstance(self.target, RemoteTarget) else {}
-        if opts.hidden_layers:  # EAGLE: a block guessed before the verify would lack the states it drafts from
-            self.opts = opts = dataclasses.replace(opts, pipeline=False)
-        self._states: list[bytes] = []  # EAGLE: target states since the last block the draft made
+        self._states: list[bytes] = []  # EAGLE: target states verified since the last propose
+        self._states_epoch = 0  # re-prefills so far (older states are void)
         self._draft_opened = False  # a draft session was opened before (a re-open rebuilds the head's states)
         self._restart_target = False  # the next verify re-prefills the target to send every state again
         self.draft: TierSession | None = None
@@ -251,8 +249,10 @@ class CompletionLoop:
             return None
         while self.draft is not None:
             self._round += 1
+            # EAGLE: the states verified since the last propose; a verdict that arrives meanwhile adds its own
+            sent, self._states, epoch = self._states, [], self._states_epoch
             msg = draft_pb2.DraftPropose(round_id=self._round, prefix_len=prefix_len, new_tokens=new_tokens, k=k,
-                                         hidden_states=b"" if speculative else self._states_to_send())
+                                         hidden_states=self._wire_states(sent))
             if self._adopt is not None:
                 msg.adopt_branch, self._adopt = self._adopt, None
             if block_len is not None:
@@ -263,10 +263,10 @@ class CompletionLoop:
                 if block_len is not None:
                     prop.branches = check_branches(resp.proposal, block_len, k, self.opts.vocab_size, self.draft.address)
                 self._draft_pauses = 0
-                if not speculative:
-                    self._states = []  # the draft's head holds them now
                 return prop
             except TierFailure as f:
+                if epoch == self._states_epoch:  # not delivered: the next propose carries them (unless re-prefilled)
+                    self._states = sent + self._states
                 s, self.draft = self.draft, None
                 if f.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     # the draft's KV is full: decode plainly for a while, then re-open the session
@@ -378,9 +378,9 @@ class CompletionLoop:
                 if task is not None and not task.done():
                     task.cancel()
 
-    def _states_to_send(self) -> bytes:
-        """The states held since the last block, the newest rows that fit one message."""
-        data = b"".join(self._states)
+    def _wire_states(self, states: list[bytes]) -> bytes:
+        """States held since the last propose, the newest rows that fit one message."""
+        data = b"".join(states)
         return tail_rows(data, self.opts.hidden_row_bytes) if self.opts.hidden_row_bytes else data
 
     async def _verify(self, block: list[int], q: Q) -> Verdict:
@@ -392,6 +392,7 @@ class CompletionLoop:
         if self.opts.hidden_layers and self.drafts is not None:
             if res.fresh:  # a (re)prefill: states from position 0, covering every older chunk
                 self._states = []
+                self._states_epoch += 1
             self._states.append(res.hidden_states)
         return res
 

@@ -56,6 +56,8 @@ class Recorder:
         for r in reqs:
             if r.hidden_states is not None and r.seq_id >= 0:  # not the warm-up
                 tokens = self.drafter.sessions[r.seq_id].tokens[: r.prefix_len] + r.new_tokens
+                if r.branch is not None:  # drafting ahead: the states end before the block under verify
+                    tokens = tokens[: len(tokens) - r.branch.block_len]
                 self.seen.append((tokens, r.hidden_states.clone()))
         return self.inner(reqs)
 
@@ -64,7 +66,8 @@ class EagleCluster:
     """One target tier (TP 1 or 2), one recorded draft tier per method, gateways on demand."""
 
     def __init__(self, aio: LoopThread, models: dict[str, Path], tp: int = 1,
-                 methods: tuple[str, ...] = METHODS) -> None:
+                 methods: tuple[str, ...] = METHODS, drafters: dict[str, Any] | None = None) -> None:
+        """`drafters`: a method's drafter object instead of the one its head folder loads."""
         self.aio, self.models = aio, models
         self.target: TierHandle = aio.run(start_target(TargetServiceConfig(
             str(models["target"]), host="127.0.0.1", grpc_port=0, metrics_port=0, kv_cache_memory_bytes=KV_BYTES,
@@ -74,7 +77,7 @@ class EagleCluster:
         for m in methods:
             cfg = DraftServiceConfig(str(models["target"]), eagle_spec(m, models), host="127.0.0.1", grpc_port=0,
                                      metrics_port=0, kv_cache_memory_bytes=KV_BYTES)
-            drafter = _load(cfg)
+            drafter = (drafters or {}).get(m) or _load(cfg)
             drafter.propose = self.recorders[m] = Recorder(drafter)  # type: ignore[method-assign]
             self.drafts[m] = aio.run(start_draft(cfg, drafter))
         self.gateways: list[GatewayHandle] = []

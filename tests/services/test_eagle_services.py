@@ -53,7 +53,6 @@ def check_greedy(c: EagleCluster, plain: dict[str, list[int]], method: str, roun
     for prompt in PROMPTS:
         out = stream_text(f"127.0.0.1:{gw.port}", prompt, greedy_pb(MAX_TOKENS), timeout=120)
         assert out.token_ids == plain[prompt], (method, round_mode, prompt)
-        assert out.final.stats.pipelined_rounds == 0  # no guess ahead of the verify: it would lack states
         drafted += out.final.stats.drafted_tokens
     assert drafted > 0  # the head drafted, from states that crossed the wire
 

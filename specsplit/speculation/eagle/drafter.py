@@ -8,6 +8,13 @@ The entries the head made from its own states while drafting are dropped at the 
 request and rebuilt from the target's states, as EAGLE does. If states for some positions
 never arrive (a draft session re-opened elsewhere), the head restarts its cache at the first
 position it has states for: fewer drafts accepted for a while, never a wrong token.
+
+Drafting ahead (a branch request, sent while the target verifies the session's last block):
+the head guesses the outcome where the whole block is accepted, so it goes on from its own
+output state after the block's last token (the session's `tail`): the bonus guess, then the
+next block. Such a request brings the states of the round verified before, which rewrite
+those positions' entries in place; the entries the head made from its own states after them
+stay until the next sequential request truncates them.
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ log = logging.getLogger(__name__)
 class _HeadState:
     base: int = 0  # position of the head cache's first entry
     valid: int = 0  # entries from `base` on that were built from target states
+    # the head's output state after the last token it drafted (the state that token's entry
+    # pairs with), and the session's token count when it held: drafting ahead goes on from it
+    tail: Tensor | None = None
+    tail_len: int = -1
 
 
 class HeadRunner:
@@ -128,29 +139,65 @@ class EagleDrafter(Drafter):
         head = self.runner.head
         width = head.hc.state_size
         feed: list[tuple[int, list[int], Tensor, int]] = []  # seq_id, tokens, states, start position
+        rewrites: list[tuple[int, list[int], Tensor, int]] = []
         for r in reqs:
-            h = r.hidden_states
-            if h is None or h.shape[0] == 0:
-                continue  # nothing new from the target: no state to draft from (propose nothing)
             s, st = self.sessions[r.seq_id], self.state[r.seq_id]
-            n, length = h.shape[0], len(self.sessions[r.seq_id].tokens)
-            if h.dim() != 2 or h.shape[1] != width or n > length - 1:
-                raise SessionError(f"draft session {r.seq_id}: hidden states of shape {tuple(h.shape)}, want "
-                                   f"[n <= {length - 1}, {width}]")
-            start = length - 1 - n  # position of the first new entry
-            cache = self.runner.cache
-            if st.base <= start <= st.base + st.valid:
-                cache.truncate(r.seq_id, start - st.base)
-            else:  # states for positions before `start` are missing: restart the cache there
-                cache.truncate(r.seq_id, 0)
-                st.base = start
-            st.valid = start - st.base + n
-            feed.append((r.seq_id, s.tokens[length - n :], head.project(h.to(self.device, head.fc.weight.dtype)), start))
+            length = len(s.tokens)
+            # a branch request's last block_len tokens are under verify: the states end before them
+            known = length - (r.branch.block_len if r.branch is not None else 0)
+            h = r.hidden_states
+            if h is not None and h.shape[0] > 0:
+                n = h.shape[0]
+                if h.dim() != 2 or h.shape[1] != width or n > known - 1:
+                    raise SessionError(f"draft session {r.seq_id}: hidden states of shape {tuple(h.shape)}, want "
+                                       f"[n <= {known - 1}, {width}]")
+                start = known - 1 - n  # position of the first new entry
+                states = head.project(h.to(self.device, head.fc.weight.dtype))
+                if r.branch is not None and st.base <= start <= st.base + st.valid:
+                    rewrites.append((r.seq_id, s.tokens[known - n : known], states, start))
+                    st.valid = max(st.valid, start - st.base + n)
+                else:
+                    cache = self.runner.cache
+                    if st.base <= start <= st.base + st.valid:
+                        cache.truncate(r.seq_id, start - st.base)
+                    else:  # states for positions before `start` are missing: restart the cache there
+                        cache.truncate(r.seq_id, 0)
+                        st.base = start
+                    st.valid = start - st.base + n
+                    st.tail = None
+                    if r.branch is None:
+                        feed.append((r.seq_id, s.tokens[length - n :], states, start))
+                        continue
+                    rewrites.append((r.seq_id, s.tokens[known - n : known], states, start))  # no guess this time
+            if r.branch is not None and st.tail is not None and st.tail_len == length:
+                feed.append((r.seq_id, s.tokens[-1:], st.tail[None], length - 2))  # go on after the block
+        if rewrites:
+            self._rewrite(rewrites)
         if not feed:
             return [Proposal([]) for _ in reqs]
         by_id = {r.seq_id: r for r in reqs}
+        for f in feed:
+            self.state[f[0]].tail = None  # set again by the block drafted now
         made = self._run([by_id[f[0]] for f in feed], feed)
+        for seq_id, p in made.items():
+            st = self.state[seq_id]
+            st.tail_len = len(self.sessions[seq_id].tokens) + len(p.token_ids) if st.tail is not None else -1
         return [made.get(r.seq_id, Proposal([])) for r in reqs]
+
+    def _rewrite(self, rewrites: list[tuple[int, list[int], Tensor, int]]) -> None:
+        """Rebuild each session's entries at `start`.. from the target's states, in place: the
+        entries after them (drafted from the head's own states, maybe under verify) stay."""
+        cache = self.runner.cache
+        seq_ids = [w[0] for w in rewrites]
+        ends = [cache.seqs[s].length for s in seq_ids]
+        for seq_id, _, _, start in rewrites:
+            cache.seqs[seq_id].length = start - self.state[seq_id].base
+        try:
+            self.runner.step(seq_ids, [w[1] for w in rewrites], torch.cat([w[2] for w in rewrites]),
+                             [self.state[s].base for s in seq_ids])
+        finally:
+            for seq_id, end in zip(seq_ids, ends, strict=True):
+                cache.seqs[seq_id].length = max(end, cache.seqs[seq_id].length)
 
     def _chained(self, reqs: list[DraftRequest], feed: list[tuple[int, list[int], Tensor, int]]
                  ) -> dict[int, Proposal] | None:
@@ -170,10 +217,13 @@ class EagleDrafter(Drafter):
         seq_ids = [r.seq_id for r in reqs]
         if any(len(f[1]) > MAX_FEED for f in feed):
             self._feed_all_but_last(feed)  # a prompt's states: eagerly into the cache, then the block in a graph
-        ids = chain.run(seq_ids, [f[1] for f in feed], torch.cat([f[2] for f in feed]),
+        got = chain.run(seq_ids, [f[1] for f in feed], torch.cat([f[2] for f in feed]),
                         [self.state[s].base for s in seq_ids], k, plan)
-        if ids is None:
+        if got is None:
             return None
+        ids, tails = got
+        for i, s in enumerate(seq_ids):
+            self.state[s].tail = tails[i]
         return {s: Proposal(block) for s, block in zip(seq_ids, ids.tolist(), strict=True)}
 
     def _feed_all_but_last(self, feed: list[tuple[int, list[int], Tensor, int]]) -> None:
@@ -230,6 +280,8 @@ class EagleDrafter(Drafter):
                 if not sub.all_greedy and not sessions[i].params.greedy:
                     q_ids[i].append(top_ids[j])
                     q_probs[i].append(top_p[j])
+                if len(blocks[i]) == reqs[i].k:  # where drafting ahead goes on from
+                    self.state[reqs[i].seq_id].tail = out[j]
             keep = [j for j, i in enumerate(live) if len(blocks[i]) < reqs[i].k]
             live = [live[j] for j in keep]
             if not live:

@@ -43,7 +43,8 @@ class HeadChain:
     def __init__(self, runner: HeadRunner, max_graphs: int = 64) -> None:
         self.runner = runner
         self.max_graphs = max_graphs
-        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor, Tensor, Tensor]] = {}
+        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor, Tensor,
+                                                 tuple[Tensor, Tensor]]] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.scratch: int | None = None  # a cache slot the padding rows write to, read by no one
         self.disabled = False
@@ -60,14 +61,15 @@ class HeadChain:
 
     @torch.inference_mode()
     def run(self, seq_ids: list[int], feeds: list[list[int]], states: Tensor, bases: list[int], k: int,
-            plan: Tensor | None = None) -> Tensor | None:
+            plan: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """A greedy block of `k` tokens per sequence in one replay.
 
         Step 0 appends each sequence's `feeds[i]` (the tokens committed since its last block)
         with their projected target states (`states` # [sum(len(feeds[i])), H]); each later step
         the previous step's choice and the head's own output state. Where `plan` # [m, k] is
         >= 0 that token is fed and proposed instead (a benchmark's oracle). Returns the ids
-        # [m, k], or None (nothing changed) when the block cannot run here.
+        # [m, k] and the head's output state after the last step # [m, H] (what drafting on
+        would start from), or None (nothing changed) when the block cannot run here.
         """
         r, cache = self.runner, self.runner.cache
         m = len(seq_ids)
@@ -131,10 +133,11 @@ class HeadChain:
         self.replays += 1
         for s, x, n in zip(seqs, starts, qs, strict=True):
             s.length = x + n + k - 1
-        return out[:, :m].T.clone()  # [m, k]
+        ids, tail = out
+        return ids[:, :m].T.clone(), tail[:m].clone()  # [m, k], [m, H]
 
     def _capture(self, batches: list[StepBatch], q: int
-                 ) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 ) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
         r = self.runner
         dev, b, k = r.device, batches[0].num_seqs, len(batches)
         static = torch.from_numpy(np.concatenate([x.packed for x in batches])).to(dev)
@@ -148,7 +151,7 @@ class HeadChain:
         def pick(j: int, st: Tensor) -> Tensor:
             return torch.where(forced[:, j] >= 0, forced[:, j], self.greedy_ids(st))
 
-        def chain() -> Tensor:
+        def chain() -> tuple[Tensor, Tensor]:
             ids, pos, meta = batches[0].unpack(views[0])
             st = r.head(nn.functional.embedding(ids, r.embed).to(dtype), st_in, pos, kv, meta, r.backend)[last]
             tok = pick(0, st)
@@ -158,7 +161,7 @@ class HeadChain:
                 st = r.head(nn.functional.embedding(tok, r.embed).to(dtype), st, pos, kv, meta, r.backend)  # [B, H]
                 tok = pick(j, st)
                 outs.append(tok)
-            return torch.stack(outs)  # [k, B]
+            return torch.stack(outs), st  # [k, B], [B, H]
 
         graph, out = capture(chain, dev, self.pool)
         log.info("captured a CUDA graph of a %d-token EAGLE head block for batch %d x %d, context %d",
