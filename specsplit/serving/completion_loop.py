@@ -309,7 +309,7 @@ class CompletionLoop:
                 before = len(seq.all_ids)
                 verify = asyncio.ensure_future(self._verify(block, q))
                 if spec is None and self.opts.pipeline and self.draft is not None and block:
-                    k_next = self._choose_k()
+                    k_next = self.book.choose_ahead_k(self.costs, len(block))
                     if k_next > 0:
                         spec = asyncio.ensure_future(self._propose(before + len(block), [], k_next, block_len=len(block)))
                         spec_k = k_next
@@ -364,7 +364,8 @@ class CompletionLoop:
                             timing.draft_handled_ns = prop.handled_ns
                             self.costs.observe_draft_call((time.perf_counter_ns() - t_prop) / 1e9,
                                                           max(1, len(prop.token_ids)), catch_up,
-                                                          self.adaptive.k_max, prompt_chunk=prop.prefilling)
+                                                          self.adaptive.k_max, prompt_chunk=prop.prefilling,
+                                                          step_seconds=prop.draft_ns / 1e9 if prop.draft_ns else None)
                 t_end = time.perf_counter_ns()
                 timing.draft_wait_ns = t_end - t1
                 timing.round_ns = t_end - t_round

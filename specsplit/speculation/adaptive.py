@@ -1,10 +1,11 @@
 """Choose the block length k per sequence from its acceptance and the measured costs.
 
 With per-token acceptance α, a block of k yields E(k) = (1 - α^(k+1)) / (1 - α) tokens and
-costs k draft steps plus one verify step of k+1 tokens. We pick the k in 0..k_max with the
-most tokens per second, using running averages of the measured step times, so k shrinks
-where the draft is expensive or often wrong (k = 0 is plain decoding) and grows where it
-is cheap and right.
+costs k draft steps plus one verify step of k+1 tokens; served, a draft call also costs a
+fixed overhead whatever its k (the RPC both ways, the draft tier's code around its step). We
+pick the k in 0..k_max with the most tokens per second, using running averages of the
+measured times, so k shrinks where the draft is expensive or often wrong (k = 0 is plain
+decoding) and grows where it is cheap and right.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class CostModel:
     draft_step: Ema = field(default_factory=lambda: Ema(0.0))  # one draft forward
     verify: dict[int, Ema] = field(default_factory=dict)  # verify time by tokens per sequence (k+1)
     seen_draft: bool = False
+    draft_call: Ema = field(default_factory=lambda: Ema(0.0))  # a draft call's cost beyond its steps (served)
 
     def observe_draft(self, seconds_per_step: float) -> None:
         if not self.seen_draft:
@@ -43,16 +45,28 @@ class CostModel:
             self.draft_step.update(seconds_per_step)
 
     def observe_draft_call(self, seconds: float, steps: int, new_tokens: int, k_max: int, *,
-                           prompt_chunk: bool = False) -> None:
-        """A draft call of `steps` forwards whose first one fed `new_tokens` tokens.
+                           prompt_chunk: bool = False, step_seconds: float | None = None) -> None:
+        """A draft call of `steps` forwards whose first one fed `new_tokens` tokens, `seconds` as
+        the caller waited for it; `step_seconds`: the part the drafter itself spent drafting (a
+        draft tier reports it), the rest being the call's fixed overhead. Without it the whole
+        call counts as steps (in process there is no overhead to speak of).
 
         A call that first catches up on tokens the draft skipped (rounds with k = 0, a fresh
         prefill: more than k_max + 1 new tokens) is not a draft step's cost; counting it would
         make drafting look dear, keep k at 0 and never measure it again. Nor is a call that
         prefilled a chunk of a long prompt (`prompt_chunk`).
         """
-        if steps > 0 and new_tokens <= k_max + 1 and not prompt_chunk:
+        if steps <= 0 or new_tokens > k_max + 1 or prompt_chunk:
+            return
+        if step_seconds is None:
             self.observe_draft(seconds / steps)
+            return
+        overhead = max(0.0, seconds - step_seconds)
+        if not self.seen_draft:
+            self.draft_call.value = overhead
+        else:
+            self.draft_call.update(overhead)
+        self.observe_draft(step_seconds / steps)
 
     def observe_verify(self, k: int, seconds: float, *, prompt_chunk: bool = False) -> None:
         """A verify step of k draft tokens per sequence; a step that prefilled a chunk of a long
@@ -79,11 +93,21 @@ class CostModel:
         # beyond them: the nearest one (cost grows slowly with k while memory bound)
         return self.verify[(lo or hi)[-1 if lo else 0]].value
 
+    def ahead_k(self, k: int, block_len: int) -> int:
+        """The block to draft ahead while a block of `block_len` is verified: at most `k`, and
+        short enough that its k + 1 steps (the bonus guess first) end within that verify, so a
+        guess that misses does not hold up the round's fresh proposal behind it; 0 (no guess)
+        when not even one token fits. `k` while the costs are unmeasured."""
+        v = self.verify_time(block_len)
+        if v is None or not self.seen_draft or self.draft_step.value <= 0:
+            return k
+        return max(0, min(k, int(v / self.draft_step.value) - 1))
+
     def round_time(self, k: int) -> float | None:
         v = self.verify_time(k)
         if v is None or (k > 0 and not self.seen_draft):
             return None
-        return v + k * self.draft_step.value
+        return v + (self.draft_call.value + k * self.draft_step.value if k > 0 else 0.0)
 
 
 @dataclass

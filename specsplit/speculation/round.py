@@ -91,6 +91,12 @@ class RoundBook:
         """The next block's length: 0 without a drafter, else adaptive k within the room left."""
         return self.adaptive.choose(costs, self.room()) if drafting else 0
 
+    def choose_ahead_k(self, costs: CostModel, block_len: int) -> int:
+        """The length of a block drafted ahead while `block_len` tokens are verified: adaptive k,
+        cut to what ends within that verify (`CostModel.ahead_k`); a fixed k stays fixed."""
+        k = self.choose_k(costs, True)
+        return costs.ahead_k(k, block_len) if self.adaptive.enabled else k
+
     def commit(self, drafted: int, accepted: int, emitted: list[int], logprobs: list[dict[int, Any]] | None,
                prompt_logprobs: list[dict[int, Any]] | None = None) -> tuple[list[int], str]:
         """Commit one verdict (see `commit_verdict`) and learn from it; return (kept, text delta).

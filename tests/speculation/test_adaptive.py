@@ -201,3 +201,30 @@ def test_verify_time_interpolates_between_measured_block_lengths():
     only_high = _costs(draft_step=0.001, verify={3: 0.012})
     assert only_high.verify_time(1) == 0.012 and only_high.verify_time(5) == 0.012
     assert CostModel().verify_time(3) is None
+
+
+def test_a_served_draft_calls_fixed_overhead_is_not_spread_over_its_steps():
+    """Served: a 5-token EAGLE block costs 2.25 ms in the draft tier plus 2.5 ms of RPC and tier
+    code whatever k is, the verify 7.6 ms. At alpha 0.8 the full block is best; counting the
+    overhead as per-step cost would make each step look twice as dear and choose k = 4."""
+    costs = CostModel()
+    for k in (5, 6):
+        costs.observe_verify(k, 7.6e-3)
+    costs.observe_draft_call(4.75e-3, 5, 1, 5, step_seconds=2.25e-3)
+    assert costs.round_time(0) == pytest.approx(7.6e-3)  # no draft call at all
+    assert costs.round_time(5) == pytest.approx(7.6e-3 + 2.5e-3 + 5 * 0.45e-3)
+    a = AdaptiveK(k_max=5, alpha=Acceptance.prior(0.8, weight=100))
+    assert a.choose(costs, 5) == 5
+    folded = CostModel(verify=costs.verify)
+    folded.observe_draft_call(4.75e-3, 5, 1, 5)  # the whole call as steps: what an in-process drafter reports
+    assert a.choose(folded, 5) == 4
+
+
+def test_a_block_drafted_ahead_ends_within_the_verify_it_runs_beside():
+    """Draft model: 1.5 ms a step beside a 7.5 ms verify: 4 ahead (+ the bonus guess) fit, 5 do
+    not, and a miss would wait for the guess to end. A cheap head drafts the full block."""
+    costs = _costs(draft_step=1.5e-3, verify={5: 7.5e-3})
+    assert costs.ahead_k(5, 5) == 4
+    assert _costs(draft_step=0.45e-3, verify={5: 7.5e-3}).ahead_k(5, 5) == 5
+    assert _costs(draft_step=5e-3, verify={5: 7.5e-3}).ahead_k(5, 5) == 0  # not even one fits: no guess
+    assert CostModel().ahead_k(5, 5) == 5  # unmeasured

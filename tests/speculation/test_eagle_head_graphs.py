@@ -67,3 +67,23 @@ def test_chained_head_steps_equal_eager_ones(tmp_path, target, method, batch):
     assert _rounds(chained, batch) == _rounds(eager, batch)
     assert chained.runner.chain is not None and chained.runner.chain.replays > 0
     assert eager.runner.chain is None
+
+
+@pytest.mark.parametrize("method", ["eagle", "eagle3"])
+def test_a_block_drafted_ahead_in_a_graph_goes_on_as_one_longer_block(tmp_path, target, method):
+    """The graph hands back the head's last output state: drafting ahead from it (bonus guess +
+    k) in a second replay drafts what one replay of a block that much longer drafts."""
+    from specsplit.speculation.branches import BranchSpec
+
+    folder = write_eagle3(tmp_path / "h", target, DRAFT_IDS) if method == "eagle3" else write_eagle1(tmp_path / "h", target)
+    a, b = _drafter(folder, True), _drafter(folder, True)
+    prompt = torch.randint(0, 384, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    states = torch.randn(29, a.runner.head.hc.state_size, generator=torch.Generator().manual_seed(5)).to("cuda")
+    for d in (a, b):
+        d.open(1, prompt, SamplingParams(temperature=0.0))
+    (first,) = a.propose([DraftRequest(1, 30, [], 3, hidden_states=states)])
+    (ahead,) = a.propose([DraftRequest(1, 33, [], 3, branch=BranchSpec(3, 1))])
+    (long,) = b.propose([DraftRequest(1, 30, [], 7, hidden_states=states)])
+    (guess,) = ahead.branches
+    assert first.token_ids + [guess.token] + guess.block.token_ids == long.token_ids
+    assert a.runner.chain.replays == 2 and b.runner.chain.replays == 1  # all in graphs
