@@ -22,10 +22,23 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 @dataclass
 class Ema:
+    """A running average that ignores a lone spike: a step that also captured a CUDA graph for a
+    new shape costs tens of times a step, once; counted, it would make drafting look dear for
+    many rounds (and with k = 0 rarely measured again). `spike` times the average or more counts
+    only when it repeats `patience` times in a row: then it is the new cost, not a one-off."""
+
     value: float
     weight: float = 0.2
+    spike: float = 4.0
+    patience: int = 3
+    _spikes: int = 0
 
     def update(self, x: float) -> None:
+        if self.value > 0 and x > self.spike * self.value:
+            self._spikes += 1
+            if self._spikes < self.patience:
+                return
+        self._spikes = 0
         self.value += self.weight * (x - self.value)
 
 

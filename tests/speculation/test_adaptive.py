@@ -228,3 +228,16 @@ def test_a_block_drafted_ahead_ends_within_the_verify_it_runs_beside():
     assert _costs(draft_step=0.45e-3, verify={5: 7.5e-3}).ahead_k(5, 5) == 5
     assert _costs(draft_step=5e-3, verify={5: 7.5e-3}).ahead_k(5, 5) == 0  # not even one fits: no guess
     assert CostModel().ahead_k(5, 5) == 5  # unmeasured
+
+
+def test_a_lone_spike_is_ignored_and_a_lasting_one_is_learned():
+    """A draft step that captured a CUDA graph (50x a step) does not make drafting look dear;
+    the same cost three times in a row is the new cost."""
+    costs = _costs(draft_step=1e-3, verify={5: 7.5e-3})
+    costs.observe_draft(50e-3)
+    assert costs.draft_step.value == pytest.approx(1e-3)
+    costs.observe_draft(1.2e-3)
+    assert costs.draft_step.value == pytest.approx(1.04e-3)
+    for _ in range(3):
+        costs.observe_draft(10e-3)
+    assert costs.draft_step.value > 2e-3

@@ -11,7 +11,10 @@ Graphs are captured per (steps, batch bucket, new tokens bucket, context bucket)
 with the real inputs of that block (the warm-up's cache writes land where the replay then
 writes again). The buckets are powers of two (contexts from 256) so that a served session meets
 few shapes: each capture costs tens of milliseconds, paid by the round that meets it. When the
-budget of graphs is used up the least recently used one is dropped.
+budget of graphs is used up the least recently used one is dropped. Adaptive k and drafting
+ahead meet about a hundred shapes per batch bucket (k + 1 of 1..7, feeds of 1..16, a few
+contexts), so the budget holds 256: the graphs share one memory pool, and a budget below the
+shapes in use would capture again and again.
 Greedy sessions only; anything else (sampling, penalties, no CUDA) steps eagerly.
 """
 
@@ -40,7 +43,7 @@ MAX_FEED = 16  # the most new tokens per sequence a block's first step takes in 
 class HeadChain:
     """Captured chains of greedy head steps, keyed by their shapes."""
 
-    def __init__(self, runner: HeadRunner, max_graphs: int = 64) -> None:
+    def __init__(self, runner: HeadRunner, max_graphs: int = 256) -> None:
         self.runner = runner
         self.max_graphs = max_graphs
         self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor, Tensor,
