@@ -36,15 +36,17 @@ class TierHandle:
         return self.grpc.port
 
     async def shutdown(self, grace_s: float) -> None:
-        await self.grpc.shutdown(grace_s)
-        for close in self.on_close:
-            await close()
-        await self.batcher.stop()
-        for fn in self.on_stop:
-            fn()
-        if self.metrics_server is not None:  # last: the metrics stay readable while the tier drains
-            await asyncio.to_thread(_close_metrics, self.metrics_server)
-            self.metrics_server = None
+        try:
+            await self.grpc.shutdown(grace_s)
+            for close in self.on_close:
+                await close()
+            await self.batcher.stop()
+            for fn in self.on_stop:
+                fn()
+        finally:  # last, and even after a failed step: the metrics stay readable while the tier drains
+            if self.metrics_server is not None:
+                await asyncio.to_thread(_close_metrics, self.metrics_server)
+                self.metrics_server = None
 
 
 def _close_metrics(server: WSGIServer) -> None:
