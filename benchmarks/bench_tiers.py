@@ -318,7 +318,8 @@ async def run_gateways(a: argparse.Namespace, ch: Channel) -> None:
         for name, (sc, pipe) in modes.items():
             cfg = GatewayConfig(model=a.folder, speculative=sc, host="127.0.0.1", port=0, grpc_port=0,
                                 target_addresses=(a.target,), draft_addresses=(a.draft,) if sc else (),
-                                pipeline=pipe, max_concurrent_requests=1024, round_mode=round_mode)
+                                pipeline=pipe, max_concurrent_requests=1024, round_mode=round_mode,
+                                max_branches=a.max_branches)
             handles[name if round_mode == "gateway" else f"direct-{name}"] = \
                 await start_gateway(cfg, max_model_len=a.max_model_len)
     ch.send({"ready": True, "ports": {n: h.port for n, h in handles.items()}})
@@ -356,6 +357,7 @@ def main() -> int:
     ap.add_argument("--method", choices=["draft_model", "eagle3"], default="draft_model",
                     help="draft, gateways: the oracle over a draft model or over a real-size EAGLE-3 head")
     ap.add_argument("--head", help="gateways, --method eagle3: folder with the head's config.json")
+    ap.add_argument("--max-branches", type=int, default=0, help="gateways: the tree of guesses' width (0: all)")
     a = ap.parse_args()
     ch = Channel()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"[{a.role}] %(levelname)s %(name)s: %(message)s")

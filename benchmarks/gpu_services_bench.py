@@ -56,6 +56,7 @@ from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from specsplit.sampling.params import SamplingParams  # noqa: E402
 from specsplit.serving.convert import params_to_pb  # noqa: E402
 from specsplit.speculation.adaptive import expected_tokens  # noqa: E402
+from specsplit.speculation.branches import check_max_branches  # noqa: E402
 
 SHAPE_NOTE = {"llama8b": "the real shapes of Llama-3.1-8B (target) and Llama-3.2-1B (draft)",
               "tiny": "tiny test shapes (a CPU check of the benchmark itself, not a measurement)"}
@@ -184,7 +185,7 @@ def spec_totals(runs: list[Run]) -> dict[str, float]:
     """The gateway's per-request stats summed over finished requests, as per-round figures."""
     done = [r for r in runs if r.stats is not None]
     tot = {f: sum(getattr(r.stats, f) for r in done) for f in
-           ("rounds", "pipelined_rounds", "drafted_tokens", "accepted_tokens", "draft_ns", "verify_ns", "overhead_ns")}
+           ("rounds", "pipelined_rounds", "drafted_ahead_rounds", "drafted_tokens", "accepted_tokens", "draft_ns", "verify_ns", "overhead_ns")}
     rounds = max(1, tot["rounds"])
     tokens = sum(len(r.ids) for r in done)
     return {"rounds": tot["rounds"], "tokens_per_round": tokens / rounds,
@@ -192,6 +193,9 @@ def spec_totals(runs: list[Run]) -> dict[str, float]:
             "acceptance_rate": tot["accepted_tokens"] / tot["drafted_tokens"] if tot["drafted_tokens"] else None,
             # the first round of a request (prefill) can never use a pipelined block
             "pipelined_share": tot["pipelined_rounds"] / max(1, tot["rounds"] - len(done)),
+            # the tree of guesses: rounds with a block drafted ahead, and the share whose guess held
+            "drafted_ahead_rounds": tot["drafted_ahead_rounds"],
+            "branch_hit_rate": tot["pipelined_rounds"] / tot["drafted_ahead_rounds"] if tot["drafted_ahead_rounds"] else None,
             "gateway_draft_ms_per_round": tot["draft_ns"] / 1e6 / rounds,
             "gateway_verify_ms_per_round": tot["verify_ns"] / 1e6 / rounds,
             "gateway_overhead_ms_per_round": tot["overhead_ns"] / 1e6 / rounds}
@@ -380,7 +384,8 @@ async def part6(a: argparse.Namespace, ports: dict[str, int], draft: Tier, targe
                  timeline=timeline(tl, r["ms_per_token"] * r["tokens_per_round"]))
         out["rows"].append(r)
         log(f"part 6 {mode} alpha {alpha}: {r['tok_s']:.1f} tok/s = {r['over_inprocess_plain']:.2f}x in-process plain "
-            f"({r['tokens_per_round']:.2f} tok/round, pipelined {r['pipelined_share']:.0%}, identical "
+            f"({r['tokens_per_round']:.2f} tok/round, pipelined {r['pipelined_share']:.0%}, drafted ahead "
+            f"{r['drafted_ahead_rounds']} rounds, branch hits {r['branch_hit_rate'] or 0:.0%}, identical "
             f"{r['outputs']['identical']}/{r['outputs']['checked']}); timeline "
             + ", ".join(f"{k.split(' (')[0]} {v:.2f}" for k, v in r["timeline"]["parts_ms"].items())
             + f"; sum {r['timeline']['sum_of_parts_ms']:.2f} vs client {r['timeline']['client_ms_per_round']:.2f} ms")
@@ -552,6 +557,9 @@ def parse() -> argparse.Namespace:
                     help="the oracle's beta: P(its top-2 is the target's token | its top-1 is wrong), which the tree "
                          "of guesses branches on; a list: every part runs at the last, part 6 also runs "
                          "direct-pipelined at alpha 0.8 for the others (e.g. 0,0.6: beta 0 and the Qwen pair's)")
+    ap.add_argument("--max-branches", type=int, default=0, help="the gateways' --max-branches: at most this many "
+                    "outcomes of a verify drafted ahead for (1 = only the all-accepted guess), 1..64; 0 = every one "
+                    "the draft guesses")
     ap.add_argument("--load-alpha", type=float, default=None, help="part 5 (default: 0.8 if in --alphas, else the largest)")
     ap.add_argument("-k", type=int, default=5, help="block length (part 5: the most adaptive k may choose)")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -577,6 +585,10 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--startup-timeout", type=float, default=900.0)
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args()
+    try:
+        check_max_branches(a.max_branches)
+    except ValueError as e:
+        ap.error(str(e))
     a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
     gpu = a.device == "cuda"
     a.target_kv_gib = a.target_kv_gib or (16.0 if gpu else 0.25)
@@ -627,7 +639,8 @@ def start_tiers(a: argparse.Namespace, folder: Path, res: dict) -> tuple[Tier, T
         + ", ".join(f"{k} {v:.2f}" for k, v in timing.items()))
     gws = Tier("gateways", ["gateways", "--folder", str(folder), "--target", f"127.0.0.1:{t_ready['port']}",
                             "--draft", f"127.0.0.1:{d_ready['port']}", "-k", str(a.k), "--max-model-len",
-                            str(a.max_model_len), "--method", a.method, *(["--head", str(a.head)] if a.head else [])],
+                            str(a.max_model_len), "--method", a.method, "--max-branches", str(a.max_branches),
+                            *(["--head", str(a.head)] if a.head else [])],
                {**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     a.tiers.append(gws)
     gws.ports = gws.wait_ready(a.startup_timeout)["ports"]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from specsplit.config import SpeculativeConfig
 from specsplit.serving.config import TierConfig
+from specsplit.speculation.branches import check_branch_alternatives
 
 
 @dataclass(frozen=True)
@@ -22,5 +23,4 @@ class DraftServiceConfig(TierConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.branch_alternatives is not None and not 0 <= self.branch_alternatives <= 8:
-            raise ValueError(f"branch_alternatives must be in 0..8, got {self.branch_alternatives}")
+        check_branch_alternatives(self.branch_alternatives)

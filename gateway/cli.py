@@ -14,8 +14,9 @@ def _addresses(s: str) -> tuple[str, ...]:
     return tuple(a.strip() for a in s.split(",") if a.strip())
 
 
-def run(a: argparse.Namespace) -> int:
-    cfg = GatewayConfig(
+def config_from_args(a: argparse.Namespace) -> GatewayConfig:
+    """The gateway's config from its `specsplit gateway` flags."""
+    return GatewayConfig(
         model=a.model, speculative=SpeculativeConfig.from_any(a.speculative_config),
         served_model_name=tuple(a.served_model_name or ()), host=a.host, port=a.port, grpc_port=a.grpc_port,
         discovery=a.discovery, draft_addresses=_addresses(a.draft_addresses),
@@ -31,6 +32,10 @@ def run(a: argparse.Namespace) -> int:
         tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca, tier_tls_ca=a.tier_tls_ca,
         tier_tls_cert=a.tier_tls_cert, tier_tls_key=a.tier_tls_key, tier_tls_server_name=a.tier_tls_server_name,
     )
+
+
+def run(a: argparse.Namespace) -> int:
+    cfg = config_from_args(a)
 
     async def main() -> None:
         h = await start_gateway(cfg, max_model_len=a.max_model_len)

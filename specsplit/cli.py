@@ -71,6 +71,23 @@ def _max_branches(p: argparse.ArgumentParser) -> None:
          "--branch-alternatives)")
 
 
+ROUND_MODES = ("direct", "gateway")  # who drives the rounds (GatewayConfig.round_mode)
+
+
+def _branch_alternatives(p: argparse.ArgumentParser) -> None:
+    _add(p, "--branch-alternatives", type=int, help="runner-up guesses per drafted token that the pipelined "
+         "tree of guesses branches on (top-m, m = 1 + this), 0..8; 0: only the all-accepted guess (default: 1 "
+         "on a GPU, 0 on a CPU)")
+
+
+def _rounds(p: argparse.ArgumentParser) -> None:
+    _add(p, "--no-pipeline", type=_bool, default=False, help="disable drafting block i+1 during verify", nargs="?",
+         const=True)
+    _max_branches(p)
+    _add(p, "--round", default="direct", choices=ROUND_MODES, help="who drives the rounds: direct = the "
+         "target tier, streaming to the draft tier itself (fewer hops); gateway = the gateway, between the tiers")
+
+
 def _engine_flags(p: argparse.ArgumentParser, *, spec: bool) -> None:
     if spec:
         _add(p, "--speculative-config", help="JSON with vLLM's keys: method (draft_model, ngram, eagle, eagle3), "
@@ -123,9 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     _engine_flags(p, spec=True)
     _server_flags(p, 50053)
-    _add(p, "--branch-alternatives", type=int, help="runner-up guesses per drafted token that the pipelined "
-         "tree of guesses branches on (top-m, m = 1 + this); 0: only the all-accepted guess (default: 1 on a GPU, "
-         "0 on a CPU)")
+    _branch_alternatives(p)
 
     p = sub.add_parser("gateway", help="run the gateway (OpenAI HTTP + public gRPC)")
     _model_arg(p)
@@ -143,11 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--target-port", type=int, default=50052, help="dns: target replicas' gRPC port")
     _add(p, "--max-concurrent-requests", type=int, default=256, help="completions running at once")
     _add(p, "--max-queued-requests", type=int, default=1024, help="waiting requests before 429")
-    _add(p, "--no-pipeline", type=_bool, default=False, help="disable drafting block i+1 during verify", nargs="?",
-         const=True)
-    _max_branches(p)
-    _add(p, "--round", default="direct", choices=("direct", "gateway"), help="who drives the rounds: direct = the "
-         "target tier, streaming to the draft tier itself (fewer hops); gateway = the gateway, between the tiers")
+    _rounds(p)
     _add(p, "--max-model-len", type=int, help="context limit (default: the model's)")
     _add(p, "--max-prompt-tokens", type=int, help="longest prompt accepted (default: the context minus one)")
     _add(p, "--max-tokens-limit", type=int, default=8192, help="largest max_tokens a request may ask for")
@@ -178,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--dtype", default="auto", help="auto, float32, bfloat16, float16")
     _add(p, "--max-model-len", type=int, help="context limit")
     _add(p, "--log-level", default="warning", help="log level of the three processes")
-    _max_branches(p)
+    _rounds(p)  # the gateway's
+    _branch_alternatives(p)  # the draft tier's
     p.add_argument("--prompt", help="after start, stream this prompt's answer and its stats, then stop")
     p.add_argument("--max-tokens", type=int, default=128, help="for --prompt")
 

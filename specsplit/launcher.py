@@ -45,12 +45,43 @@ def wait_serving(address: str, procs: list[subprocess.Popen], timeout_s: float =
     raise TimeoutError(f"{address} did not become SERVING within {timeout_s:.0f}s")
 
 
+def check_up_flags(a: argparse.Namespace) -> None:
+    """The flags `up` hands to its tiers, checked before anything starts or downloads: a bad value
+    is one clear error here, not a tier dying at start (an env variable bypasses argparse's choices)."""
+    from specsplit.cli import ROUND_MODES
+    from specsplit.speculation.branches import check_branch_alternatives, check_max_branches
+
+    check_max_branches(a.max_branches)
+    check_branch_alternatives(a.branch_alternatives)
+    if a.round not in ROUND_MODES:
+        raise ValueError(f"--round must be one of {', '.join(ROUND_MODES)}, got {a.round!r}")
+
+
+def tier_commands(a: argparse.Namespace, model: str, spec: str, names: list[str], tport: int,
+                  dport: int) -> tuple[list[str], list[str], list[str]]:
+    """The command lines of the target, draft and gateway processes: each tier gets the `up`
+    flags that are its own (draft: --branch-alternatives; gateway: rounds, pipeline, tree)."""
+    host = a.host
+    base = [sys.executable, "-m", "specsplit.cli"]
+    common = ["--host", host, "--log-level", a.log_level, "--shutdown-grace-seconds", str(GRACE_S)]
+    if a.max_model_len:
+        common += ["--max-model-len", str(a.max_model_len)]
+    tier = [*common, "--metrics-port", "0", "--dtype", a.dtype]
+    target = [*base, "target", model, "--grpc-port", str(tport), *tier]
+    draft = [*base, "draft", model, "--speculative-config", spec, "--grpc-port", str(dport), *tier]
+    if a.branch_alternatives is not None:  # else the draft tier's per-device default
+        draft += ["--branch-alternatives", str(a.branch_alternatives)]
+    gateway = [*base, "gateway", model, "--speculative-config", spec, "--port", str(a.port), "--grpc-port",
+               str(a.grpc_port), "--target-addresses", f"{host}:{tport}", "--draft-addresses", f"{host}:{dport}",
+               *common, "--max-branches", str(a.max_branches), "--round", a.round,
+               *(["--no-pipeline"] if a.no_pipeline else []), "--served-model-name", *names]
+    return target, draft, gateway
+
+
 def run_up(a: argparse.Namespace) -> int:
     """Start target and draft, then the gateway; serve (or answer --prompt); stop all three on
     Ctrl-C, SIGTERM or SIGHUP, and with them whatever had been started."""
-    from specsplit.speculation.branches import check_max_branches
-
-    check_max_branches(a.max_branches)  # a bad flag: one clear error before anything starts
+    check_up_flags(a)  # a bad flag: one clear error before anything starts
     spec = a.speculative_config or json.dumps(DEFAULT_SPEC)
     names = list(a.served_model_name or [a.model])  # clients use the name the user typed, not the cache path
     # resolve (pull/convert) models once here, with a progress bar, before three processes race for it
@@ -88,23 +119,15 @@ def _start_and_serve(a: argparse.Namespace, model: str, spec: str, names: list[s
     """Start the three processes into `procs` (the caller stops them) and serve."""
     host = a.host
     tport, dport = free_port(host), free_port(host)
-    base = [sys.executable, "-m", "specsplit.cli"]
-    common = ["--host", host, "--log-level", a.log_level, "--shutdown-grace-seconds", str(GRACE_S)]
-    if a.max_model_len:
-        common += ["--max-model-len", str(a.max_model_len)]
-    tier = [*common, "--metrics-port", "0", "--dtype", a.dtype]
+    target, draft, gateway = tier_commands(a, model, spec, names, tport, dport)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
-    procs.append(subprocess.Popen([*base, "target", model, "--grpc-port", str(tport), *tier], env=env))
-    procs.append(subprocess.Popen([*base, "draft", model, "--speculative-config", spec, "--grpc-port", str(dport),
-                                   *tier], env=env))
+    procs.append(subprocess.Popen(target, env=env))
+    procs.append(subprocess.Popen(draft, env=env))
     print(f"starting target on {host}:{tport} and draft ({json.loads(spec)['method']}) on {host}:{dport} ...",
           file=sys.stderr)
     wait_serving(f"{host}:{tport}", procs)
     wait_serving(f"{host}:{dport}", procs)
-    procs.append(subprocess.Popen([
-        *base, "gateway", model, "--speculative-config", spec, "--port", str(a.port), "--grpc-port", str(a.grpc_port),
-        "--target-addresses", f"{host}:{tport}", "--draft-addresses", f"{host}:{dport}", *common,
-        "--max-branches", str(a.max_branches), "--served-model-name", *names], env=env))
+    procs.append(subprocess.Popen(gateway, env=env))
     wait_serving(f"{host}:{a.grpc_port}", procs)
     print(f"specsplit is up:\n  OpenAI HTTP  http://{host}:{a.port}/v1  (model {', '.join(map(repr, names))})\n"
           f"  gRPC         {host}:{a.grpc_port}   (specsplit generate --address {host}:{a.grpc_port} 'prompt')\n"

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 
@@ -25,6 +26,7 @@ class TierHandle:
     batcher: StepBatcher
     metrics: TierMetrics
     metrics_port: int = 0
+    metrics_server: WSGIServer | None = None  # the /metrics HTTP server (its own thread); None: off
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     on_stop: list[Callable[[], None]] = field(default_factory=list)  # e.g. stop TP workers
     on_close: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # e.g. close client channels
@@ -34,12 +36,23 @@ class TierHandle:
         return self.grpc.port
 
     async def shutdown(self, grace_s: float) -> None:
-        await self.grpc.shutdown(grace_s)
-        for close in self.on_close:
-            await close()
-        await self.batcher.stop()
-        for fn in self.on_stop:
-            fn()
+        try:
+            await self.grpc.shutdown(grace_s)
+            for close in self.on_close:
+                await close()
+            await self.batcher.stop()
+            for fn in self.on_stop:
+                fn()
+        finally:  # last, and even after a failed step: the metrics stay readable while the tier drains
+            if self.metrics_server is not None:
+                await asyncio.to_thread(_close_metrics, self.metrics_server)
+                self.metrics_server = None
+
+
+def _close_metrics(server: WSGIServer) -> None:
+    """Stop the /metrics thread and close its socket: the port is free again (connect refused)."""
+    server.shutdown()
+    server.server_close()
 
 
 async def start_tier(
@@ -64,13 +77,12 @@ async def start_tier(
         if srv is not None:
             await srv.shutdown(0.0)
         if metrics_server is not None:
-            metrics_server.shutdown()
-            metrics_server.server_close()
+            _close_metrics(metrics_server)
         await batcher.stop()
         raise
     await srv.set_serving(True)
     log.info("%s ready on port %d", name, srv.port)
-    return TierHandle(srv, batcher, metrics, mport)
+    return TierHandle(srv, batcher, metrics, mport, metrics_server)
 
 
 async def serve_forever(handle: TierHandle, grace_s: float) -> None:

@@ -42,6 +42,18 @@ def check_max_branches(n: int) -> int:
     return n
 
 
+MAX_ALTERNATIVES = 8  # runner-up candidates per drafted token: more rows per pass than a round can win back
+
+
+def check_branch_alternatives(n: int | None) -> int | None:
+    """A configured `--branch-alternatives` (None: the draft tier's per-device default), refused
+    at start outside 0..MAX_ALTERNATIVES."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_ALTERNATIVES):
+        raise ValueError(f"branch_alternatives must be an integer in 0..{MAX_ALTERNATIVES} (0: only the "
+                         f"all-accepted guess), got {n!r}")
+    return n
+
+
 @dataclass(frozen=True)
 class BranchSpec:
     """Guess the outcomes of the session's last `block_len` tokens (the block under verify)."""

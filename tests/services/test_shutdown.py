@@ -189,3 +189,37 @@ def test_a_tp_tier_that_fails_to_start_stops_its_workers_and_its_server(
     # nobody listens there any more
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.FutureTimeoutError):
         grpc.channel_ready_future(ch).result(timeout=1)
+
+
+def _refused(port: int) -> bool:
+    """True when nothing listens on `port` any more (connect refused)."""
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.timeout(120)
+def test_every_shutdown_closes_the_metrics_ports_of_the_tiers_and_the_gateway(
+        aio: LoopThread, models: TinyModels) -> None:
+    from draft_service.config import DraftServiceConfig
+    from draft_service.server import start_draft
+    from specsplit.launcher import free_port
+
+    target = aio.run(start_target(TargetServiceConfig(str(models.target), host="127.0.0.1", grpc_port=0,
+                                                      metrics_port=free_port(), kv_cache_memory_bytes=KV_BYTES)))
+    draft = aio.run(start_draft(DraftServiceConfig(str(models.target), spec_config("ngram", models), host="127.0.0.1",
+                                                   grpc_port=0, metrics_port=free_port())))
+    gw = aio.run(start_gateway(GatewayConfig(
+        str(models.target), spec_config("ngram", models), host="127.0.0.1", port=0, grpc_port=0,
+        target_addresses=(f"127.0.0.1:{target.port}",), draft_addresses=(f"127.0.0.1:{draft.port}",))))
+    ports = {"gateway": gw.http_port, "target": target.metrics_port, "draft": draft.metrics_port}
+    for name, port in ports.items():
+        status, _, text = http(port, "/metrics")
+        assert status == 200 and "specsplit_" in text, name
+    for handle in (gw, draft, target):  # a normal stop, as on SIGTERM
+        aio.run(handle.shutdown(5.0))
+    assert [name for name, port in ports.items() if not _refused(port)] == []
