@@ -42,8 +42,8 @@ def test_gpu_services_bench_part6_runs_on_cpu_and_stays_lossless(tmp_path: Path,
                                                                    "first_difference_at": []}
     assert res["goals"]["lossless"]["met"]
     assert 0 <= row["drafted_ahead_rounds"] <= row["rounds"]
-    if method == "draft_model":  # a pipelined draft model drafts ahead beside most verifies
-        assert row["drafted_ahead_rounds"] > 0 and 0.0 <= row["branch_hit_rate"] <= 1.0
+    # pipelined rounds draft ahead beside most verifies (an EAGLE head from its own state)
+    assert row["drafted_ahead_rounds"] > 0 and 0.0 <= row["branch_hit_rate"] <= 1.0
     log = next(line for line in p.stderr.splitlines() if "part 6 direct-pipelined" in line)
     assert f"drafted ahead {row['drafted_ahead_rounds']} rounds, branch hits" in log
 
