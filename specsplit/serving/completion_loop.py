@@ -24,15 +24,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Iterable
 from dataclasses import dataclass, fields
 
 import grpc
 
 from specsplit.outputs import SpecMetrics
-from specsplit.proto.v1 import draft_pb2
+from specsplit.proto.v1 import common_pb2, draft_pb2
 from specsplit.serving.convert import (
-    proposal_from_pb,
+    sparse_from_pb,
     token_choice_to_pb,
 )
 from specsplit.serving.replicas import NoReplica, ReplicaPool, TierFailure, TierSession
@@ -43,7 +43,6 @@ from specsplit.speculation.drafters import Proposal
 from specsplit.speculation.eagle.wire import tail_rows
 from specsplit.speculation.round import RoundBook
 from specsplit.speculation.sequence import Sequence
-from specsplit.speculation.session import out_of_vocab
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +113,28 @@ def check_proposal(prop: draft_pb2.DraftProposal, k: int, vocab_size: int, addre
     """A draft replica's answer, converted, must fit the request: at most k ids, all in the
     vocabulary, one valid q per id when sampling. The target checks again, but a faulty draft is
     the draft's failure (the session moves on or falls back to plain decoding), not the request's."""
-    ids = prop.token_ids
+    p = _checked_block(prop.token_ids, prop.q, k, vocab_size, address)
+    p.draft_ns, p.queue_ns, p.prefilling, p.handled_ns = prop.draft_ns, prop.queue_ns, prop.prefilling, prop.handled_ns
+    return p
+
+
+def _checked_block(token_ids: Iterable[int], q: Collection[common_pb2.SparseDistribution], k: int, vocab_size: int, address: str) -> Proposal:
+    """One block of ids (and q rows) from the wire, checked. Runs for every branch of every
+    drafted-ahead answer, on the loop that also serves every other session: kept to plain
+    Python on the ids, with tensors built only when there are distributions."""
+    ids = list(token_ids)
     why = ""
-    if len(ids) <= k and not (vocab_size > 0 and out_of_vocab(ids, vocab_size)) and len(prop.q) in (0, len(ids)):
+    if len(ids) <= k and (not ids or vocab_size <= 0 or (min(ids) >= 0 and max(ids) < vocab_size)) \
+            and len(q) in (0, len(ids)):
+        if not q:
+            return Proposal(ids)
         try:
-            return proposal_from_pb(prop, vocab_size or 2**32)
+            q_ids, q_probs = sparse_from_pb(list(q), len(ids), vocab_size or 2**32)
+            return Proposal(ids, q_ids, q_probs)
         except ValueError as e:  # a q that is not a distribution over the vocabulary
             why = f"; {e}"
     raise TierFailure("draft", address, grpc.StatusCode.INTERNAL,
-                      f"malformed proposal ({len(ids)} ids for k={k}, {len(prop.q)} distributions, "
+                      f"malformed proposal ({len(ids)} ids for k={k}, {len(q)} distributions, "
                       f"ids must be in [0, {vocab_size}){why}): the draft replica is faulty")
 
 
@@ -136,8 +148,7 @@ def check_branches(prop: draft_pb2.DraftProposal, block_len: int, k: int, vocab_
             raise TierFailure("draft", address, grpc.StatusCode.INTERNAL,
                               f"malformed branch (accepted {b.accepted} of {block_len}, token {b.token}): "
                               "the draft replica is faulty")
-        block = check_proposal(draft_pb2.DraftProposal(token_ids=b.token_ids, q=b.q), k, vocab_size, address)
-        out.append(BranchProposal(b.id, b.accepted, b.token, block))
+        out.append(BranchProposal(b.id, b.accepted, b.token, _checked_block(b.token_ids, b.q, k, vocab_size, address)))
     return out
 
 

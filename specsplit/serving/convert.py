@@ -8,9 +8,8 @@ import torch
 from torch import Tensor
 
 from specsplit.outputs import SpecMetrics
-from specsplit.proto.v1 import common_pb2, draft_pb2, target_pb2
+from specsplit.proto.v1 import common_pb2, target_pb2
 from specsplit.sampling.params import SamplingParams
-from specsplit.speculation.drafters import Proposal
 from specsplit.speculation.session import check_token_ids
 from specsplit.speculation.target import VerifyResult
 
@@ -91,13 +90,6 @@ def spec_stats_from_pb(pb: common_pb2.SpecStats) -> SpecMetrics:
         num_preemptions=pb.preemptions, draft_fallback=pb.draft_fallback,
         num_drafted_ahead_rounds=pb.drafted_ahead_rounds,
     )
-
-
-def proposal_from_pb(pb: draft_pb2.DraftProposal, vocab_size: int) -> Proposal:
-    """A draft replica's proposal; ValueError when its distributions are malformed."""
-    ids = list(pb.token_ids)
-    q_ids, q_probs = sparse_from_pb(list(pb.q), len(ids), vocab_size)
-    return Proposal(ids, q_ids, q_probs, pb.draft_ns, pb.queue_ns, pb.prefilling, handled_ns=pb.handled_ns)
 
 
 def verify_result_from_pb(pb: target_pb2.VerifyResult, seq_id: int, block: list[int]) -> VerifyResult:
