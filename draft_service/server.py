@@ -87,6 +87,7 @@ async def start_draft(cfg: DraftServiceConfig, drafter: Drafter | None = None) -
     # what branches below full acceptance guess from (DraftServiceConfig.branch_alternatives)
     drafter.alternatives = cfg.branch_alternatives if cfg.branch_alternatives is not None else \
         (1 if drafter.device.type == "cuda" else 0)
+    drafter.max_rows = cfg.max_batch  # a pass's branches never grow it past the tier's batch
     runner = getattr(drafter, "runner", None)  # n-gram lookup keeps no model and no KV cache
     max_len = runner.max_model_len if runner is not None else (cfg.max_model_len or 1 << 20)
     servicer = DraftServicer(drafter, drafter.propose, max_batch=cfg.max_batch,

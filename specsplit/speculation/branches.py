@@ -201,36 +201,46 @@ class BranchTree:
         if self.children.pop(child, None) is not None:
             d._free_fork(child)
 
-    def plan(self, d: Drafter, reqs: list[DraftRequest], free_blocks: int | None) -> list[DraftRequest]:
-        """Fork the branches of every branch request (the most likely first, as KV allows) and
-        return the forks' drafting requests; each session drafts its own j = L branch."""
+    def plan(self, d: Drafter, reqs: list[DraftRequest], free_blocks: int | None,
+             max_forks: int | None = None) -> list[DraftRequest]:
+        """Fork the branches of every branch request and return the forks' drafting requests;
+        each session drafts its own j = L branch. At most `max_forks` forks in all (the pass's
+        rows beyond the sessions' own), and as KV allows: the outcomes the draft finds most
+        likely across all sessions first, so under load the tree narrows to its best guesses
+        instead of multiplying the draft's batch."""
         from specsplit.speculation.drafters import DraftRequest, DraftSession
 
-        forks: list[tuple[int, int, int]] = []
-        pending: list[tuple[int, Branch, DraftSession, int]] = []
+        wanted: list[tuple[float, int, DraftRequest, int, int]] = []  # (p, order, request, j, c)
         for r in reqs:
             assert r.branch is not None
             s = d.sessions[r.seq_id]
             t = self.tables.setdefault(r.seq_id, _Table())
             self.stats["requested"] += 1
-            kv_len = d._kv_length(r.seq_id)
-            for _, j, c in outcomes(s.tokens, s.alts, r.branch.block_len, r.branch.max_branches):
-                fork_len = len(s.tokens) - r.branch.block_len + j
+            for p, j, c in outcomes(s.tokens, s.alts, r.branch.block_len, r.branch.max_branches):
                 if j == r.branch.block_len:
-                    b = Branch(next(self._ids), j, -1, fork_len, None)
+                    b = Branch(next(self._ids), j, -1, len(s.tokens), None)
                     t.branches[b.id] = b
-                    continue
-                child = next(self._child_ids)
-                cs = DraftSession(child, s.params, s.generator, s.tokens[:fork_len] + [c], s.prompt_len)
-                b = Branch(next(self._ids), j, c, fork_len, child, cs)
-                shared = min(kv_len, fork_len)
-                need = d._fork_blocks(shared, len(cs.tokens) + r.k - 1)
-                if free_blocks is not None:
-                    if need > free_blocks:
-                        continue  # degrade: fewer branches, never a failed step
-                    free_blocks -= need
-                forks.append((r.seq_id, child, shared))
-                pending.append((r.k, b, cs, r.seq_id))
+                else:
+                    wanted.append((p, len(wanted), r, j, c))
+        wanted.sort(key=lambda w: (-w[0], w[1]))
+        if max_forks is not None:
+            del wanted[max(0, max_forks):]
+        forks: list[tuple[int, int, int]] = []
+        pending: list[tuple[int, Branch, DraftSession, int]] = []
+        for _, _, r, j, c in wanted:
+            s = d.sessions[r.seq_id]
+            fork_len = len(s.tokens) - r.branch.block_len + j  # type: ignore[union-attr]
+            child = next(self._child_ids)
+            cs = DraftSession(child, s.params, s.generator, s.tokens[:fork_len] + [c], s.prompt_len)
+            b = Branch(next(self._ids), j, c, fork_len, child, cs)
+            shared = min(d._kv_length(r.seq_id), fork_len)
+            need = d._fork_blocks(shared, len(cs.tokens) + r.k - 1)
+            if free_blocks is not None:
+                if need > free_blocks:
+                    continue  # degrade: fewer branches, never a failed step
+                free_blocks -= need
+            forks.append((r.seq_id, child, shared))
+            pending.append((r.k, b, cs, r.seq_id))
         made = set(d._fork(forks))
         out = []
         for k, b, cs, seq_id in pending:

@@ -126,6 +126,9 @@ class Drafter(ABC):
         # runner-up candidates recorded per drafted token (m - 1 of a top-m guess): what branches
         # below full acceptance guess the target's token from; 0 records none (no such branches)
         self.alternatives = 0
+        # the most sequences one drafting pass takes, sessions and their branches' forks (a draft
+        # tier's max batch): under load the tree narrows instead of multiplying the batch; None: no cap
+        self.max_rows: int | None = None
 
     def open(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, prompt_len: int | None = None) -> None:
         """`prompt_len`: how many of `prompt_ids` are the prompt (a re-opened session also
@@ -172,7 +175,8 @@ class Drafter(ABC):
         # a branch request's session drafts its all-accepted branch: the bonus guess + k
         own = [r if r.branch is None else replace(r, k=r.k + 1) for r in reqs if r.k > 0]
         free = self._free_blocks(own)
-        forks = self.tree.plan(self, [r for r in reqs if r.branch is not None and r.k > 0], free)
+        forks = self.tree.plan(self, [r for r in reqs if r.branch is not None and r.k > 0], free,
+                               None if self.max_rows is None else self.max_rows - len(own))
         active = own + forks  # one batched pass for sessions and branches alike
         made = dict(zip([r.seq_id for r in active], self._draft(active), strict=True)) if active else {}
         dt = time.perf_counter_ns() - t0

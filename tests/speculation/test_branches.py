@@ -122,6 +122,31 @@ def test_max_branches_keeps_the_most_likely(drafter):
     assert len(tree.branches) == 2
 
 
+def test_a_pass_never_grows_past_max_rows_and_keeps_the_likeliest_forks(drafter, continuation):
+    """Two sessions guessing ahead in one pass with room for one fork beside them: the tree
+    narrows to the single most likely outcome below full acceptance, across both sessions."""
+    full = []
+    for seq_id in (1, 2):
+        drafter.open(seq_id, PROMPT, GREEDY)
+        (block,) = drafter.propose([DraftRequest(seq_id, len(PROMPT), [], K)])
+        full.append(block)
+    probs = {seq_id: drafter.sessions[seq_id].alts for seq_id in (1, 2)}
+    drafter.max_rows = 3  # the two sessions' own rows + one fork
+    try:
+        trees = drafter.propose([DraftRequest(s, len(PROMPT) + K, [], K, branch=BranchSpec(K, 16)) for s in (1, 2)])
+    finally:
+        drafter.max_rows = None
+    forks = [(s, b) for s, t in zip((1, 2), trees, strict=True) for b in t.branches if b.accepted < K]
+    assert len(forks) == 1 and all(any(b.accepted == K for b in t.branches) for t in trees)
+    s, b = forks[0]
+    # the chosen fork is the outcome the draft found likeliest among both sessions' candidates
+    best = max((outcome for seq_id in (1, 2) for outcome in outcomes(
+        PROMPT + full[seq_id - 1].token_ids, probs[seq_id], K, 16) if outcome[1] < K), key=lambda o: o[0])
+    assert (b.accepted, b.token) == best[1:]
+    history = PROMPT + full[s - 1].token_ids[: b.accepted] + [b.token]
+    assert b.block.token_ids == continuation(history, K)[0]
+
+
 def test_kv_pressure_gives_fewer_branches_never_an_error(tiny_draft, continuation):
     # 8 blocks of 4: the session needs 4 (PROMPT + block + guess), leaving room for few forks
     r = ModelRunner.from_folder(tiny_draft, block_size=4, kv_cache_bytes=1 << 22, max_model_len=256)
