@@ -92,12 +92,12 @@ class RoundBook:
         return self.adaptive.choose(costs, self.room()) if drafting else 0
 
     def choose_ahead_k(self, costs: CostModel, block_len: int) -> int:
-        """The length of a block drafted ahead while `block_len` tokens are verified: k (adaptive
-        or fixed), cut to what ends within that verify (`CostModel.ahead_k`), since a guess that
-        outlasts the verify holds up the round whenever it misses. A seeded request's block is
-        not cut: its random draws must not depend on timing."""
+        """The length of a block drafted ahead while `block_len` tokens are verified: adaptive k,
+        cut to what ends within that verify (`CostModel.ahead_k`), since a guess that outlasts
+        the verify holds up the round whenever it misses. A fixed k (asked for, or a seeded
+        request's) stays fixed: what it drafts must not depend on timing."""
         k = self.choose_k(costs, True)
-        return costs.ahead_k(k, block_len) if self.seq.params.seed is None else k
+        return costs.ahead_k(k, block_len) if self.adaptive.enabled else k
 
     def commit(self, drafted: int, accepted: int, emitted: list[int], logprobs: list[dict[int, Any]] | None,
                prompt_logprobs: list[dict[int, Any]] | None = None) -> tuple[list[int], str]:

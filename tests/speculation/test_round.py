@@ -65,16 +65,15 @@ def test_seeded_request_keeps_k_fixed_whatever_the_costs():
     assert book.choose_k(_dear_drafts(), drafting=True) == 5
 
 
-@pytest.mark.parametrize("adaptive", [True, False])
-def test_a_block_drafted_ahead_is_cut_to_end_within_the_verify_unless_seeded(adaptive):
-    """1.5 ms draft steps beside a 7.5 ms verify: 4 ahead (+ the bonus guess) fit, with k adaptive
-    or fixed; a seeded request's block keeps its length, whatever the timing."""
+def test_a_block_drafted_ahead_is_cut_to_end_within_the_verify_only_when_k_adapts():
+    """1.5 ms draft steps beside a 7.5 ms verify: at most 4 ahead (+ the bonus guess) with adaptive
+    k; a fixed k, asked for or a seeded request's, keeps its length whatever the timing."""
     costs = CostModel(draft_step=Ema(1.5e-3), verify={k: Ema(7.5e-3) for k in range(6)}, seen_draft=True)
-    book = RoundBook(_seq(temperature=0.0), k_max=5, adaptive=adaptive)
+    book = RoundBook(_seq(temperature=0.0), k_max=5, adaptive=True)
     assert book.choose_ahead_k(costs, 5) == min(4, book.choose_k(costs, True))
-    assert adaptive or book.choose_ahead_k(costs, 5) == 4  # a fixed k of 5 too
-    seeded = RoundBook(_seq(temperature=1.0, seed=3), k_max=5, adaptive=adaptive)
-    assert seeded.choose_ahead_k(costs, 5) == 5
+    for fixed in (RoundBook(_seq(temperature=0.0), k_max=5, adaptive=False),
+                  RoundBook(_seq(temperature=1.0, seed=3), k_max=5, adaptive=True)):
+        assert fixed.choose_ahead_k(costs, 5) == 5
 
 
 @pytest.mark.parametrize(("adaptive", "seed", "expected"), [(True, None, True), (True, 0, False),
