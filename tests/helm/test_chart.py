@@ -530,6 +530,21 @@ def test_gateway_max_branches_becomes_its_flag(chart: Any, values: dict[str, Any
     assert flag in container(one(render(chart, values), "Deployment", "gateway"))["args"]
 
 
+@pytest.mark.parametrize(("values", "present"), [({}, False), ({"gateway": {"pipeline": True}}, False),
+                                                 ({"gateway": {"pipeline": False}}, True)])
+def test_gateway_pipeline_false_becomes_no_pipeline(chart: Any, values: dict[str, Any], present: bool) -> None:
+    assert ("--no-pipeline" in container(one(render(chart, values), "Deployment", "gateway"))["args"]) == present
+
+
+@pytest.mark.parametrize(("value", "flag"), [(None, None), (0, "--branch-alternatives=0"),
+                                             (3, "--branch-alternatives=3")])
+def test_draft_branch_alternatives_becomes_its_flag_only_when_set(chart: Any, value: int | None,
+                                                                  flag: str | None) -> None:
+    args = container(one(render(chart, {"draft": {"branchAlternatives": value}}), "Deployment", "draft"))["args"]
+    got = [a for a in args if a.startswith("--branch-alternatives")]
+    assert got == ([flag] if flag else [])
+
+
 # --- gateway scaling and exposure -------------------------------------------------------------
 
 
@@ -658,6 +673,8 @@ def test_notes_say_how_to_reach_the_gateway(chart: Any) -> None:
         ({"gateway": {"apiKeys": {"secret": "x"}}}, "additional properties 'secret' not allowed"),
         ({"gateway": {"maxBranches": 65}}, "/gateway/maxBranches"),
         ({"gateway": {"maxBranches": -1}}, "/gateway/maxBranches"),
+        ({"gateway": {"pipeline": "no"}}, "/gateway/pipeline"),
+        ({"draft": {"branchAlternatives": 9}}, "/draft/branchAlternatives"),
     ],
 )
 def test_schema_rejects_wrong_values_with_a_clear_message(
