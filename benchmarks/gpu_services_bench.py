@@ -323,6 +323,7 @@ TIMELINE_PARTS = (
     ("draft step (draft tier)", "draft_ns"),
     ("draft batch queue", "draft_queue_ns"),
     ("draft tier's code around its step (reading the request, batcher hand-off, reply)", None),
+    ("waiting for the block drafted ahead after the verdict (matched or not)", "ahead_wait_ns"),
     ("draft RPC transit (both gRPC stacks, both ways)", None),
     ("loop code (choosing k, commit, bookkeeping)", None),
 )
@@ -334,7 +335,8 @@ def timeline(t: dict[str, int], client_ms_per_round: float) -> dict[str, Any]:
     that ran beside the verify (a pipelined block) costs the round nothing."""
     n = max(1, t.get("rounds", 0))
     ms = {k: t.get(k, 0) / n / 1e6 for k in ("round_ns", "verify_ns", "verify_wait_ns", "verify_queue_ns",
-                                             "draft_wait_ns", "draft_ns", "draft_queue_ns", "draft_handled_ns")}
+                                             "draft_wait_ns", "draft_ns", "draft_queue_ns", "draft_handled_ns",
+                                             "ahead_wait_ns")}
     draft_on_path = ms["draft_ns"]  # the loop records it only for blocks it waited for
     draft_queue_on_path = ms["draft_queue_ns"]
     parts = {
@@ -345,8 +347,10 @@ def timeline(t: dict[str, int], client_ms_per_round: float) -> dict[str, Any]:
         TIMELINE_PARTS[4][0]: draft_queue_on_path,
         # the draft tier reports its whole handling of each request it answered on the path
         TIMELINE_PARTS[5][0]: max(0.0, ms["draft_handled_ns"] - draft_on_path - draft_queue_on_path),
-        TIMELINE_PARTS[6][0]: max(0.0, ms["draft_wait_ns"] - max(ms["draft_handled_ns"], draft_on_path + draft_queue_on_path)),
-        TIMELINE_PARTS[7][0]: max(0.0, ms["round_ns"] - ms["verify_wait_ns"] - ms["draft_wait_ns"]),
+        TIMELINE_PARTS[6][0]: ms["ahead_wait_ns"],
+        TIMELINE_PARTS[7][0]: max(0.0, ms["draft_wait_ns"] - ms["ahead_wait_ns"]
+                                  - max(ms["draft_handled_ns"], draft_on_path + draft_queue_on_path)),
+        TIMELINE_PARTS[8][0]: max(0.0, ms["round_ns"] - ms["verify_wait_ns"] - ms["draft_wait_ns"]),
     }
     parts["gateway relay + streaming to the client (beside the next round in direct mode)"] = \
         t.get("relay_ns", 0) / n / 1e6

@@ -126,7 +126,7 @@ class DirectLoop:
                 stats.num_drafted_ahead_rounds += int(d.drafted_ahead)
                 t = d.timing
                 timing = RoundTiming(t.round_ns, t.verify_ns, t.verify_wait_ns, t.verify_queue_ns, t.draft_wait_ns,
-                                     t.draft_ns, t.draft_queue_ns, t.draft_handled_ns)
+                                     t.draft_ns, t.draft_queue_ns, t.draft_handled_ns, t.ahead_wait_ns)
                 self.times.add(timing)
                 stats.verify_ns += t.verify_ns + t.verify_queue_ns
                 stats.draft_ns += t.draft_wait_ns

@@ -112,7 +112,7 @@ def delta_to_pb(d: Delta) -> target_pb2.GenerateServerMessage:
     timing = target_pb2.RoundTiming(
         round_ns=t.round_ns, verify_ns=t.verify_ns, verify_queue_ns=t.verify_queue_ns,
         draft_wait_ns=t.draft_wait_ns, draft_ns=t.draft_ns, draft_queue_ns=t.draft_queue_ns,
-        verify_wait_ns=t.verify_wait_ns, draft_handled_ns=t.draft_handled_ns,
+        verify_wait_ns=t.verify_wait_ns, draft_handled_ns=t.draft_handled_ns, ahead_wait_ns=t.ahead_wait_ns,
     ) if t is not None else None
     return target_pb2.GenerateServerMessage(delta=target_pb2.GenerateDelta(
         token_ids=d.token_ids, logprobs=logprobs_to_pb(d.logprobs, d.token_ids), drafted=d.drafted,

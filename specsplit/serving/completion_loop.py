@@ -76,6 +76,7 @@ class RoundTiming:
     draft_ns: int = 0  # the draft tier's own step time for that block
     draft_queue_ns: int = 0
     draft_handled_ns: int = 0  # the draft tier's whole handling of that request (the rest of the wait: transit)
+    ahead_wait_ns: int = 0  # of draft_wait_ns: waiting for the block drafted ahead (matched or not)
 
 
 @dataclass
@@ -348,6 +349,7 @@ class CompletionLoop:
                 if spec is not None:
                     prop = await spec
                     spec = None
+                    timing.ahead_wait_ns = time.perf_counter_ns() - t1
                     ahead_next = prop is not None and bool(prop.branches)  # a block was drafted ahead
                     self.stats.num_drafted_ahead_rounds += int(ahead_next)
                     won = next((b for b in prop.branches or () if (b.accepted, b.token) == (a, emitted[-1])), None) \

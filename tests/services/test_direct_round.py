@@ -45,6 +45,22 @@ def test_round_timings_split_the_draft_wait_into_handling_and_transit(cluster: C
 
 
 @pytest.mark.timeout(60)
+def test_pipelined_round_timings_tell_the_wait_for_the_guess_drafted_ahead(cluster: Cluster,
+                                                                          reference: Reference) -> None:
+    """Pipelined: after each verdict the loop first waits for the block drafted ahead beside the
+    verify; that wait is part of the round's draft wait, and sequential rounds never have it."""
+    start = target_pb2.GenerateStart(
+        token_ids=reference.tokenizer.encode("def add(a, b):"), params=common_pb2.TokenChoice(temperature=0.0),
+        stopping=target_pb2.Stopping(max_new_tokens=16),
+        draft_address=f"127.0.0.1:{cluster.drafts['draft_model'].port}", num_speculative_tokens=3, pipeline=True)
+    timings = [d.timing for d in _generate(cluster, start)]
+    assert any(t.ahead_wait_ns > 0 for t in timings)
+    assert all(t.ahead_wait_ns <= t.draft_wait_ns for t in timings)
+    start.pipeline = False
+    assert all(d.timing.ahead_wait_ns == 0 for d in _generate(cluster, start))
+
+
+@pytest.mark.timeout(60)
 def test_an_end_token_ends_the_completion_inside_a_block(cluster: Cluster, reference: Reference) -> None:
     prompt_ids = reference.tokenizer.encode("The quick brown fox")
     ref = reference.greedy("The quick brown fox", 12)

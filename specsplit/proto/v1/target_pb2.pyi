@@ -116,7 +116,7 @@ class GenerateClientMessage(_message.Message):
     def __init__(self, start: _Optional[_Union[GenerateStart, _Mapping]] = ...) -> None: ...
 
 class RoundTiming(_message.Message):
-    __slots__ = ("round_ns", "verify_ns", "verify_queue_ns", "draft_wait_ns", "draft_ns", "draft_queue_ns", "verify_wait_ns", "draft_handled_ns")
+    __slots__ = ("round_ns", "verify_ns", "verify_queue_ns", "draft_wait_ns", "draft_ns", "draft_queue_ns", "verify_wait_ns", "draft_handled_ns", "ahead_wait_ns")
     ROUND_NS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_NS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class RoundTiming(_message.Message):
     DRAFT_QUEUE_NS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_WAIT_NS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_HANDLED_NS_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_WAIT_NS_FIELD_NUMBER: _ClassVar[int]
     round_ns: int
     verify_ns: int
     verify_queue_ns: int
@@ -133,7 +134,8 @@ class RoundTiming(_message.Message):
     draft_queue_ns: int
     verify_wait_ns: int
     draft_handled_ns: int
-    def __init__(self, round_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., verify_queue_ns: _Optional[int] = ..., draft_wait_ns: _Optional[int] = ..., draft_ns: _Optional[int] = ..., draft_queue_ns: _Optional[int] = ..., verify_wait_ns: _Optional[int] = ..., draft_handled_ns: _Optional[int] = ...) -> None: ...
+    ahead_wait_ns: int
+    def __init__(self, round_ns: _Optional[int] = ..., verify_ns: _Optional[int] = ..., verify_queue_ns: _Optional[int] = ..., draft_wait_ns: _Optional[int] = ..., draft_ns: _Optional[int] = ..., draft_queue_ns: _Optional[int] = ..., verify_wait_ns: _Optional[int] = ..., draft_handled_ns: _Optional[int] = ..., ahead_wait_ns: _Optional[int] = ...) -> None: ...
 
 class GenerateDelta(_message.Message):
     __slots__ = ("token_ids", "logprobs", "drafted", "accepted", "pipelined", "timing", "draft_failure", "prompt_logprobs", "drafted_ahead")
