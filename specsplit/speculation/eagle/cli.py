@@ -15,11 +15,14 @@ def add_eagle_subparser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("target", help="catalogue name or model folder of the target")
     t.add_argument("--out", default=None, help="output folder (default: ~/.cache/specsplit/eagle/TARGET-METHOD)")
     t.add_argument("--method", choices=("eagle3", "eagle"), default=d.method)
-    t.add_argument("--data", choices=("auto", "stdlib", "self"), default=d.data,
-                   help="training text: Python standard library source, or the target's own answers "
-                        "(auto: stdlib for code models)")
+    t.add_argument("--data", choices=("auto", "stdlib", "self", "mix"), default=d.data,
+                   help="training text: Python standard library source, the target's own answers, or mix "
+                        "(its answers to coding requests, then stdlib up to --sequences; auto: stdlib for "
+                        "code models)")
     t.add_argument("--sequences", type=int, default=d.sequences, help="training sequences")
     t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    t.add_argument("--answer-tokens", type=int, default=d.answer_tokens,
+                   help="most new tokens per own answer (self, mix; default: --seq-len)")
     t.add_argument("--epochs", type=int, default=d.epochs)
     t.add_argument("--batch", type=int, default=d.batch, help="sequences per optimiser step")
     t.add_argument("--unroll", type=int, default=d.unroll, help="drafted steps trained per position")
@@ -31,7 +34,8 @@ def add_eagle_subparser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eagle(a: argparse.Namespace) -> int:
-    cfg = TrainConfig(method=a.method, data=a.data, sequences=a.sequences, seq_len=a.seq_len, epochs=a.epochs,
+    cfg = TrainConfig(method=a.method, data=a.data, sequences=a.sequences, seq_len=a.seq_len, answer_tokens=a.answer_tokens,
+                      epochs=a.epochs,
                       batch=a.batch, unroll=a.unroll, lr=a.lr, draft_vocab=a.draft_vocab,
                       intermediate_size=a.intermediate_size, seed=a.seed, fmt=a.fmt)
     train_head(a.target, a.out or default_out(a.target, a.method), cfg)

@@ -31,6 +31,34 @@ SELF_PROMPTS = [
     "How can I sort a dictionary by value in Python?", "What is machine learning?", "Give advice for a job interview.",
 ]
 
+# Coding requests a code target answers for `--data mix` (none is, or is close to, a benchmark prompt).
+CODE_PROMPTS = [
+    "Write a Python function that returns the n-th prime number.",
+    "Write a Python function to flatten an arbitrarily nested list.",
+    "Write a Python class for a circular buffer with a fixed capacity.",
+    "Write a Python function that counts the words in a text file.",
+    "Write a Python function to check whether a binary tree is balanced.",
+    "Write a Python function that converts a Roman numeral to an integer.",
+    "Write a Python function that finds the longest common prefix of a list of strings.",
+    "Write a Python generator that yields the lines of a CSV file as dictionaries.",
+    "Write a Python function to rotate a matrix by 90 degrees.",
+    "Write a Python class for an LRU cache with get and put methods.",
+    "Write a Python function that validates an email address with a regular expression.",
+    "Write a Python function to compute the greatest common divisor of two numbers.",
+    "Write a Python function that performs a breadth-first search on a graph.",
+    "Write a Python function that removes duplicates from a list while keeping the order.",
+    "Write a Python function to parse a query string into a dictionary.",
+    "Write a Python decorator that retries a function three times on an exception.",
+    "Write a Python function that computes the moving average of a list of numbers.",
+    "Write a Python class for a bank account with deposit, withdraw and balance methods.",
+    "Write a Python function that transposes a list of lists.",
+    "Write a Python function to find all anagrams of a word in a list of words.",
+    "Write a Python function that implements quicksort.",
+    "Write a Python function to convert a temperature between Celsius and Fahrenheit.",
+    "Write a Python context manager that times the block it wraps.",
+    "Write a Python function that reads a JSON file and returns the keys of its top-level object.",
+]
+
 
 @dataclass
 class Features:
@@ -55,7 +83,7 @@ def stdlib_sequences(tokenizer: Any, seq_len: int, count: int) -> list[list[int]
         raise ValueError("no standard library sources found to train on")
     out: list[list[int]] = []
     stride = max(1, len(files) // max(count, 1))
-    for p in files[::stride]:
+    for p in files[::stride] + [f for i, f in enumerate(files) if i % stride]:  # spread first, then the rest
         try:
             text = p.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
@@ -69,12 +97,14 @@ def stdlib_sequences(tokenizer: Any, seq_len: int, count: int) -> list[list[int]
     return out
 
 
-def self_sequences(llm_engine: Any, tokenizer: Any, seq_len: int, count: int) -> list[list[int]]:
-    """The target's own greedy answers (chat template + answer), one per instruction."""
+def self_sequences(llm_engine: Any, tokenizer: Any, seq_len: int, count: int,
+                   instructions: list[str] = SELF_PROMPTS, progress: Any = None) -> list[list[int]]:
+    """The target's own answers (chat template + answer, at most `seq_len` new tokens), one per
+    instruction: greedy on the first pass over `instructions`, sampled (T = 0.7) after."""
     from specsplit.sampling.params import SamplingParams
 
-    prompts = (SELF_PROMPTS * (count // len(SELF_PROMPTS) + 1))[:count]
-    sp = [SamplingParams(temperature=0.0 if i < len(SELF_PROMPTS) else 0.7, seed=i, max_tokens=seq_len, ignore_eos=False)
+    prompts = (instructions * (count // len(instructions) + 1))[:count]
+    sp = [SamplingParams(temperature=0.0 if i < len(instructions) else 0.7, seed=i, max_tokens=seq_len, ignore_eos=False)
           for i in range(count)]
     for i, (p, s) in enumerate(zip(prompts, sp, strict=True)):
         text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) \
@@ -83,8 +113,23 @@ def self_sequences(llm_engine: Any, tokenizer: Any, seq_len: int, count: int) ->
     done: dict[str, list[int]] = {}
     while llm_engine.has_unfinished():
         for o in llm_engine.step():
-            done[o.request_id] = (o.prompt_token_ids + o.outputs[0].token_ids)[:seq_len]
+            done[o.request_id] = o.prompt_token_ids + o.outputs[0].token_ids
+        if progress is not None:  # rounds of the batch: one new token per unfinished answer
+            progress.update(1)
     return [done[f"train-{i}"] for i in range(count)]
+
+
+def pack(sequences: list[list[int]], seq_len: int) -> list[list[int]]:
+    """Cut the concatenated sequences into windows of exactly `seq_len` tokens (a batch needs equal
+    lengths; answers end at EOS anywhere); the last window ends at the last token. A text shorter
+    than one window comes back whole."""
+    stream = [t for s in sequences for t in s]
+    if len(stream) <= seq_len:
+        return [stream] if stream else []
+    out = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    if len(stream) % seq_len:
+        out.append(stream[-seq_len:])
+    return out
 
 
 def target_features(runner: Any, sequences: list[list[int]], aux_layers: tuple[int, ...] | None,

@@ -1,6 +1,7 @@
 """Train an EAGLE-3 (or EAGLE-1) head for a target on CPU: `specsplit eagle train TARGET`.
 
-1. Text: standard-library Python for code models, the target's own answers otherwise (data.py).
+1. Text: standard-library Python for code models, the target's own answers otherwise, or both
+   (`--data mix`: its answers to coding requests, then standard-library source; data.py).
 2. The target runs once over it; its states (three layers + the final one) are kept in bf16.
 3. The draft vocabulary (EAGLE-3) is the most frequent tokens of that text.
 4. The head starts from the target's last decoder layer (q/k/v read only the state half,
@@ -28,7 +29,10 @@ from specsplit.runtime.config import ModelConfig
 from specsplit.speculation.eagle.build import read_target_tensors
 from specsplit.speculation.eagle.checkpoint import head_config_dict, save_head
 from specsplit.speculation.eagle.data import (
+    CODE_PROMPTS,
+    SELF_PROMPTS,
     Features,
+    pack,
     self_sequences,
     stdlib_sequences,
     target_features,
@@ -43,9 +47,10 @@ class TrainConfig:
     """Defaults sized for a 2-core CPU and Qwen2.5-Coder-1.5B: a few minutes."""
 
     method: str = "eagle3"  # "eagle3" or "eagle" (EAGLE-1)
-    data: str = "auto"  # "stdlib" (Python source), "self" (own answers), auto: stdlib for code models
+    data: str = "auto"  # "stdlib" (Python source), "self" (own answers), "mix" (both), auto: stdlib for code models
     sequences: int = 12  # training sequences
     seq_len: int = 192  # tokens per sequence
+    answer_tokens: int | None = None  # most new tokens per own answer ("self", "mix"); None: seq_len
     epochs: int = 3  # passes over the data
     batch: int = 2  # sequences per optimiser step
     unroll: int = 2  # drafted steps trained per position (EAGLE-3's training-time test)
@@ -58,8 +63,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in ("eagle", "eagle3"):
             raise ValueError(f"--method must be eagle or eagle3, not {self.method!r}")
-        if self.data not in ("auto", "stdlib", "self"):
-            raise ValueError(f"--data must be auto, stdlib or self, not {self.data!r}")
+        if self.data not in ("auto", "stdlib", "self", "mix"):
+            raise ValueError(f"--data must be auto, stdlib, self or mix, not {self.data!r}")
+        if self.answer_tokens is not None and self.answer_tokens < 1:
+            raise ValueError("answer_tokens must be >= 1")
         if min(self.sequences, self.seq_len - 2 - self.unroll, self.epochs, self.batch, self.unroll) < 1:
             raise ValueError("sequences, epochs, batch, unroll must be >= 1 and seq_len > unroll + 2")
 
@@ -181,15 +188,23 @@ def train_head(target: str, out: Path | None = None, cfg: TrainConfig = TrainCon
     out = Path(out) if out else default_out(target, cfg.method)
     folder = model_folder(target)
     t0 = time.perf_counter()
-    runner, tok = load_runner(target, device=torch.device("cpu"), max_model_len=max(cfg.seq_len + 8, 512))
+    answer = cfg.answer_tokens or cfg.seq_len
+    runner, tok = load_runner(target, device=torch.device("cpu"), max_model_len=max(cfg.seq_len, answer) + 256)
     n = runner.cfg.num_layers
-    data = cfg.data if cfg.data != "auto" else ("stdlib" if "coder" in str(target).lower() else "self")
-    if data == "stdlib":
-        seqs = stdlib_sequences(tok, cfg.seq_len, cfg.sequences)
-    else:
-        print(f"generating {cfg.sequences} answers with {target} to train on", flush=True)
-        seqs = self_sequences(SpecEngine(TargetVerifier(runner), None, tok, num_speculative_tokens=0, adaptive=False),
-                              tok, cfg.seq_len, cfg.sequences)
+    code = "coder" in str(target).lower()
+    data = cfg.data if cfg.data != "auto" else ("stdlib" if code else "self")
+    seqs: list[list[int]] = []
+    if data in ("self", "mix"):
+        asks = CODE_PROMPTS if data == "mix" and code else SELF_PROMPTS
+        count = cfg.sequences if data == "self" else len(asks)
+        engine = SpecEngine(TargetVerifier(runner), None, tok, num_speculative_tokens=0, adaptive=False)
+        bar = tqdm(total=answer, desc=f"{count} own answers", unit="round", disable=not progress)
+        seqs = pack(self_sequences(engine, tok, answer, count, asks, bar), cfg.seq_len)
+        bar.close()
+        seqs = seqs[: cfg.sequences]
+    own = len(seqs)
+    if data in ("stdlib", "mix") and len(seqs) < cfg.sequences:
+        seqs += stdlib_sequences(tok, cfg.seq_len, cfg.sequences - len(seqs))
     seqs = [s for s in seqs if len(s) > cfg.unroll + 2]
     aux = (2, n // 2, n - 3) if cfg.method == "eagle3" else None
     bar = tqdm(total=sum(map(len, seqs)), desc="target states", unit="tok", disable=not progress)
@@ -239,7 +254,9 @@ def train_head(target: str, out: Path | None = None, cfg: TrainConfig = TrainCon
     save_head(out, head, head_config_dict(shape, cfg.method, len(ids) if cfg.method == "eagle3" else None),
               t2d=t2d if cfg.method == "eagle3" else None, fmt=cfg.fmt)
     (out / "training.json").write_text(json.dumps({
-        "target": str(target), "data": data, "tokens": sum(map(len, seqs)), "config": asdict(cfg),
+        "target": str(target), "data": data, "tokens": sum(map(len, seqs)), "sequences": len(seqs),
+        "own_answer_sequences": own,
+        "config": asdict(cfg),
         "final_step0_accuracy": sum(accs[-8:]) / max(1, len(accs[-8:])), "seconds": round(time.perf_counter() - t0, 1),
     }, indent=2) + "\n")
     print(f"EAGLE head written to {out}", flush=True)
