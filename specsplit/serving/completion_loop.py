@@ -43,6 +43,7 @@ from specsplit.speculation.drafters import Proposal
 from specsplit.speculation.eagle.wire import tail_rows
 from specsplit.speculation.round import RoundBook
 from specsplit.speculation.sequence import Sequence
+from specsplit.speculation.session import out_of_vocab
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,14 @@ def check_proposal(prop: draft_pb2.DraftProposal, k: int, vocab_size: int, addre
     return p
 
 
-def _checked_block(token_ids: Iterable[int], q: Collection[common_pb2.SparseDistribution], k: int, vocab_size: int, address: str) -> Proposal:
+def _checked_block(token_ids: Iterable[int], q: Collection[common_pb2.SparseDistribution], k: int,
+                   vocab_size: int, address: str) -> Proposal:
     """One block of ids (and q rows) from the wire, checked. Runs for every branch of every
-    drafted-ahead answer, on the loop that also serves every other session: kept to plain
-    Python on the ids, with tensors built only when there are distributions."""
+    drafted-ahead answer, on the loop that also serves every other session: no message is
+    rebuilt per branch, and tensors are built only when there are distributions."""
     ids = list(token_ids)
     why = ""
-    if len(ids) <= k and (not ids or vocab_size <= 0 or (min(ids) >= 0 and max(ids) < vocab_size)) \
-            and len(q) in (0, len(ids)):
+    if len(ids) <= k and not (vocab_size > 0 and out_of_vocab(ids, vocab_size)) and len(q) in (0, len(ids)):
         if not q:
             return Proposal(ids)
         try:

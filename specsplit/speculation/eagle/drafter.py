@@ -153,22 +153,19 @@ class EagleDrafter(Drafter):
                                        f"[n <= {known - 1}, {width}]")
                 start = known - 1 - n  # position of the first new entry
                 states = head.project(h.to(self.device, head.fc.weight.dtype))
-                if r.branch is not None and st.base <= start <= st.base + st.valid:
-                    rewrites.append((r.seq_id, s.tokens[known - n : known], states, start))
+                follows = st.base <= start <= st.base + st.valid  # no gap after the entries from target states
+                if r.branch is not None and follows:  # in place: the entries drafted after them stay
                     st.valid = max(st.valid, start - st.base + n)
                 else:
-                    cache = self.runner.cache
-                    if st.base <= start <= st.base + st.valid:
-                        cache.truncate(r.seq_id, start - st.base)
-                    else:  # states for positions before `start` are missing: restart the cache there
-                        cache.truncate(r.seq_id, 0)
+                    self.runner.cache.truncate(r.seq_id, start - st.base if follows else 0)
+                    if not follows:  # states for positions before `start` are missing: restart the cache there
                         st.base = start
                     st.valid = start - st.base + n
-                    st.tail = None
+                    st.tail = None  # a guess ahead would go on from entries just dropped: none this time
                     if r.branch is None:
                         feed.append((r.seq_id, s.tokens[length - n :], states, start))
                         continue
-                    rewrites.append((r.seq_id, s.tokens[known - n : known], states, start))  # no guess this time
+                rewrites.append((r.seq_id, s.tokens[known - n : known], states, start))
             if r.branch is not None and st.tail is not None and st.tail_len == length:
                 feed.append((r.seq_id, s.tokens[-1:], st.tail[None], length - 2))  # go on after the block
         if rewrites:
