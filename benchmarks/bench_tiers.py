@@ -177,10 +177,12 @@ def tier_stats(handle: Any, runner: Any, since: dict[str, float] | None = None) 
            "graphs": float(len(graphs.graphs)) if graphs is not None else 0.0,  # captured so far (max 256)
            "graph_replays": float(graphs.replays) if graphs is not None else 0.0,
            "batch_sum": reg.get_sample_value("specsplit_batch_size_sum") or 0.0,
-           "seconds_sum": reg.get_sample_value("specsplit_step_seconds_sum") or 0.0}
+           "seconds_sum": reg.get_sample_value("specsplit_step_seconds_sum") or 0.0,
+           "gather_waits": float(handle.batcher.gather_waits), "gather_timeouts": float(handle.batcher.gather_timeouts)}
     d = {k: v - (since or {}).get(k, 0.0) for k, v in raw.items()}
     n = d["steps"]
     return {**raw, "steps_since": n, "graphs_captured_since": d["graphs"], "graph_replays_since": d["graph_replays"],
+            "gather_waits_since": d["gather_waits"], "gather_timeouts_since": d["gather_timeouts"],
             "mean_batch": d["batch_sum"] / n if n else 0.0,
             "mean_step_ms": 1000 * d["seconds_sum"] / n if n else 0.0}
 
@@ -233,6 +235,9 @@ async def run_target(a: argparse.Namespace, ch: Channel) -> None:
         if "stats" in cmd:  # steps since the last {"stats": ...} call
             since = tier_stats(handle, runner, since)
             ch.send(since)
+        elif "gather" in cmd:  # the batcher's step gathering (--step-gather), for A/B runs
+            handle.batcher.gather = float(cmd["gather"])
+            ch.send({"ok": True, "gather": handle.batcher.gather})
         else:
             ch.send({"error": f"unknown command {cmd}"})
     await handle.shutdown(2.0)
@@ -289,6 +294,9 @@ async def run_draft(a: argparse.Namespace, ch: Channel) -> None:
         elif "beta" in cmd:  # the oracle's runner-up, which the tree of guesses branches on
             await handle.batcher.call(drafter.set_beta, float(cmd["beta"]))
             ch.send({"ok": True, "beta": drafter.beta})
+        elif "gather" in cmd:  # the batcher's step gathering (--step-gather), for A/B runs
+            handle.batcher.gather = float(cmd["gather"])
+            ch.send({"ok": True, "gather": handle.batcher.gather})
         elif "stats" in cmd:  # oracle counts since the last reset, draft steps since the last call
             since = tier_stats(handle, runner, since)
             ch.send({**asdict(drafter.stats), "draft_steps": since["steps_since"], "draft_mean_batch":

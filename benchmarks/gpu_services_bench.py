@@ -495,36 +495,48 @@ async def part5(a: argparse.Namespace, ports: dict[str, int], draft: Tier, targe
                            "max_tokens": a.max_tokens, "warmup_s": a.load_warmup_s, "measure_s": a.load_seconds,
                            "distinct_prompts": len(prompts), "rows": []}
     res["part5"] = out
+    out["gathers"] = a.load_gather
     for n in a.loads:
-        pair = {}
-        if time.perf_counter() + 2 * (a.load_warmup_s + a.load_seconds + 3) > a.deadline:
+        if time.perf_counter() + 2 * len(a.load_gather) * (a.load_warmup_s + a.load_seconds + 3) > a.deadline:
             log(f"part 5: load {n} and above skipped: --time-budget-s would be exceeded")
             out["skipped_loads"] = [m for m in a.loads if m >= n]
             break
-        plain_gw = "direct-plain" if a.load_gateway.startswith("direct") else "plain"
-        for mode, gw in (("plain", plain_gw), ("speculative", a.load_gateway)):
-            target.call(stats=True)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[gw]}") as ch:
-                r = await load_level(gateway_pb2_grpc.GatewayStub(ch), prompts, refs, n, a.max_tokens,
-                                     a.load_warmup_s, a.load_seconds)
-            t = target.call(stats=True)  # steps since the call above
-            r["target_mean_batch"], r["target_mean_step_ms"] = t["mean_batch"], t["mean_step_ms"]
-            r["target_graphs_captured"] = t["graphs_captured_since"]  # in warm-up or window: capture stalls
-            r["target_graphs_total"] = t["graphs"]
-            r["mode"] = mode
-            pair[mode] = r
-            out["rows"].append(r)
-            log(f"part 5 load {n} {mode}: {r['agg_tok_s']:.1f} tok/s, TPOT p50 {r['tpot_ms_p50'] or 0:.2f} ms "
-                f"p99 {r['tpot_ms_p99'] or 0:.2f} ms, block {r['mean_block']:.2f}, target batch "
-                f"{r['target_mean_batch']:.1f} ({r['target_mean_step_ms']:.2f} ms/step, "
-                f"{r['target_graphs_captured']:.0f} graphs captured), {r['errors']} errors, identical {r['outputs']['identical']}/{r['outputs']['checked']}")
-            await asyncio.sleep(1.0)  # let cancelled sessions close before the next level
-        save(res)
-        ratio = pair["speculative"]["agg_tok_s"] / max(pair["plain"]["agg_tok_s"], 1e-9)
-        res["goals"][f"load{n}_spec_over_plain"] = goal(ratio, ">= 0.95", ratio >= 0.95)
+        for gather in a.load_gather:
+            await load_pair(a, ports, draft, target, prompts, refs, res, n, gather)
     checked = sum(r["outputs"]["checked"] for r in out["rows"])
     same = sum(r["outputs"]["identical"] for r in out["rows"])
     res["goals"]["part5_lossless"] = goal(same / max(1, checked), "== 1", same == checked)
+
+
+async def load_pair(a: argparse.Namespace, ports: dict[str, int], draft: Tier, target: Tier, prompts: list[list[int]],
+                    refs: list[list[int]], res: dict, n: int, gather: float) -> None:
+    """Plain, then speculation, at `n` sessions, with both tiers holding steps for `gather` of a step."""
+    out, pair = res["part5"], {}
+    draft.call(gather=gather)
+    target.call(gather=gather)
+    plain_gw = "direct-plain" if a.load_gateway.startswith("direct") else "plain"
+    for mode, gw in (("plain", plain_gw), ("speculative", a.load_gateway)):
+        target.call(stats=True)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[gw]}") as ch:
+            r = await load_level(gateway_pb2_grpc.GatewayStub(ch), prompts, refs, n, a.max_tokens,
+                                 a.load_warmup_s, a.load_seconds)
+        t = target.call(stats=True)  # steps since the call above
+        r["target_mean_batch"], r["target_mean_step_ms"] = t["mean_batch"], t["mean_step_ms"]
+        r["target_graphs_captured"] = t["graphs_captured_since"]  # in warm-up or window: capture stalls
+        r["target_graphs_total"] = t["graphs"]
+        r["target_gather_waits"], r["target_gather_timeouts"] = t["gather_waits_since"], t["gather_timeouts_since"]
+        r["mode"], r["gather"] = mode, gather
+        pair[mode] = r
+        out["rows"].append(r)
+        log(f"part 5 load {n} {mode} gather {gather:g}: {r['agg_tok_s']:.1f} tok/s, TPOT p50 {r['tpot_ms_p50'] or 0:.2f} ms "
+            f"p99 {r['tpot_ms_p99'] or 0:.2f} ms, block {r['mean_block']:.2f}, target batch "
+            f"{r['target_mean_batch']:.1f} ({r['target_mean_step_ms']:.2f} ms/step, "
+            f"{r['target_graphs_captured']:.0f} graphs captured), {r['errors']} errors, identical {r['outputs']['identical']}/{r['outputs']['checked']}")
+        await asyncio.sleep(1.0)  # let cancelled sessions close before the next level
+    save(res)
+    ratio = pair["speculative"]["agg_tok_s"] / max(pair["plain"]["agg_tok_s"], 1e-9)
+    key = f"load{n}_spec_over_plain" + ("" if gather == a.load_gather[-1] else f"_gather{gather:g}")
+    res["goals"][key] = goal(ratio, f">= 0.95 (tiers' --step-gather {gather:g})", ratio >= 0.95)
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -571,6 +583,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--prompts", type=int, default=4, help="part 3 prompts (each run once per pass)")
     ap.add_argument("--repeats", type=int, default=2, help="part 3 timed passes (after one warm-up pass)")
     ap.add_argument("--loads", type=ints, default=[1, 8, 32, 64])
+    ap.add_argument("--load-gather", type=floats, default=[0.25], help="part 5: the tiers' --step-gather values "
+                    "to run each load at (the last one gives the goals; 0 = steps never wait for sessions)")
     ap.add_argument("--load-prompts", type=int, default=16, help="distinct prompts cycled through in part 5")
     ap.add_argument("--load-warmup-s", type=float, default=4.0)
     ap.add_argument("--load-seconds", type=float, default=12.0, help="measured window per load level and mode")

@@ -90,7 +90,7 @@ async def start_draft(cfg: DraftServiceConfig, drafter: Drafter | None = None) -
     drafter.max_rows = cfg.max_batch  # a pass's branches never grow it past the tier's batch
     runner = getattr(drafter, "runner", None)  # n-gram lookup keeps no model and no KV cache
     max_len = runner.max_model_len if runner is not None else (cfg.max_model_len or 1 << 20)
-    servicer = DraftServicer(drafter, drafter.propose, max_batch=cfg.max_batch,
+    servicer = DraftServicer(drafter, drafter.propose, max_batch=cfg.max_batch, step_gather=cfg.step_gather,
                              cache=runner.cache if runner is not None else None, max_model_len=max_len)
     return await servicer.start(cfg, runner.shutdown if runner is not None else None)
 

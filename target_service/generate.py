@@ -54,17 +54,18 @@ class LocalTarget(TargetLink):
 
     async def verify(self, block: list[int], q: Q) -> Verdict:
         item = VerifyItem(self.seq_id, list(block), *q, stop_states=self._take_stop_states())
-        res, queue_ns = await self.batcher.submit(item)
+        res, queue_ns = await self.batcher.submit(item, self.seq_id)
         chunked = res.pending
         while res.prefill is not None:  # a chunk of a long prompt went in: report it, step again
             if self.on_progress is not None:
                 self.on_progress(*res.prefill)
-            res, queue_ns = await self.batcher.submit(item)
+            res, queue_ns = await self.batcher.submit(item, self.seq_id)
         fresh, self._fresh = self._fresh, False
         return Verdict(res.num_accepted, res.emitted, res.logprobs, res.verify_ns, queue_ns, res.prompt_logprobs,
                        res.packed_states, fresh, chunked)
 
     async def close(self) -> None:
+        self.batcher.release(self.seq_id)
         if self.opened:
             self.opened = False
             await self.batcher.call(self._close_fn, self.seq_id)

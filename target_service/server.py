@@ -128,7 +128,8 @@ async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None
             enforce_eager=cfg.enforce_eager,
         )
     runner = verifier.runner
-    servicer = TargetServicer(verifier, packing_states(verifier.step), max_batch=cfg.max_batch, cache=runner.cache,
+    servicer = TargetServicer(verifier, packing_states(verifier.step), max_batch=cfg.max_batch,
+                              step_gather=cfg.step_gather, cache=runner.cache,
                               max_model_len=runner.max_model_len, drafts=DraftPools(cfg.draft_tls),
                               round_timeout_s=cfg.round_timeout_s)
     handle = await servicer.start(cfg, runner.shutdown)

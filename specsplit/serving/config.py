@@ -26,6 +26,7 @@ class TierConfig:
     gpu_memory_utilization: float = 0.9  # share of GPU memory for weights + KV cache
     kv_cache_memory_bytes: int | None = None  # explicit KV budget (CPU default 2 GiB)
     max_batch: int = 64  # sessions served by one batched forward at most
+    step_gather: float = 0.25  # wait for the last step's prompt sessions: this share of a step at most
     shutdown_grace_seconds: float = 30.0  # SIGTERM: time for in-flight rounds to finish
     enforce_eager: bool = False  # skip CUDA graph capture (debugging, or to save memory)
     tls_cert: str | None = None  # PEM certificate chain: serve TLS (plaintext without it)
@@ -41,6 +42,8 @@ class TierConfig:
             raise ValueError("gpu_memory_utilization must be in [0.05, 1.0]")
         if self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if not 0.0 <= self.step_gather <= 1.0:
+            raise ValueError("step_gather must be in [0, 1] (a share of one step's time)")
 
     @classmethod
     def from_args(cls, a: argparse.Namespace, **given: Any) -> Any:

@@ -57,7 +57,7 @@ class SessionServicer(ABC, Generic[Req, Res]):
     service_name: ClassVar[str]  # full name, for health and reflection
 
     def __init__(self, engine: SessionEngine, step: Callable[[list[Req]], list[Res]], *, max_batch: int,
-                 cache: PagedKVCache | None, max_model_len: int) -> None:
+                 cache: PagedKVCache | None, max_model_len: int, step_gather: float = 0.25) -> None:
         self.engine = engine
         self.step = step  # the engine's batched step, unwrapped
         self.cache = cache  # None: the engine keeps no KV cache (n-gram lookup)
@@ -65,7 +65,7 @@ class SessionServicer(ABC, Generic[Req, Res]):
         self.metrics = TierMetrics(self.tier)
         self.batcher: StepBatcher[Req, Res] = StepBatcher(
             preempting(self._timed(step), lambda r: r.seq_id),  # KV full: the newest sessions give way
-            max_batch=max_batch, name=self.tier)
+            max_batch=max_batch, name=self.tier, gather=step_gather)
         self.metrics.bind(lambda: self.batcher.queue_depth, lambda: cache.usage if cache is not None else 0.0,
                           lambda: len(engine.sessions))
         self._ids = itertools.count(1)
@@ -124,16 +124,17 @@ class SessionServicer(ABC, Generic[Req, Res]):
                 received = time.perf_counter_ns()
                 step = getattr(msg, self.step_kind)
                 req = self.request(seq_id, step)
-                result, queue_ns = await self.batcher.submit(req)
+                result, queue_ns = await self.batcher.submit(req, seq_id)
                 while (note := self.progress(step, result)) is not None:  # slow, not hung: step again
                     yield note
-                    result, queue_ns = await self.batcher.submit(req)
+                    result, queue_ns = await self.batcher.submit(req, seq_id)
                 yield self.reply(step, result, queue_ns, received)
         except Exception as exc:
             self.metrics.errors.labels(status_for(exc)[0].name).inc()
             raise
         finally:
             # runs on close and on client cancel; scheduled so cancellation cannot skip it
+            self.batcher.release(seq_id)
             asyncio.ensure_future(self.batcher.call(self._close, seq_id))
 
     def _open(self, seq_id: int, token_ids: list[int], params: SamplingParams, prompt_len: int | None = None,

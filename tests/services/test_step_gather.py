@@ -1,0 +1,80 @@
+"""The step batcher holds a step briefly for the sessions of the last one, so N sessions that
+each spend a moment between steps share one step instead of splitting into halves that take
+turns (each at half the batch)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from specsplit.serving.batcher import StepBatcher
+
+STEP_S = 0.04
+
+
+def _step(items: list[int]) -> list[int]:
+    time.sleep(STEP_S)  # a forward pass whose time does not grow with the batch (memory bound)
+    return items
+
+
+async def _sessions(batcher: StepBatcher, n: int, steps: int, gap_s: list[float]) -> list[int]:
+    sizes: list[int] = []
+
+    async def session(i: int) -> None:
+        for _ in range(steps):
+            await batcher.submit(i, key=i)
+            sizes.append(batcher.last_batch_size)
+            await asyncio.sleep(gap_s[i])  # streaming the token, the next round's bookkeeping
+        batcher.release(i)
+
+    batcher.start()
+    try:
+        await asyncio.gather(*(session(i) for i in range(n)))
+    finally:
+        await batcher.stop()
+    return sizes
+
+
+def _mean_batch(gather: float, gaps: list[float], steps: int = 12) -> tuple[float, StepBatcher]:
+    batcher: StepBatcher[int, int] = StepBatcher(_step, name="t", gather=gather)
+    sizes = asyncio.run(_sessions(batcher, len(gaps), steps, gaps))
+    return sum(sizes) / len(sizes), batcher
+
+
+def test_sessions_back_soon_share_one_step() -> None:
+    gaps = [0.002 * (i + 1) for i in range(6)]  # back 2 to 12 ms after their result
+    merged, _ = _mean_batch(0.5, gaps)  # waits up to 20 ms
+    split, _ = _mean_batch(0.0, gaps)
+    assert merged >= 5.5, merged
+    assert split <= 4.5, split  # without gathering, the sessions take turns in smaller steps
+
+
+def test_a_slow_session_is_not_waited_for() -> None:
+    """A session that usually returns after longer than the window (say it drafts between its
+    steps) does not hold up the others' steps: after its first gap is known it is not awaited."""
+    gaps = [0.0005, 0.004, 0.2]
+    _, batcher = _mean_batch(0.25, gaps, steps=6)
+    assert batcher.gather_waits >= 4  # the prompt ones are waited for
+    # the whole window passes only while the slow session's gap is unknown, not once per step
+    assert batcher.gather_timeouts <= 2, batcher.gather_timeouts
+
+
+def test_released_session_is_not_awaited() -> None:
+    async def run() -> int:
+        batcher: StepBatcher[int, int] = StepBatcher(_step, name="t", gather=10.0)  # window 10 steps
+        batcher.start()
+        try:
+            await batcher.submit(1, key="a")
+            await batcher.submit(2, key="b")  # "a" is out: this step may wait for it
+            await batcher.submit(3, key="b")
+            batcher.release("a")
+            batcher.release("b")
+            t = time.perf_counter()
+            await batcher.submit(4, key="c")  # nobody is awaited: steps at once
+            took = time.perf_counter() - t
+            assert took < 5 * STEP_S, took
+            return batcher.gather_waits
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(run()) >= 1
