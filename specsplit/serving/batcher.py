@@ -43,6 +43,17 @@ class _Returner:
     delivered_ns: int
     gap_ns: float = 0.0
 
+    def back(self, now_ns: int) -> None:
+        """Submitted again: learn the gap. A gap far above the usual one (a round that also asked
+        the draft tier) moves the average only a little, so one such round does not make a
+        prompt session look slow; a session slow every time is learned within a few rounds."""
+        gap = now_ns - self.delivered_ns
+        if self.gap_ns == 0:
+            self.gap_ns = gap
+        else:
+            self.gap_ns += (0.3 if gap <= 3 * self.gap_ns else 0.1) * (gap - self.gap_ns)
+        self.delivered_ns = 0  # back: not awaited until its next result goes out
+
 
 class StepBatcher(Generic[Req, Res]):
     def __init__(self, step: Callable[[list[Req]], list[Res]], *, max_batch: int = 64, name: str = "step",
@@ -55,6 +66,7 @@ class StepBatcher(Generic[Req, Res]):
         self.gather = gather
         self._step_ns = 0.0  # the last step's time
         self._returners: dict[Hashable, _Returner] = {}
+        self._arrived_ns = 0  # the last submission
         self.gather_waits = 0  # steps that waited for returning sessions
         self.gather_timeouts = 0  # of those, the ones that waited the whole window in vain
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"specsplit-{name}")
@@ -95,10 +107,9 @@ class StepBatcher(Generic[Req, Res]):
             raise RuntimeError(f"{self.name} is broken: {self.failed}")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         now = time.perf_counter_ns()
+        self._arrived_ns = now
         if key is not None and (r := self._returners.get(key)) is not None and r.delivered_ns:
-            gap = now - r.delivered_ns
-            r.gap_ns = gap if r.gap_ns == 0 else r.gap_ns + 0.3 * (gap - r.gap_ns)
-            r.delivered_ns = 0  # back: not awaited until its next result goes out
+            r.back(now)
         self._pending.append(_Pending(item, fut, now, key))
         self._wake.set()
         return await fut
@@ -109,13 +120,14 @@ class StepBatcher(Generic[Req, Res]):
             self._wake.set()
 
     def _awaited_until(self, window_ns: float) -> int:
-        """The time until which the next step waits: the latest end of the window after the
-        last result of a session that is still out and usually back within it; 0 when none is."""
+        """Until when the next step waits (0: not at all): for each session of the last step
+        that is still out and usually back within the window, its usual gap twice over plus a
+        margin, so that one slower this time (it asked the draft, say) costs only a little."""
         now = time.perf_counter_ns()
-        ends = [r.delivered_ns + window_ns for r in self._returners.values()
-                if r.delivered_ns and r.gap_ns <= window_ns]
-        end = int(max(ends, default=0))
-        return end if end > now else 0
+        margin = window_ns / 5
+        end = max((r.delivered_ns + (min(window_ns, 2 * r.gap_ns + margin) if r.gap_ns else window_ns)
+                   for r in self._returners.values() if r.delivered_ns and r.gap_ns <= window_ns), default=0)
+        return int(end) if end > now else 0
 
     async def _gather(self) -> None:
         """Hold the next step until the prompt sessions of the last one are queued again, or a
@@ -124,10 +136,13 @@ class StepBatcher(Generic[Req, Res]):
         if window_ns <= 0 or len(self._pending) >= self.max_batch or not self._awaited_until(window_ns):
             return
         self.gather_waits += 1
+        started = time.perf_counter_ns()
         while len(self._pending) < self.max_batch:
             until = self._awaited_until(window_ns)
             if not until:
                 return
+            # the returns have gone quiet: the rest are late this time, do not wait the window out
+            until = min(until, int(max(started, self._arrived_ns) + window_ns / 3))
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), (until - time.perf_counter_ns()) / 1e9)

@@ -321,11 +321,22 @@ class CompletionLoop:
                 t_round = time.perf_counter_ns()
                 before = len(seq.all_ids)
                 verify = asyncio.ensure_future(self._verify(block, q))
+                early: int | None = None  # the next round's k, when chosen before this verify
                 if spec is None and self.opts.pipeline and self.draft is not None and block:
                     k_next = self.book.choose_ahead_k(self.costs, len(block))
                     if k_next > 0:
                         spec = asyncio.ensure_future(self._propose(before + len(block), [], k_next, block_len=len(block)))
                         spec_k = k_next
+                elif spec is None and self.opts.pipeline and self.draft is not None and self.book.adaptive.enabled:
+                    # no block (adaptive k chose 0): the next k is chosen now, and a probe (or drafting
+                    # that pays again) is drafted beside this verify, catching the draft up and guessing
+                    # its token, not after it on the round's path: at load, a probe that the others'
+                    # step waits for (or that misses it) costs more than plain decoding
+                    early = self._choose_k()
+                    if early > 0:
+                        valid = self.book.draft_valid
+                        spec = asyncio.ensure_future(self._propose(valid, seq.all_ids[valid:], early, block_len=0))
+                        spec_k = early
                 t0 = time.perf_counter_ns()
                 if pending is not None:  # streaming the last round overlaps this round's verify
                     yield pending
@@ -351,6 +362,8 @@ class CompletionLoop:
                     prop = await spec
                     spec = None
                     timing.ahead_wait_ns = time.perf_counter_ns() - t1
+                    if early is not None and prop is not None:
+                        self.book.draft_valid = before  # the probe caught the draft up to this verify
                     ahead_next = prop is not None and bool(prop.branches)  # a block was drafted ahead
                     self.stats.num_drafted_ahead_rounds += int(ahead_next)
                     won = next((b for b in prop.branches or () if (b.accepted, b.token) == (a, emitted[-1])), None) \
@@ -365,7 +378,8 @@ class CompletionLoop:
                         self._adopt = won.id  # the draft session becomes that branch
                         self.stats.num_pipelined_rounds += 1  # drafted beside the verify: not on the round's path
                 if not hit and self.drafts is not None:
-                    k = self._choose_k()
+                    # chosen before the verify: the verdict's tokens have taken some of the room since
+                    k = self._choose_k() if early is None else min(early, self.book.room())
                     if k > 0:
                         valid = self.book.draft_valid
                         catch_up = len(seq.all_ids) - valid

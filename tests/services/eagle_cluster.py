@@ -34,8 +34,8 @@ def make_eagle_models(root: Path) -> dict[str, Path]:
             "eagle3": write_eagle3(root / "e3", target, list(range(0, 384, 2)), fmt="safetensors")}
 
 
-def eagle_spec(method: str, models: dict[str, Path], k: int = 3) -> SpeculativeConfig:
-    return SpeculativeConfig(method=method, model=str(models[method]), num_speculative_tokens=k, adaptive=False)
+def eagle_spec(method: str, models: dict[str, Path], k: int = 3, adaptive: bool = False) -> SpeculativeConfig:
+    return SpeculativeConfig(method=method, model=str(models[method]), num_speculative_tokens=k, adaptive=adaptive)
 
 
 def plain_greedy(target: Path, prompts: list[str], max_tokens: int) -> dict[str, list[int]]:
@@ -83,16 +83,18 @@ class EagleCluster:
         self.gateways: list[GatewayHandle] = []
         self._cached: dict[tuple[str, str], GatewayHandle] = {}
 
-    def gateway(self, method: str, round_mode: str, drafts: tuple[str, ...] = (), **kw: Any) -> GatewayHandle:
+    def gateway(self, method: str, round_mode: str, drafts: tuple[str, ...] = (), adaptive: bool = False,
+                **kw: Any) -> GatewayHandle:
         """A gateway over the target tier and `method`'s draft tier (or the `drafts` addresses)."""
         key = (method, round_mode)
-        if drafts or kw or key not in self._cached:
+        if drafts or kw or adaptive or key not in self._cached:
             gw = self.aio.run(start_gateway(GatewayConfig(
-                str(self.models["target"]), eagle_spec(method, self.models), host="127.0.0.1", port=0, grpc_port=0,
+                str(self.models["target"]), eagle_spec(method, self.models, adaptive=adaptive), host="127.0.0.1",
+                port=0, grpc_port=0,
                 round_mode=round_mode, target_addresses=(f"127.0.0.1:{self.target.port}",),
                 draft_addresses=drafts or (f"127.0.0.1:{self.drafts[method].port}",), **kw)))
             self.gateways.append(gw)
-            if drafts or kw:
+            if drafts or kw or adaptive:
                 return gw
             self._cached[key] = gw
         return self._cached[key]

@@ -106,3 +106,38 @@ def test_rounds_drafted_ahead_hit_and_the_output_equals_the_target_alone(
     assert ahead > 0 and hits > 0  # blocks were drafted ahead, and some of them were taken
     if alpha == 1.0:
         assert hits >= ahead // 2  # every guess holds but where the block was cut to the room left
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("round_mode", ["direct", "gateway"])
+def test_probe_after_plain_rounds_drafts_beside_the_verify(
+        eagle_cluster: EagleCluster, oracle: OracleEagleDrafter, plain, models, round_mode: str,
+        monkeypatch: pytest.MonkeyPatch):
+    """Adaptive k at 0 for a while, then drafting again: the head catches up on the skipped
+    tokens (with their states) beside a verify, guessing its token; output and states exact."""
+    from specsplit.serving.completion_loop import CompletionLoop
+    from specsplit.speculation.adaptive import AdaptiveK
+
+    oracle.set_alpha(0.8)
+    rec = eagle_cluster.recorders["eagle3"]
+    gw = eagle_cluster.gateway("eagle3", round_mode, adaptive=True)
+    plan = iter(([0] * 5 + [2] * 3) * 40)
+    monkeypatch.setattr(AdaptiveK, "choose", lambda self, costs, limit: min(next(plan), limit))
+    calls: list[tuple[int, int | None]] = []
+    real_propose = CompletionLoop._propose
+
+    async def propose(self, prefix_len, new_tokens, k, block_len=None):
+        calls.append((len(new_tokens), block_len))
+        return await real_propose(self, prefix_len, new_tokens, k, block_len)
+
+    monkeypatch.setattr(CompletionLoop, "_propose", propose)
+    hits = 0
+    for prompt in PROMPTS:
+        rec.seen.clear()
+        out = stream_text(f"127.0.0.1:{gw.port}", prompt, greedy_pb(MAX_TOKENS), timeout=120)
+        assert out.token_ids == plain[prompt], (round_mode, prompt)
+        hits += out.final.stats.pipelined_rounds
+        check_recorded_states(rec, models["target"], (2, 4, 5))
+    catch_ups = [b for n, b in calls if n > 1]
+    assert catch_ups and all(b == 0 for b in catch_ups), calls
+    assert hits > 0

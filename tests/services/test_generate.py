@@ -171,6 +171,38 @@ def test_adaptive_k_does_not_count_a_draft_catch_up_as_draft_cost(cluster: Clust
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("round_mode", ["direct", "gateway"])
+def test_probe_after_plain_rounds_is_drafted_beside_the_verify(cluster: Cluster, reference: Reference,
+                                                               monkeypatch: pytest.MonkeyPatch, round_mode: str) -> None:
+    """With adaptive k at 0 (plain rounds), the draft falls behind. When drafting resumes (a
+    probe), its catch-up and first block are drafted beside a verify, guessing the target's next
+    token, never as a draft call between verifies that the round (and, at load, everyone's
+    next step) waits for. Output stays token-identical."""
+    from specsplit.serving.completion_loop import CompletionLoop
+    from specsplit.speculation.adaptive import AdaptiveK
+
+    gw = cluster.gateway("draft_model", pipeline=True, adaptive=True, round_mode=round_mode)
+    plan = iter(([0] * 6 + [1] * 3) * 20)  # plain rounds, then a few drafting ones, over and over
+    monkeypatch.setattr(AdaptiveK, "choose", lambda self, costs, limit: min(next(plan), limit))
+    calls: list[tuple[int, int | None]] = []  # (tokens caught up, block_len) of each propose
+    real_propose = CompletionLoop._propose
+
+    async def propose(self, prefix_len, new_tokens, k, block_len=None):
+        calls.append((len(new_tokens), block_len))
+        return await real_propose(self, prefix_len, new_tokens, k, block_len)
+
+    monkeypatch.setattr(CompletionLoop, "_propose", propose)
+    for prompt in PROMPTS:
+        ref = reference.greedy(prompt, 40)
+        out = stream_text(f"127.0.0.1:{gw.port}", prompt, greedy_pb(40))
+        assert out.token_ids == ref.token_ids, prompt
+        assert out.final.stats.drafted_tokens > 0
+    catch_ups = [(n, b) for n, b in calls if n > 1]
+    assert catch_ups, calls
+    assert all(b == 0 for n, b in catch_ups), calls  # beside a verify, guessing its token
+
+
+@pytest.mark.timeout(120)
 def test_pipelined_block_never_runs_past_max_tokens(cluster: Cluster, reference: Reference) -> None:
     """A block drafted ahead (during the previous verify) is cut to the tokens still allowed:
     every round then emits its accepted tokens plus one, the last one included."""
