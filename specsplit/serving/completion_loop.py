@@ -362,6 +362,7 @@ class CompletionLoop:
                     prop = await spec
                     spec = None
                     timing.ahead_wait_ns = time.perf_counter_ns() - t1
+                    self.costs.observe_ahead_wait(timing.ahead_wait_ns / 1e9)
                     if early is not None and prop is not None:
                         self.book.draft_valid = before  # the probe caught the draft up to this verify
                     ahead_next = prop is not None and bool(prop.branches)  # a block was drafted ahead

@@ -5,7 +5,9 @@ costs k draft steps plus one verify step of k+1 tokens; served, a draft call als
 fixed overhead whatever its k (the RPC both ways, the draft tier's code around its step). We
 pick the k in 0..k_max with the most tokens per second, using running averages of the
 measured times, so k shrinks where the draft is expensive or often wrong (k = 0 is plain
-decoding) and grows where it is cheap and right.
+decoding) and grows where it is cheap and right. Served with drafting ahead, a round also waits
+for the block drafted beside its verify when the draft tier is slower than the verify (at load):
+that wait counts as a cost of drafting too.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class CostModel:
     verify: dict[int, Ema] = field(default_factory=dict)  # verify time by tokens per sequence (k+1)
     seen_draft: bool = False
     draft_call: Ema = field(default_factory=lambda: Ema(0.0))  # a draft call's cost beyond its steps (served)
+    # served, drafting ahead: how long a round waits, after its verify, for the block drafted beside
+    # it. Small on an idle draft tier; at load (its passes batch every session's branches) it can
+    # outlast the target's step, and the round then misses the step the other sessions share
+    ahead_wait: Ema = field(default_factory=lambda: Ema(0.0))
 
     def observe_draft(self, seconds_per_step: float) -> None:
         if not self.seen_draft:
@@ -80,6 +86,9 @@ class CostModel:
         else:
             self.draft_call.update(overhead)
         self.observe_draft(step_seconds / steps)
+
+    def observe_ahead_wait(self, seconds: float) -> None:
+        self.ahead_wait.update(seconds)
 
     def observe_verify(self, k: int, seconds: float, *, prompt_chunk: bool = False) -> None:
         """A verify step of k draft tokens per sequence; a step that prefilled a chunk of a long
@@ -120,7 +129,7 @@ class CostModel:
         v = self.verify_time(k)
         if v is None or (k > 0 and not self.seen_draft):
             return None
-        return v + (self.draft_call.value + k * self.draft_step.value if k > 0 else 0.0)
+        return v + (self.draft_call.value + k * self.draft_step.value + self.ahead_wait.value if k > 0 else 0.0)
 
 
 @dataclass

@@ -241,3 +241,15 @@ def test_a_lone_spike_is_ignored_and_a_lasting_one_is_learned():
     for _ in range(3):
         costs.observe_draft(10e-3)
     assert costs.draft_step.value > 2e-3
+
+
+def test_waiting_for_the_block_drafted_ahead_counts_against_drafting():
+    """Served at load, the draft tier's batched passes can outlast the target's step: the round
+    then waits for its block after the verify. That wait makes drafting dearer, down to k = 0."""
+    costs = _costs(draft_step=0.001, verify={0: 0.010, 5: 0.011})
+    ad = _adaptive(0.7)
+    assert ad.choose(costs, limit=100) > 0
+    for _ in range(30):
+        costs.observe_ahead_wait(0.030)  # three steps' worth, every round
+    assert costs.round_time(0) == pytest.approx(0.010)  # a plain round waits for no draft
+    assert ad.choose(costs, limit=100) == 0
