@@ -12,6 +12,8 @@ that wait counts as a cost of drafting too.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -45,6 +47,82 @@ class Ema:
 
 
 @dataclass
+class LoadGovernor:
+    """Whether drafting pays at the current load, decided for all completions of one server.
+
+    Adaptive k weighs one completion's acceptance against measured step costs. Served at load,
+    that misses what drafting does to the others: a completion waiting for its draft misses the
+    step they share, and verify steps grow with the blocks. So the governor measures what users
+    get, tokens committed per second per running completion, in epochs with drafting allowed and
+    epochs without, per load (running completions, in powers of two), keeps the better mode and
+    tries the other one epoch in `explore_every`. Below `min_sessions`, it stays out of the way.
+    """
+
+    epoch_s: float = 0.5
+    explore_every: int = 8
+    min_sessions: int = 2
+    clock: Callable[[], float] = time.monotonic
+    drafting: bool = True  # this epoch's mode
+    active: int = 0  # completions running now
+    rates: dict[tuple[int, bool], float] = field(default_factory=dict)  # (load, drafting) -> tokens/s each
+    epochs: dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})  # measured epochs per mode
+    _start: float = -1.0
+    _last: float = 0.0
+    _tokens: int = 0
+    _session_s: float = 0.0  # completions x seconds in this epoch
+    _since_explore: int = 0
+
+    def enter(self) -> None:
+        self._advance()
+        self.active += 1
+
+    def leave(self) -> None:
+        self._advance()
+        self.active = max(0, self.active - 1)
+
+    def record(self, tokens: int) -> None:
+        """A round committed `tokens` tokens."""
+        self._advance()
+        self._tokens += tokens
+
+    def allows_drafting(self) -> bool:
+        self._advance()
+        return self.drafting or self.active < self.min_sessions
+
+    def _advance(self) -> None:
+        now = self.clock()
+        if self._start < 0:
+            self._start = self._last = now
+            return
+        self._session_s += self.active * (now - self._last)
+        self._last = now
+        if now - self._start >= self.epoch_s:
+            self._close_epoch(now)
+
+    def _close_epoch(self, now: float) -> None:
+        mean_active = self._session_s / max(now - self._start, 1e-9)
+        if mean_active >= self.min_sessions and self._session_s > 0:
+            load = max(1, round(mean_active)).bit_length()  # 2-3 -> 2, 4-7 -> 3, ...
+            key = (load, self.drafting)
+            rate = self._tokens / self._session_s
+            self.rates[key] = rate if key not in self.rates else 0.5 * (self.rates[key] + rate)
+            self.epochs[self.drafting] += 1
+            self.drafting = self._next_mode(load)
+        self._start, self._tokens, self._session_s = now, 0, 0.0
+
+    def _next_mode(self, load: int) -> bool:
+        on, off = self.rates.get((load, True)), self.rates.get((load, False))
+        if on is None or off is None:  # measure both first
+            return on is None
+        best = on >= off
+        self._since_explore += 1
+        if self._since_explore >= self.explore_every:
+            self._since_explore = 0
+            return not best
+        return best
+
+
+@dataclass
 class CostModel:
     """Running step times shared by all sequences of one engine (seconds)."""
 
@@ -56,6 +134,7 @@ class CostModel:
     # it. Small on an idle draft tier; at load (its passes batch every session's branches) it can
     # outlast the target's step, and the round then misses the step the other sessions share
     ahead_wait: Ema = field(default_factory=lambda: Ema(0.0))
+    governor: LoadGovernor = field(default_factory=LoadGovernor)  # served: does drafting pay at this load
 
     def observe_draft(self, seconds_per_step: float) -> None:
         if not self.seen_draft:

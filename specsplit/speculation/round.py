@@ -88,7 +88,11 @@ class RoundBook:
         return max(0, min(seq.max_new_tokens() - 1, seq.max_model_len - len(seq.all_ids) - 1))
 
     def choose_k(self, costs: CostModel, drafting: bool) -> int:
-        """The next block's length: 0 without a drafter, else adaptive k within the room left."""
+        """The next block's length: 0 without a drafter, else adaptive k within the room left;
+        0 also while the server's load governor finds that drafting does not pay at this load
+        (only for adaptive k: a fixed k stays fixed)."""
+        if drafting and self.adaptive.enabled and not costs.governor.allows_drafting():
+            return 0
         return self.adaptive.choose(costs, self.room()) if drafting else 0
 
     def choose_ahead_k(self, costs: CostModel, block_len: int) -> int:

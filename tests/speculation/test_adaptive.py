@@ -253,3 +253,66 @@ def test_waiting_for_the_block_drafted_ahead_counts_against_drafting():
         costs.observe_ahead_wait(0.030)  # three steps' worth, every round
     assert costs.round_time(0) == pytest.approx(0.010)  # a plain round waits for no draft
     assert ad.choose(costs, limit=100) == 0
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _serve(gov, clock: _Clock, seconds: float, rate: dict[bool, float], dt: float = 0.01) -> list[bool]:
+    """Run the governor's sessions for `seconds`: each round (dt) every running completion
+    commits tokens at the rate of the mode it is in. Returns the mode of each round."""
+    modes = []
+    for _ in range(int(seconds / dt)):
+        clock.t += dt
+        on = gov.allows_drafting()
+        modes.append(on)
+        for _ in range(gov.active):
+            gov.record(round(rate[on] * dt))
+    return modes
+
+
+def test_load_governor_turns_drafting_off_where_it_costs_throughput():
+    from specsplit.speculation.adaptive import LoadGovernor
+
+    clock = _Clock()
+    gov = LoadGovernor(clock=clock)
+    for _ in range(16):
+        gov.enter()
+    modes = _serve(gov, clock, 20.0, {True: 700, False: 1000})  # plain is faster at this load
+    late = modes[len(modes) // 2:]
+    assert sum(late) / len(late) < 0.2  # drafting only in the epochs that re-check it
+    assert sum(late) > 0  # ...which do happen: the load may change
+    assert gov.epochs[True] >= 3 and gov.epochs[False] > gov.epochs[True]
+
+
+def test_load_governor_keeps_drafting_where_it_pays_and_stays_out_below_two_sessions():
+    from specsplit.speculation.adaptive import LoadGovernor
+
+    clock = _Clock()
+    gov = LoadGovernor(clock=clock)
+    gov.enter()
+    assert all(_serve(gov, clock, 5.0, {True: 1, False: 1000}))  # one completion: adaptive k alone decides
+    gov.enter()
+    modes = _serve(gov, clock, 20.0, {True: 1500, False: 1000})
+    late = modes[len(modes) // 2:]
+    assert sum(late) / len(late) > 0.8
+
+
+def test_choose_k_is_zero_while_the_governor_says_drafting_does_not_pay():
+    from specsplit.sampling.params import SamplingParams
+    from specsplit.speculation.round import RoundBook
+    from specsplit.speculation.sequence import Sequence
+
+    costs = _costs(draft_step=0.0005, verify={0: 0.010, 5: 0.011})
+    seq = Sequence(0, [1, 2, 3], SamplingParams(max_tokens=50, temperature=0.0), (0,), 100)
+    adaptive, fixed = RoundBook(seq, 5, adaptive=True), RoundBook(seq, 5, adaptive=False)
+    adaptive.adaptive.alpha = Acceptance.prior(0.95)
+    assert adaptive.choose_k(costs, True) == 5
+    costs.governor.active, costs.governor.drafting = 8, False
+    assert adaptive.choose_k(costs, True) == 0
+    assert fixed.choose_k(costs, True) == 5  # a fixed k stays fixed
