@@ -316,7 +316,10 @@ class CompletionLoop:
         if self.drafts is not None and self.opts.pipeline and k > 0:
             spec = asyncio.ensure_future(self._propose(len(seq.all_ids), [], k, block_len=0))
             spec_k = k
-        self.costs.governor.enter()
+        # the load governor weighs the completions its decision changes: adaptive k with a draft
+        governed = self.drafts is not None and self.book.adaptive.enabled
+        if governed:
+            self.costs.governor.enter()
         try:
             while not seq.finished:
                 t_round = time.perf_counter_ns()
@@ -349,7 +352,8 @@ class CompletionLoop:
                 a, emitted, lps = res.num_accepted, res.emitted, res.logprobs
                 # echo: the first verdict carries the prompt's logprobs
                 kept, text = self.book.commit(len(block), a, emitted, lps, res.prompt_logprobs or None)
-                self.costs.governor.record(len(kept))
+                if governed:
+                    self.costs.governor.record(len(kept))
                 self.costs.observe_verify(len(block), t_verify / 1e9, prompt_chunk=res.chunked)
                 drafted_block = block
                 if seq.finished:
@@ -406,7 +410,8 @@ class CompletionLoop:
                 pending = self._delta(kept, text, lps, len(drafted_block), a, pipelined, timing, ahead)
                 pipelined, ahead, timing = hit, ahead_next, RoundTiming()
         finally:
-            self.costs.governor.leave()
+            if governed:
+                self.costs.governor.leave()
             for task in (spec, verify):
                 if task is not None and not task.done():
                     task.cancel()
