@@ -68,7 +68,8 @@ class StepBatcher(Generic[Req, Res]):
         self._returners: dict[Hashable, _Returner] = {}
         self._arrived_ns = 0  # the last submission
         self.gather_waits = 0  # steps that waited for returning sessions
-        self.gather_timeouts = 0  # of those, the ones that waited the whole window in vain
+        self.gather_timeouts = 0  # of those, the ones that stepped without a session they waited for
+        self.gather_wait_ns = 0  # time spent waiting, in all
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"specsplit-{name}")
         self._pending: list[_Pending[Req]] = []
         self._wake = asyncio.Event()
@@ -137,6 +138,12 @@ class StepBatcher(Generic[Req, Res]):
             return
         self.gather_waits += 1
         started = time.perf_counter_ns()
+        try:
+            await self._wait_for_returns(window_ns, started)
+        finally:
+            self.gather_wait_ns += time.perf_counter_ns() - started
+
+    async def _wait_for_returns(self, window_ns: float, started: int) -> None:
         while len(self._pending) < self.max_batch:
             until = self._awaited_until(window_ns)
             if not until:

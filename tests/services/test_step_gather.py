@@ -55,8 +55,10 @@ def test_a_slow_session_is_not_waited_for() -> None:
     gaps = [0.0005, 0.004, 0.2]
     _, batcher = _mean_batch(0.25, gaps, steps=6)
     assert batcher.gather_waits >= 4  # the prompt ones are waited for
-    # the whole window passes only while the slow session's gap is unknown, not once per step
-    assert batcher.gather_timeouts <= 2, batcher.gather_timeouts
+    # not the whole window (a quarter of a step) per step: once the prompt ones are back and the
+    # returns go quiet, or once the slow one's gap is known, the step starts
+    window_s = 0.25 * STEP_S
+    assert batcher.gather_wait_ns / 1e9 / batcher.steps < window_s / 2, (batcher.gather_wait_ns, batcher.steps)
 
 
 def test_released_session_is_not_awaited() -> None:
@@ -78,3 +80,4 @@ def test_released_session_is_not_awaited() -> None:
             await batcher.stop()
 
     assert asyncio.run(run()) >= 1
+
