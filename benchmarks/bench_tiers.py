@@ -226,15 +226,22 @@ async def run_target(a: argparse.Namespace, ch: Channel) -> None:
     timing = time_target(verifier, a.ctx, a.k, a.reps)
     timing.update(inprocess_plain(verifier, a.ctx, a.plain_tokens))
     print(f"[target] built in {time.perf_counter() - t0:.0f}s; {timing}", file=sys.stderr, flush=True)
+    from specsplit.speculation.adaptive import CostModel
+
+    costs = CostModel()  # the direct rounds' cost model: its load governor is watched and steered from here
     handle = await start_target(TargetServiceConfig(model="random", host="127.0.0.1", grpc_port=0, metrics_port=0,
-                                                    max_batch=a.max_batch), verifier=verifier)
+                                                    max_batch=a.max_batch), verifier=verifier, costs=costs)
     ch.send({"ready": True, "port": handle.port, "device": _device_info(dev), "timing": timing,
              "torch": torch.__version__, "attention": getattr(runner, "backend", f"tensor-parallel x{a.tp}")})
     since: dict[str, float] = {}
     async for cmd in ch.commands():
         if "stats" in cmd:  # steps since the last {"stats": ...} call
             since = tier_stats(handle, runner, since)
-            ch.send(since)
+            gov = costs.governor
+            ch.send({**since, "governor_epochs_drafting": gov.epochs[True], "governor_epochs_plain": gov.epochs[False]})
+        elif "governor" in cmd:  # auto (the default), on (always draft), off (never)
+            costs.governor.fixed = {"auto": None, "on": True, "off": False}[cmd["governor"]]
+            ch.send({"ok": True})
         elif "gather" in cmd:  # the batcher's step gathering (--step-gather), for A/B runs
             handle.batcher.gather = float(cmd["gather"])
             ch.send({"ok": True, "gather": handle.batcher.gather})

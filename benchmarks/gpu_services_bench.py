@@ -515,8 +515,10 @@ async def load_pair(a: argparse.Namespace, ports: dict[str, int], draft: Tier, t
     draft.call(gather=gather)
     target.call(gather=gather)
     plain_gw = "direct-plain" if a.load_gateway.startswith("direct") else "plain"
-    for mode, gw in (("plain", plain_gw), ("speculative", a.load_gateway)):
-        target.call(stats=True)
+    runs = [("plain", plain_gw, "auto")] + [("speculative", a.load_gateway, g) for g in a.load_governor]
+    for mode, gw, governor in runs:
+        target.call(governor=governor)
+        t0 = target.call(stats=True)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[gw]}") as ch:
             r = await load_level(gateway_pb2_grpc.GatewayStub(ch), prompts, refs, n, a.max_tokens,
                                  a.load_warmup_s, a.load_seconds)
@@ -525,18 +527,26 @@ async def load_pair(a: argparse.Namespace, ports: dict[str, int], draft: Tier, t
         r["target_graphs_captured"] = t["graphs_captured_since"]  # in warm-up or window: capture stalls
         r["target_graphs_total"] = t["graphs"]
         r["target_gather_waits"], r["target_gather_timeouts"] = t["gather_waits_since"], t["gather_timeouts_since"]
-        r["mode"], r["gather"] = mode, gather
-        pair[mode] = r
+        r["mode"], r["gather"], r["governor"] = mode, gather, governor
+        r["governor_epochs"] = {"drafting": t["governor_epochs_drafting"] - t0["governor_epochs_drafting"],
+                                "plain": t["governor_epochs_plain"] - t0["governor_epochs_plain"]}
+        pair[mode if governor == a.load_governor[-1] or mode == "plain" else f"{mode}_{governor}"] = r
         out["rows"].append(r)
-        log(f"part 5 load {n} {mode} gather {gather:g}: {r['agg_tok_s']:.1f} tok/s, TPOT p50 {r['tpot_ms_p50'] or 0:.2f} ms "
+        log(f"part 5 load {n} {mode} gather {gather:g} governor {governor} {r['governor_epochs']}: "
+            f"{r['agg_tok_s']:.1f} tok/s, TPOT p50 {r['tpot_ms_p50'] or 0:.2f} ms "
             f"p99 {r['tpot_ms_p99'] or 0:.2f} ms, block {r['mean_block']:.2f}, target batch "
             f"{r['target_mean_batch']:.1f} ({r['target_mean_step_ms']:.2f} ms/step, "
             f"{r['target_graphs_captured']:.0f} graphs captured), {r['errors']} errors, identical {r['outputs']['identical']}/{r['outputs']['checked']}")
         await asyncio.sleep(1.0)  # let cancelled sessions close before the next level
     save(res)
-    ratio = pair["speculative"]["agg_tok_s"] / max(pair["plain"]["agg_tok_s"], 1e-9)
-    key = f"load{n}_spec_over_plain" + ("" if gather == a.load_gather[-1] else f"_gather{gather:g}")
-    res["goals"][key] = goal(ratio, f">= 0.95 (tiers' --step-gather {gather:g})", ratio >= 0.95)
+    for name, r in pair.items():
+        if name == "plain":
+            continue
+        ratio = r["agg_tok_s"] / max(pair["plain"]["agg_tok_s"], 1e-9)
+        key = (f"load{n}_spec_over_plain" + ("" if gather == a.load_gather[-1] else f"_gather{gather:g}")
+               + ("" if name == "speculative" else f"_governor_{r['governor']}"))
+        res["goals"][key] = goal(ratio, f">= 0.95 (tiers' --step-gather {gather:g}, load governor {r['governor']})",
+                                 ratio >= 0.95)
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -583,6 +593,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--prompts", type=int, default=4, help="part 3 prompts (each run once per pass)")
     ap.add_argument("--repeats", type=int, default=2, help="part 3 timed passes (after one warm-up pass)")
     ap.add_argument("--loads", type=ints, default=[1, 8, 32, 64])
+    ap.add_argument("--load-governor", type=lambda s: [g for g in s.split(",") if g], default=["auto"],
+                    help="part 5: the target's load governor for the speculative runs, one run each: auto (the "
+                    "default), on (drafting always allowed), off (never); the last one gives the goals")
     ap.add_argument("--load-gather", type=floats, default=[0.25], help="part 5: the tiers' --step-gather values "
                     "to run each load at (the last one gives the goals; 0 = steps never wait for sessions)")
     ap.add_argument("--load-prompts", type=int, default=16, help="distinct prompts cycled through in part 5")
@@ -614,6 +627,8 @@ def parse() -> argparse.Namespace:
     if a.load_alpha is None:
         a.load_alpha = 0.8 if 0.8 in a.alphas else max(a.alphas)
     a.prompts = min(a.prompts, a.load_prompts)
+    if not a.load_governor or set(a.load_governor) - {"auto", "on", "off"}:
+        ap.error(f"--load-governor takes auto, on, off (comma-separated), not {','.join(a.load_governor)!r}")
     a.deadline = time.perf_counter() + a.time_budget_s
     a.tiers = []  # started tier processes, stopped in main's `finally`
     return a

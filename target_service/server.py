@@ -105,8 +105,10 @@ def packing_states(step: Callable[[list[VerifyItem]], list[VerifyResult]]
     return run
 
 
-async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None = None) -> TierHandle:
-    """Load the model (unless given), start serving, warm up, report SERVING."""
+async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None = None,
+                       costs: CostModel | None = None) -> TierHandle:
+    """Load the model (unless given), start serving, warm up, report SERVING. `costs`: the cost
+    model (and load governor) of the direct rounds this tier runs, to watch or steer it."""
     servicer: TargetServicer | None = None
     loop = asyncio.get_running_loop()
 
@@ -132,6 +134,8 @@ async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None
                               step_gather=cfg.step_gather, cache=runner.cache,
                               max_model_len=runner.max_model_len, drafts=DraftPools(cfg.draft_tls),
                               round_timeout_s=cfg.round_timeout_s)
+    if costs is not None:
+        servicer.costs = costs
     handle = await servicer.start(cfg, runner.shutdown)
     handle.on_close.append(servicer.drafts.close)
     return handle

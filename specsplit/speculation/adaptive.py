@@ -55,12 +55,17 @@ class LoadGovernor:
     step they share, and verify steps grow with the blocks. So the governor measures what users
     get, tokens committed per second per running completion, in epochs with drafting allowed and
     epochs without, per load (running completions, in powers of two), keeps the better mode and
-    tries the other one epoch in `explore_every`. Below `min_sessions`, it stays out of the way.
+    tries the other one again after `explore_every` epochs; each re-check that confirms the choice
+    doubles that wait, up to `explore_max` (a re-check of the worse mode costs throughput), and a
+    re-check that reverses it brings it back. Below `min_sessions`, it stays out of the way.
+    `fixed` (True, False) overrides it: drafting always allowed, or never.
     """
 
     epoch_s: float = 0.5
-    explore_every: int = 8
+    explore_every: int = 4
+    explore_max: int = 32
     min_sessions: int = 2
+    fixed: bool | None = None
     clock: Callable[[], float] = time.monotonic
     drafting: bool = True  # this epoch's mode
     active: int = 0  # completions running now
@@ -71,6 +76,8 @@ class LoadGovernor:
     _tokens: int = 0
     _session_s: float = 0.0  # completions x seconds in this epoch
     _since_explore: int = 0
+    _wait: int = 0  # epochs between re-checks now (explore_every .. explore_max)
+    _best: bool | None = None  # the mode kept, as of the last comparison
 
     def enter(self) -> None:
         self._advance()
@@ -86,6 +93,8 @@ class LoadGovernor:
         self._tokens += tokens
 
     def allows_drafting(self) -> bool:
+        if self.fixed is not None:
+            return self.fixed
         self._advance()
         return self.drafting or self.active < self.min_sessions
 
@@ -101,7 +110,7 @@ class LoadGovernor:
 
     def _close_epoch(self, now: float) -> None:
         mean_active = self._session_s / max(now - self._start, 1e-9)
-        if mean_active >= self.min_sessions and self._session_s > 0:
+        if self.fixed is None and mean_active >= self.min_sessions and self._session_s > 0:
             load = max(1, round(mean_active)).bit_length()  # 2-3 -> 2, 4-7 -> 3, ...
             key = (load, self.drafting)
             rate = self._tokens / self._session_s
@@ -115,9 +124,12 @@ class LoadGovernor:
         if on is None or off is None:  # measure both first
             return on is None
         best = on >= off
+        if best != self._best:  # the choice changed (or is new): re-check it soon
+            self._best, self._wait, self._since_explore = best, self.explore_every, 0
         self._since_explore += 1
-        if self._since_explore >= self.explore_every:
+        if self._since_explore >= self._wait:
             self._since_explore = 0
+            self._wait = min(2 * self._wait, self.explore_max)
             return not best
         return best
 
