@@ -23,6 +23,7 @@ from specsplit.proto.v1 import draft_pb2_grpc, target_pb2_grpc
 from specsplit.sampling.params import SamplingParams
 from specsplit.serving.completion_loop import CompletionLoop, Delta, LoopOptions, RoundTimes
 from specsplit.serving.errors import Overloaded, Unavailable
+from specsplit.serving.metrics import governor_gauge
 from specsplit.serving.replicas import ReplicaPool
 from specsplit.speculation.adaptive import CostModel
 from specsplit.speculation.round import completion_params
@@ -85,6 +86,7 @@ class GatewayCore:
         self.draining = False  # set on SIGTERM: new requests are refused, running ones finish
         self.metrics.queue_depth.set_function(lambda: self._waiting)
         self.metrics.sessions.set_function(lambda: self._running)
+        governor_gauge(self.metrics.registry, lambda: self.costs.governor.allowed)  # gateway-driven rounds
 
     @property
     def speculative_label(self) -> str:

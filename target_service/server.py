@@ -17,6 +17,7 @@ import grpc
 from specsplit.proto.v1 import target_pb2, target_pb2_grpc
 from specsplit.serving.convert import logprobs_to_pb, sparse_from_pb, token_choice_from_pb
 from specsplit.serving.errors import grpc_errors, status_for
+from specsplit.serving.metrics import governor_gauge
 from specsplit.serving.servicer import SessionServicer
 from specsplit.serving.tier import TierHandle
 from specsplit.speculation.adaptive import CostModel
@@ -136,6 +137,7 @@ async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None
                               round_timeout_s=cfg.round_timeout_s)
     if costs is not None:
         servicer.costs = costs
+    governor_gauge(servicer.metrics.registry, lambda: servicer.costs.governor.allowed)
     handle = await servicer.start(cfg, runner.shutdown)
     handle.on_close.append(servicer.drafts.close)
     return handle

@@ -36,6 +36,15 @@ class TierMetrics:
         self.sessions.set_function(sessions)
 
 
+def governor_gauge(registry: CollectorRegistry, allowed: Callable[[], bool]) -> Gauge:
+    """The load governor's decision, where a server runs rounds (target tier, gateway)."""
+    g = Gauge("specsplit_drafting_allowed", "1 while the load governor lets adaptive-k completions draft "
+              "(it measured drafting to pay at the current load), 0 while it holds them to plain rounds",
+              registry=registry)
+    g.set_function(lambda: float(allowed()))
+    return g
+
+
 def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, threading.Thread] | None:
     """Expose /metrics on its own HTTP port (draft and target tiers); port 0 = off."""
     if port <= 0:

@@ -93,9 +93,14 @@ class LoadGovernor:
         self._tokens += tokens
 
     def allows_drafting(self) -> bool:
+        self._advance()
+        return self.allowed
+
+    @property
+    def allowed(self) -> bool:
+        """The current decision, as it stands (metrics read it without moving the epoch on)."""
         if self.fixed is not None:
             return self.fixed
-        self._advance()
         return self.drafting or self.active < self.min_sessions
 
     def _advance(self) -> None:
