@@ -172,7 +172,7 @@ def time_draft(drafter: Any, ctx: int, k: int, reps: int) -> dict[str, float]:
 def tier_stats(handle: Any, runner: Any, since: dict[str, float] | None = None) -> dict[str, float]:
     """Batched steps of a tier (since an earlier snapshot): count, mean batch, mean step time, CUDA graphs."""
     reg = handle.metrics.registry
-    graphs = getattr(runner, "graphs", None)
+    graphs = getattr(runner, "graphs", None) or getattr(runner, "chain", None)  # an EAGLE head: its HeadChain
     raw = {"steps": reg.get_sample_value("specsplit_steps_total") or 0.0,
            "graphs": float(len(graphs.graphs)) if graphs is not None else 0.0,  # captured so far (max 256)
            "graph_replays": float(graphs.replays) if graphs is not None else 0.0,

@@ -380,8 +380,12 @@ async def part6(a: argparse.Namespace, ports: dict[str, int], draft: Tier, targe
                 await generate(stub, ids, i, a.max_tokens)
             a.gws.call(timeline=mode)
             target.call(stats=True)
+            draft.call(stats=True)
             r = await single_session(stub, prompts[:n], refs, a.max_tokens, 0, a.repeats)
         t = target.call(stats=True)
+        d = draft.call(stats=True)
+        # graphs captured during the timed passes: a capture (tens of ms) lands on a round's path
+        r["graphs_captured"] = {"target": t["graphs_captured_since"], "draft": d["draft_graphs_captured"]}
         tl = a.gws.call(timeline=mode)
         r.update(mode=mode, alpha=alpha, beta=a.beta[-1], target_mean_step_ms=t["mean_step_ms"],
                  over_inprocess_plain=base / r["ms_per_token"],
@@ -390,7 +394,7 @@ async def part6(a: argparse.Namespace, ports: dict[str, int], draft: Tier, targe
         log(f"part 6 {mode} alpha {alpha}: {r['tok_s']:.1f} tok/s = {r['over_inprocess_plain']:.2f}x in-process plain "
             f"({r['tokens_per_round']:.2f} tok/round, pipelined {r['pipelined_share']:.0%}, drafted ahead "
             f"{r['drafted_ahead_rounds']} rounds, branch hits {r['branch_hit_rate'] or 0:.0%}, identical "
-            f"{r['outputs']['identical']}/{r['outputs']['checked']}); timeline "
+            f"{r['outputs']['identical']}/{r['outputs']['checked']}, graphs captured {r['graphs_captured']}); timeline "
             + ", ".join(f"{k.split(' (')[0]} {v:.2f}" for k, v in r["timeline"]["parts_ms"].items())
             + f"; sum {r['timeline']['sum_of_parts_ms']:.2f} vs client {r['timeline']['client_ms_per_round']:.2f} ms")
         save(res)
