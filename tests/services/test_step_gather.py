@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from specsplit.serving.batcher import StepBatcher
 
 STEP_S = 0.04
@@ -81,3 +83,14 @@ def test_released_session_is_not_awaited() -> None:
 
     assert asyncio.run(run()) >= 1
 
+
+
+def test_step_gather_flag_reaches_the_tier_config_and_a_bad_share_is_refused() -> None:
+    from specsplit.cli import build_parser
+    from target_service.config import TargetServiceConfig
+
+    a = build_parser().parse_args(["target", "some-model", "--step-gather", "0.1"])
+    assert TargetServiceConfig.from_args(a).step_gather == 0.1
+    for bad in ("-0.5", "2"):
+        with pytest.raises(ValueError, match="step_gather must be in"):
+            TargetServiceConfig.from_args(build_parser().parse_args(["target", "some-model", "--step-gather", bad]))
