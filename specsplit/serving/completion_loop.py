@@ -183,6 +183,7 @@ class CompletionLoop:
         self._bad_drafts: set[str] = set()
         self._draft_pauses = 0  # draft KV refusals in a row
         self._draft_retry_at = 0.0  # monotonic time before which no draft session is re-opened
+        self._lazy_draft = False  # the draft session opens only once drafting is allowed (see run)
         self._draft_failure = ""  # reported with the next delta
         self._adopt: int | None = None  # the draft branch the last verdict matched, told with the next propose
 
@@ -300,8 +301,14 @@ class CompletionLoop:
     async def run(self) -> AsyncIterator[Delta]:
         """Generate until the sequence finishes, yielding each round's committed delta."""
         seq = self.seq
+        # the load governor weighs the completions its decision changes: adaptive k with a draft
+        governed = self.drafts is not None and self.book.adaptive.enabled
+        # a draft session is opened when drafting may happen: while the governor holds this load to
+        # plain rounds it is opened later, beside a verify, if ever (an EAGLE head opens at once: it
+        # reads every position's target states from the first verify on)
+        self._lazy_draft = governed and not self.opts.hidden_layers and self.opts.pipeline
         await self.target.open()
-        if self.drafts is not None:
+        if self.drafts is not None and not (self._lazy_draft and not self.costs.governor.allows_drafting()):
             await self._open_draft()
         block: list[int] = []
         q: Q = (None, None)
@@ -316,8 +323,6 @@ class CompletionLoop:
         if self.drafts is not None and self.opts.pipeline and k > 0:
             spec = asyncio.ensure_future(self._propose(len(seq.all_ids), [], k, block_len=0))
             spec_k = k
-        # the load governor weighs the completions its decision changes: adaptive k with a draft
-        governed = self.drafts is not None and self.book.adaptive.enabled
         if governed:
             self.costs.governor.enter()
         try:
@@ -331,13 +336,16 @@ class CompletionLoop:
                     if k_next > 0:
                         spec = asyncio.ensure_future(self._propose(before + len(block), [], k_next, block_len=len(block)))
                         spec_k = k_next
-                elif spec is None and self.opts.pipeline and self.draft is not None and self.book.adaptive.enabled:
+                elif spec is None and self.opts.pipeline and self.book.adaptive.enabled and (
+                        self.draft is not None or (self._lazy_draft and self.drafts is not None)):
                     # no block (adaptive k chose 0): the next k is chosen now, and a probe (or drafting
                     # that pays again) is drafted beside this verify, catching the draft up and guessing
                     # its token, not after it on the round's path: at load, a probe that the others'
                     # step waits for (or that misses it) costs more than plain decoding
                     early = self._choose_k()
-                    if early > 0:
+                    if early > 0 and self.draft is None and time.monotonic() >= self._draft_retry_at:
+                        await self._open_draft()  # opened lazily: it holds every token before this verify
+                    if early > 0 and self.draft is not None:
                         valid = self.book.draft_valid
                         spec = asyncio.ensure_future(self._propose(valid, seq.all_ids[valid:], early, block_len=0))
                         spec_k = early

@@ -203,6 +203,35 @@ def test_probe_after_plain_rounds_is_drafted_beside_the_verify(cluster: Cluster,
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("round_mode", ["direct", "gateway"])
+def test_draft_session_opens_only_once_the_load_governor_allows_drafting(
+        cluster: Cluster, reference: Reference, monkeypatch: pytest.MonkeyPatch, round_mode: str) -> None:
+    """While the governor holds a load to plain rounds, a completion opens no draft session (no
+    prefill, no KV on the draft tier for nothing); when drafting is allowed again mid-completion,
+    the draft session opens beside a verify and drafting resumes. Output stays identical."""
+    from specsplit.speculation.adaptive import AdaptiveK, LoadGovernor
+    from tests.services.conftest import sample
+
+    gw = cluster.gateway("draft_model", pipeline=True, adaptive=True, round_mode=round_mode)
+    monkeypatch.setattr(AdaptiveK, "choose", lambda self, costs, limit: min(2, limit))  # draft whenever allowed
+    draft = cluster.drafts["draft_model"]
+    opened = sample(draft, "specsplit_sessions_opened_total")
+    monkeypatch.setattr(LoadGovernor, "allows_drafting", lambda self: False)
+    ref = reference.greedy(PROMPTS[0], 24)
+    out = stream_text(f"127.0.0.1:{gw.port}", PROMPTS[0], greedy_pb(24))
+    assert out.token_ids == ref.token_ids
+    assert out.final.stats.drafted_tokens == 0
+    assert sample(draft, "specsplit_sessions_opened_total") == opened  # held plain: never opened
+
+    calls = iter(range(10**6))
+    monkeypatch.setattr(LoadGovernor, "allows_drafting", lambda self: next(calls) >= 8)  # allowed after a few rounds
+    out = stream_text(f"127.0.0.1:{gw.port}", PROMPTS[0], greedy_pb(24))
+    assert out.token_ids == ref.token_ids
+    assert out.final.stats.drafted_tokens > 0  # the lazily opened draft drafted
+    assert sample(draft, "specsplit_sessions_opened_total") == opened + 1
+
+
+@pytest.mark.timeout(120)
 def test_pipelined_block_never_runs_past_max_tokens(cluster: Cluster, reference: Reference) -> None:
     """A block drafted ahead (during the previous verify) is cut to the tokens still allowed:
     every round then emits its accepted tokens plus one, the last one included."""
