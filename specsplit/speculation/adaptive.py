@@ -12,6 +12,7 @@ that wait counts as a cost of drafting too.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,14 @@ class Ema:
         self.value += self.weight * (x - self.value)
 
 
+def load_bucket(mean_active: float) -> int:
+    """The load level a governor epoch counts for: log2 of the mean running completions,
+    rounded, so a power of two sits in the middle of its level (6-11 -> 3, 12-22 -> 4, ...).
+    Edges at the powers of two would split a steady 8 or 32 (it dips to 7.x between requests)
+    into two levels, each measured and re-checked on its own."""
+    return round(math.log2(max(mean_active, 1.0)))
+
+
 @dataclass
 class LoadGovernor:
     """Whether drafting pays at the current load, decided for all completions of one server.
@@ -54,7 +63,7 @@ class LoadGovernor:
     that misses what drafting does to the others: a completion waiting for its draft misses the
     step they share, and verify steps grow with the blocks. So the governor measures what users
     get, tokens committed per second per running completion, in epochs with drafting allowed and
-    epochs without, per load (running completions, in powers of two), keeps the better mode and
+    epochs without, per load (running completions, `load_bucket`), keeps the better mode and
     tries the other one again after `explore_every` epochs; each re-check that confirms the choice
     doubles that wait, up to `explore_max` (a re-check of the worse mode costs throughput), and a
     re-check that reverses it brings it back. Below `min_sessions`, it stays out of the way.
@@ -116,7 +125,7 @@ class LoadGovernor:
     def _close_epoch(self, now: float) -> None:
         mean_active = self._session_s / max(now - self._start, 1e-9)
         if self.fixed is None and mean_active >= self.min_sessions and self._session_s > 0:
-            load = max(1, round(mean_active)).bit_length()  # 2-3 -> 2, 4-7 -> 3, ...
+            load = load_bucket(mean_active)
             key = (load, self.drafting)
             rate = self._tokens / self._session_s
             self.rates[key] = rate if key not in self.rates else 0.5 * (self.rates[key] + rate)

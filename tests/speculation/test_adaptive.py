@@ -322,3 +322,13 @@ def test_choose_k_is_zero_while_the_governor_says_drafting_does_not_pay():
     costs.governor.active, costs.governor.drafting = 8, False
     assert adaptive.choose_k(costs, True) == 0
     assert fixed.choose_k(costs, True) == 5  # a fixed k stays fixed
+
+
+def test_a_steady_power_of_two_load_stays_one_load_level():
+    """8 sessions average 7.x (one restarting between requests) to 8: one level, not two, so the
+    governor measures and re-checks it once."""
+    from specsplit.speculation.adaptive import load_bucket
+
+    assert {load_bucket(x) for x in (6.0, 7.2, 7.9, 8.0, 8.6, 11.0)} == {3}
+    assert {load_bucket(x) for x in (28.5, 31.4, 32.0, 40.0)} == {5}
+    assert load_bucket(2.0) < load_bucket(4.0) < load_bucket(8.0) < load_bucket(16.0) < load_bucket(64.0)
