@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from specsplit.speculation.adaptive import Ema
+
 log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
@@ -64,7 +66,9 @@ class StepBatcher(Generic[Req, Res]):
         # wait at most this fraction of the last step's time for sessions of that step to come
         # back (only those whose usual gap fits the wait); 0: step at once with whatever is queued
         self.gather = gather
-        self._step_ns = 0.0  # the last step's time
+        # a step's usual time: a lone long one (a prompt's prefill chunk, a graph capture) does not
+        # stretch the wait that follows it
+        self._step_time = Ema(0.0)
         self._returners: dict[Hashable, _Returner] = {}
         self._arrived_ns = 0  # the last submission
         self.gather_waits = 0  # steps that waited for returning sessions
@@ -115,6 +119,18 @@ class StepBatcher(Generic[Req, Res]):
         self._wake.set()
         return await fut
 
+    def _note_step(self, ns: int) -> None:
+        # the first steps, or ones far shorter than the average (the first was a prefill): taken as is
+        if self._step_time.value == 0 or ns * 4 < self._step_time.value:
+            self._step_time.value = float(ns)
+        else:
+            self._step_time.update(float(ns))
+
+    @property
+    def gather_window_ns(self) -> float:
+        """The longest the next step may wait for returning sessions."""
+        return self.gather * self._step_time.value
+
     def release(self, key: Hashable) -> None:
         """The session `key` submits no more: the next step does not wait for it."""
         if self._returners.pop(key, None) is not None:
@@ -133,7 +149,7 @@ class StepBatcher(Generic[Req, Res]):
     async def _gather(self) -> None:
         """Hold the next step until the prompt sessions of the last one are queued again, or a
         fraction of a step has passed: merged, they share one step instead of taking turns."""
-        window_ns = self.gather * self._step_ns
+        window_ns = self.gather_window_ns
         if window_ns <= 0 or len(self._pending) >= self.max_batch or not self._awaited_until(window_ns):
             return
         self.gather_waits += 1
@@ -180,7 +196,7 @@ class StepBatcher(Generic[Req, Res]):
                 self.steps += 1
                 self.last_batch_size = len(batch)
                 done = time.perf_counter_ns()
-                self._step_ns = done - start
+                self._note_step(done - start)
                 for p in batch:
                     if p.key is not None:
                         self._returners.setdefault(p.key, _Returner(0)).delivered_ns = done

@@ -94,3 +94,19 @@ def test_step_gather_flag_reaches_the_tier_config_and_a_bad_share_is_refused() -
     for bad in ("-0.5", "2"):
         with pytest.raises(ValueError, match="step_gather must be in"):
             TargetServiceConfig.from_args(build_parser().parse_args(["target", "some-model", "--step-gather", bad]))
+
+
+def test_a_lone_long_step_does_not_stretch_the_wait() -> None:
+    """The wait is a share of a usual step: one long step (a prompt's prefill chunk, a CUDA graph
+    capture) must not make the next steps wait a share of it for a session that is late."""
+    batcher: StepBatcher[int, int] = StepBatcher(_step, name="t", gather=0.25)
+    batcher._note_step(900_000_000)  # the first step: a prompt's prefill
+    batcher._note_step(40_000_000)
+    assert batcher.gather_window_ns == 0.25 * 40_000_000  # the usual step from the first short one on
+    for _ in range(5):
+        batcher._note_step(40_000_000)  # 40 ms steps
+    batcher._note_step(2_000_000_000)  # one 2 s prefill
+    assert batcher.gather_window_ns <= 0.25 * 41_000_000
+    for _ in range(3):  # a step that long every time is the new usual
+        batcher._note_step(2_000_000_000)
+    assert batcher.gather_window_ns > 0.25 * 100_000_000
