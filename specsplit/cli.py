@@ -98,8 +98,8 @@ def _engine_flags(p: argparse.ArgumentParser, *, spec: bool) -> None:
     _add(p, "--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
     _add(p, "--kv-cache-memory-bytes", type=int, help="explicit KV cache budget in bytes")
     _add(p, "--max-batch", type=int, default=64, help="sessions per batched step")
-    _add(p, "--step-gather", type=float, default=0.25, help="hold a step up to this fraction of the last "
-         "step's time for that step's sessions that come back promptly, so they share one step (0 = off)")
+    _add(p, "--step-gather", type=float, default=0.25, help="hold a step up to this fraction of a usual "
+         "step's time for the last step's sessions that come back promptly, so they share one step (0 = off)")
     _add(p, "--enforce-eager", type=_bool, default=False, nargs="?", const=True,
          help="no CUDA graphs (eager PyTorch on GPU)")
 

@@ -36,10 +36,12 @@ class TargetServicer(SessionServicer[VerifyItem, VerifyResult], target_pb2_grpc.
     add_to_server = staticmethod(target_pb2_grpc.add_TargetServiceServicer_to_server)
     service_name = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
-    def __init__(self, *args: Any, drafts: DraftPools, round_timeout_s: float, **kw: Any) -> None:
+    def __init__(self, *args: Any, drafts: DraftPools, round_timeout_s: float, costs: CostModel | None = None,
+                 **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.drafts = drafts  # direct rounds: the draft replicas this tier dials
-        self.costs = CostModel()  # step costs measured here steer adaptive k of direct rounds
+        # step costs measured here steer adaptive k of direct rounds (and its load governor)
+        self.costs = costs if costs is not None else CostModel()
         self.round_timeout_s = round_timeout_s  # a slower draft round counts as a failed draft replica
 
     def open_options(self, msg: target_pb2.TargetOpen) -> dict[str, Any]:
@@ -134,9 +136,7 @@ async def start_target(cfg: TargetServiceConfig, verifier: TargetVerifier | None
     servicer = TargetServicer(verifier, packing_states(verifier.step), max_batch=cfg.max_batch,
                               step_gather=cfg.step_gather, cache=runner.cache,
                               max_model_len=runner.max_model_len, drafts=DraftPools(cfg.draft_tls),
-                              round_timeout_s=cfg.round_timeout_s)
-    if costs is not None:
-        servicer.costs = costs
+                              round_timeout_s=cfg.round_timeout_s, costs=costs)
     governor_gauge(servicer.metrics.registry, lambda: servicer.costs.governor.allowed)
     handle = await servicer.start(cfg, runner.shutdown)
     handle.on_close.append(servicer.drafts.close)

@@ -63,7 +63,7 @@ class StepBatcher(Generic[Req, Res]):
         self._step = step
         self.max_batch = max_batch
         self.name = name
-        # wait at most this fraction of the last step's time for sessions of that step to come
+        # wait at most this fraction of a usual step's time for sessions of the last step to come
         # back (only those whose usual gap fits the wait); 0: step at once with whatever is queued
         self.gather = gather
         # a step's usual time: a lone long one (a prompt's prefill chunk, a graph capture) does not
@@ -150,28 +150,25 @@ class StepBatcher(Generic[Req, Res]):
         """Hold the next step until the prompt sessions of the last one are queued again, or a
         fraction of a step has passed: merged, they share one step instead of taking turns."""
         window_ns = self.gather_window_ns
-        if window_ns <= 0 or len(self._pending) >= self.max_batch or not self._awaited_until(window_ns):
+        if window_ns <= 0:
             return
-        self.gather_waits += 1
-        started = time.perf_counter_ns()
+        started = 0  # when this step began to wait (0: it has not)
         try:
-            await self._wait_for_returns(window_ns, started)
+            while len(self._pending) < self.max_batch and (until := self._awaited_until(window_ns)):
+                if not started:
+                    started = time.perf_counter_ns()
+                    self.gather_waits += 1
+                # the returns have gone quiet: the rest are late this time, do not wait the window out
+                until = min(until, int(max(started, self._arrived_ns) + window_ns / 3))
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), (until - time.perf_counter_ns()) / 1e9)
+                except asyncio.TimeoutError:  # noqa: UP041 - a distinct class before Python 3.11
+                    self.gather_timeouts += 1
+                    return
         finally:
-            self.gather_wait_ns += time.perf_counter_ns() - started
-
-    async def _wait_for_returns(self, window_ns: float, started: int) -> None:
-        while len(self._pending) < self.max_batch:
-            until = self._awaited_until(window_ns)
-            if not until:
-                return
-            # the returns have gone quiet: the rest are late this time, do not wait the window out
-            until = min(until, int(max(started, self._arrived_ns) + window_ns / 3))
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), (until - time.perf_counter_ns()) / 1e9)
-            except asyncio.TimeoutError:  # noqa: UP041 - a distinct class before Python 3.11
-                self.gather_timeouts += 1
-                return
+            if started:
+                self.gather_wait_ns += time.perf_counter_ns() - started
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -198,8 +195,12 @@ class StepBatcher(Generic[Req, Res]):
                 done = time.perf_counter_ns()
                 self._note_step(done - start)
                 for p in batch:
-                    if p.key is not None:
-                        self._returners.setdefault(p.key, _Returner(0)).delivered_ns = done
+                    if p.key is None:
+                        continue
+                    if (back := self._returners.get(p.key)) is None:
+                        self._returners[p.key] = _Returner(done)
+                    else:
+                        back.delivered_ns = done
                 for p, r in zip(batch, results, strict=True):
                     if not p.future.done():
                         if isinstance(r, BaseException):

@@ -308,7 +308,7 @@ class CompletionLoop:
         # reads every position's target states from the first verify on)
         self._lazy_draft = governed and not self.opts.hidden_layers and self.opts.pipeline
         await self.target.open()
-        if self.drafts is not None and not (self._lazy_draft and not self.costs.governor.allows_drafting()):
+        if self.drafts is not None and (not self._lazy_draft or self.costs.governor.allows_drafting()):
             await self._open_draft()
         block: list[int] = []
         q: Q = (None, None)
