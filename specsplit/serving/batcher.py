@@ -195,7 +195,7 @@ class StepBatcher(Generic[Req, Res]):
                 done = time.perf_counter_ns()
                 self._note_step(done - start)
                 for p in batch:
-                    if p.key is None:
+                    if p.key is None or p.future.cancelled():  # a cancelled session does not come back
                         continue
                     if (back := self._returners.get(p.key)) is None:
                         self._returners[p.key] = _Returner(done)

@@ -110,3 +110,24 @@ def test_a_lone_long_step_does_not_stretch_the_wait() -> None:
     for _ in range(3):  # a step that long every time is the new usual
         batcher._note_step(2_000_000_000)
     assert batcher.gather_window_ns > 0.25 * 100_000_000
+
+
+def test_a_session_cancelled_during_its_step_is_not_kept_as_returning() -> None:
+    """A client that cancels while its step runs releases its key at once; the step ending
+    afterwards must not record it again (it would be awaited once, and kept for good)."""
+
+    async def run() -> StepBatcher:
+        batcher: StepBatcher[int, int] = StepBatcher(_step, name="t", gather=0.25)
+        batcher.start()
+        try:
+            task = asyncio.ensure_future(batcher.submit(1, key="gone"))
+            await asyncio.sleep(STEP_S / 4)  # the step is running
+            task.cancel()
+            batcher.release("gone")
+            await batcher.submit(2, key="other")  # runs after the cancelled one's step ended
+        finally:
+            await batcher.stop()
+        return batcher
+
+    batcher = asyncio.run(run())
+    assert "gone" not in batcher._returners
