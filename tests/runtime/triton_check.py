@@ -7,6 +7,7 @@ imported (`TRITON_INTERPRET=1 python -m tests.runtime.triton_check --device cpu`
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -17,7 +18,9 @@ from specsplit.runtime.runner import ModelRunner, StepInput, use_skinny_linear
 from specsplit.testing import make_tiny_model
 
 # (seq, new tokens, logits wanted): prefill two prompts of different length, then a verify
-# block next to a decode token, then a block that crosses into a new KV block
+# block next to a decode token, then a block that crosses into a new KV block. With 16-token
+# attention blocks and at most 2 parts (set in main), contexts past 16 tokens are read in two
+# parts, and past 32 in parts of two blocks or more
 STEPS = [
     [(0, list(range(3, 40)), 1), (1, list(range(50, 61)), 11)],
     [(0, [5, 6, 7, 8, 9, 10], 6), (1, [7], 1)],
@@ -47,15 +50,19 @@ def check_skinny_linear(device: str, dtype: torch.dtype, tol: float) -> bool:
 
     g = torch.Generator().manual_seed(0)
     ok = True
-    for m, n, k, bias in [(1, 48, 256, False), (6, 40, 512, True), (16, 64, 512, False), (3, 33, 300, True)]:
+    cases = [(1, 48, 256, False, 0), (6, 40, 512, True, 0), (16, 64, 512, False, 0), (3, 33, 300, True, 0),
+             (2, 48, 1024, True, 4), (5, 33, 700, False, 3)]  # the last two split K (4 and 3 ways)
+    for m, n, k, bias, split in cases:
         x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k**0.5
         b = torch.randn(n, generator=g) if bias else None
         x, w = x.to(device, dtype), w.to(device, dtype)
         b = b.to(device, dtype) if b is not None else None
-        y = skinny_linear(x, w, b, BLOCK_K=128).float()
+        y = skinny_linear(x, w, b, BLOCK_K=128, SPLIT_K=split).float()
         ref = torch.nn.functional.linear(x.float(), w.float(), b.float() if b is not None else None)
         err = (y - ref).abs().max().item()
-        print(f"skinny_linear m={m} n={n} k={k} bias={bias}: max |diff| {err:.2e}")
+        again = skinny_linear(x, w, b, BLOCK_K=128, SPLIT_K=split).float()  # counters re-armed, same sums
+        print(f"skinny_linear m={m} n={n} k={k} bias={bias} split={split}: max |diff| {err:.2e}")
+        ok = ok and torch.equal(y, again)
         ok = ok and err <= tol
     return ok
 
@@ -67,6 +74,11 @@ def main() -> int:
     ap.add_argument("--arch", default="llama")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
+    if importlib.util.find_spec("triton") is not None:
+        from specsplit.runtime import triton_kernels
+
+        # short contexts then span several parts, and parts several blocks (the interpreter is slow)
+        triton_kernels.ATTENTION_BLOCK_N, triton_kernels.ATTENTION_PARTS = 16, 2
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny_model(Path(tmp) / "m", args.arch, heads=4, kv_heads=2, hidden_size=64,
                                  tokenizer=False)
