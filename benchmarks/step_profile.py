@@ -1,8 +1,8 @@
 """Where a batch-1 decode step's GPU time goes, kernel by kernel (GPU only, random weights).
 
 For each model shape (the Llama-3.1-8B target whole and one rank's shard at TP 2 / TP 4 with
-its collectives left out, and the Llama-3.2-1B draft), with cuBLAS or our `skinny_linear`
-for the projections: the wall time per greedy decode step (host included), the GPU time of
+its collectives left out, and the Llama-3.2-1B draft), with cuBLAS for the projections or
+the faster of cuBLAS and our `skinny_linear` per shape (what runners do by default): the wall time per greedy decode step (host included), the GPU time of
 the step's CUDA graph replayed alone, its weight bytes over the measured copy rate (the
 bound), and the kernels of one eager step grouped by kind (projections, norms, rotary + KV
 write, attention, activation, LM head, other) with their summed GPU time. The kernels'
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -32,8 +33,9 @@ from gpu_tp_bench import NoComm  # noqa: E402
 
 from specsplit.runtime.collective_bench import replay_ms  # noqa: E402
 from specsplit.runtime.random_weights import LLAMA_31_8B, LLAMA_32_1B, random_model  # noqa: E402
-from specsplit.runtime.runner import BATCH_BUCKETS, ModelRunner, StepInput, use_skinny_linear  # noqa: E402
+from specsplit.runtime.runner import BATCH_BUCKETS, ModelRunner, StepInput  # noqa: E402
 
+LINEAR = {"0": "cuBLAS", "1": "Triton", "auto": "faster per shape"}
 SHAPES = {"8b": (LLAMA_31_8B, 1), "8b-tp2": (LLAMA_31_8B, 2), "8b-tp4": (LLAMA_31_8B, 4), "1b": (LLAMA_32_1B, 1)}
 KINDS = [("norm", ("add_rms_norm", "rms_norm")), ("rotary+kv", ("rope_write_kv",)), ("attention", ("paged_attention",)),
          ("activation", ("silu",)), ("projection", ("skinny", "gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk"))]
@@ -76,12 +78,12 @@ def kernel_table(runner: ModelRunner, seq: int, token: int, steps: int = 5) -> d
             "top": [{"name": n[:120], "us": v[0], "calls_per_step": v[1] / steps} for n, v in top]}
 
 
-def measure(name: str, skinny: bool, bw: float, steps: int) -> dict:
+def measure(name: str, linear: str, bw: float, steps: int) -> dict:
+    """One shape with the projections on cuBLAS ("0"), ours ("1") or the faster per shape ("auto")."""
     shape, tp = SHAPES[name]
     dev = torch.device("cuda:0")
     cfg, model = random_model(shape, dev, torch.bfloat16, ctx=NoComm(0, tp) if tp > 1 else None)
-    if skinny:
-        use_skinny_linear(model)
+    os.environ["SPECSPLIT_SKINNY_LINEAR"] = linear
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
     runner = ModelRunner.from_model(cfg, model, device=dev, max_model_len=2048, kv_cache_bytes=2 << 30)
     runner.add(0)
@@ -100,7 +102,7 @@ def measure(name: str, skinny: bool, bw: float, steps: int) -> dict:
     replay = replay_ms(runner, key, 20)
     table = kernel_table(runner, 0, nxt)
     bound = weights / bw * 1000
-    row = {"shape": name, "skinny_linear": skinny, "wall_ms": wall, "replay_ms": replay, "weight_GB": weights / 1e9,
+    row = {"shape": name, "linear": LINEAR[linear], "linear_choice": runner.linear_choice, "wall_ms": wall, "replay_ms": replay, "weight_GB": weights / 1e9,
            "bound_ms": bound, "replay_over_bound": replay / bound, **table}
     runner.free(0)
     runner.graphs.release()
@@ -108,7 +110,7 @@ def measure(name: str, skinny: bool, bw: float, steps: int) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     kinds = ", ".join(f"{k} {us:.0f}" for k, us in sorted(table["us_by_kind"].items(), key=lambda kv: -kv[1]))
-    log(f"{name:7s} {'skinny' if skinny else 'cuBLAS':6s}: wall {wall:.3f} ms, replay {replay:.3f} ms, bound {bound:.3f} ms "
+    log(f"{name:7s} {LINEAR[linear]:16s}: wall {wall:.3f} ms, replay {replay:.3f} ms, bound {bound:.3f} ms "
         f"({replay / bound:.2f}x); eager kernels {table['sum_us']:.0f} us in {table['kernels_per_step']:.0f} kernels: {kinds}")
     return row
 
@@ -117,6 +119,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--linear", default="0,auto", help="projection kernels to compare: 0 cuBLAS, 1 ours, auto per shape")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     bw = copy_bandwidth(torch.device("cuda:0"))
@@ -125,8 +128,8 @@ def main() -> int:
                  "copy_GBps": bw / 1e9, "rows": []}
     log(f"copy rate {bw / 1e9:.0f} GB/s")
     for name in a.shapes.split(","):
-        for skinny in (False, True):
-            res["rows"].append(measure(name, skinny, bw, a.steps))
+        for linear in a.linear.split(","):
+            res["rows"].append(measure(name, linear, bw, a.steps))
     if a.out:
         out = Path(a.out) / f"step_profile_{res['date'].replace(':', '').replace('+0000', 'Z')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -73,8 +73,14 @@ class ModelRunner:
                 raise ValueError(f"the Triton backend needs a power-of-two head_dim, not {cfg.head_dim}")
             self.backend = "sdpa"  # our kernels tile the head dimension in powers of two
         log.info("attention backend: %s", self.backend)
-        if self.backend == "triton" and os.environ.get("SPECSPLIT_SKINNY_LINEAR", "0") == "1":
-            use_skinny_linear(model)  # opt-in until measured on a GPU (benchmarks/skinny_bench.py)
+        self.linear_choice: dict[str, dict] = {}  # per projection shape: cuBLAS or ours, as timed here
+        skinny = os.environ.get("SPECSPLIT_SKINNY_LINEAR", "auto")  # 1: ours everywhere, 0: cuBLAS everywhere
+        if self.backend == "triton" and skinny == "1":
+            use_skinny_linear(model)
+        elif self.backend == "triton" and skinny == "auto" and device.type == "cuda":
+            from specsplit.runtime.linear_choice import choose_linear_kernels
+
+            self.linear_choice = choose_linear_kernels(model, device)
         if self.backend == "flash":
             block_size = max(block_size, 256)  # flash-attn's paged kernel wants 256-token blocks
         ctx = model.ctx

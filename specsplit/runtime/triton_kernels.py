@@ -96,9 +96,10 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr
     kvh = tl.program_id(1)  # one KV head and every query head that shares it: K and V read once
     part = tl.program_id(2)
     ctx_len = tl.load(pos_ptr + t) + 1  # causal: up to and including the token itself
-    blocks = tl.cdiv(ctx_len, BLOCK_N)
-    per = tl.cdiv(blocks, MAX_PARTS)  # BLOCK_N-token blocks per part: a function of this token alone
-    n_parts = tl.cdiv(blocks, per)
+    # (a + b - 1) // b, not tl.cdiv / tl.minimum: older interpreters give those one-element arrays
+    blocks = (ctx_len + BLOCK_N - 1) // BLOCK_N
+    per = (blocks + MAX_PARTS - 1) // MAX_PARTS  # BLOCK_N-token blocks per part: this token's alone
+    n_parts = (blocks + per - 1) // per
     if part < n_parts:
         seq = tl.load(seq_ptr + t)
         g = tl.arange(0, GP)
@@ -110,7 +111,9 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_o_ptr
         l_i = tl.zeros((GP,), tl.float32)
         acc = tl.zeros((GP, D), tl.float32)
         begin = part * per * BLOCK_N
-        for start in range(begin, tl.minimum(begin + per * BLOCK_N, ctx_len), BLOCK_N):
+        end = begin + per * BLOCK_N  # the last part ends at the context's end
+        end += (part == n_parts - 1).to(tl.int32) * (ctx_len - end)
+        for start in range(begin, end, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             valid = n < ctx_len
             blk = tl.load(bt_ptr + seq * bt_stride + n // BLOCK_SIZE, mask=valid, other=0)
@@ -269,7 +272,7 @@ SKINNY_CONFIG.update(json.loads(os.environ.get("SPECSPLIT_SKINNY_CONFIG", "{}"))
 _COUNTERS: dict[torch.device, list[Tensor]] = {}  # per device: arrival counters, each kept at 0 between calls
 
 
-def _split_k(n_strips: int, k_blocks: int, device: torch.device) -> int:
+def choose_split_k(n_strips: int, k_blocks: int, device: torch.device) -> int:
     """Splits of K so that strips x splits fill the SMs about twice (1 when the strips already do)."""
     if device.type != "cuda":
         return 1 if n_strips >= 4 else min(2, k_blocks)  # the interpreter: exercise the split path a little
@@ -310,7 +313,7 @@ def skinny_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, **confi
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     strips = triton.cdiv(n, cfg["BLOCK_N"])
     k_blocks = triton.cdiv(k, cfg["BLOCK_K"])
-    split = cfg.get("SPLIT_K") or _split_k(strips, k_blocks, x.device)
+    split = cfg.get("SPLIT_K") or choose_split_k(strips, k_blocks, x.device)
     k_per = triton.cdiv(k_blocks, split) * cfg["BLOCK_K"]
     split = triton.cdiv(k, k_per)
     part = torch.empty((split, 16, n), dtype=torch.float32, device=x.device) if split > 1 else y
