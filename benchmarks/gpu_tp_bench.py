@@ -350,8 +350,11 @@ def compare(a: Tensor, ref: Tensor | None) -> dict:
             "ref_max_abs": float(ref.abs().max()), "argmax_agreement": float((a.argmax(-1) == ref.argmax(-1)).float().mean())}
 
 
+SUBPARTS = ("shape_8b", "shape_70b", "sigterm_tier", "confident", "all_reduce_paths")
+
+
 def run_tp(res: dict, *, dev_type: str = "cuda", budget_s: float = 480.0, smoke: bool = False,
-           save: Callable[[], None] | None = None) -> None:
+           save: Callable[[], None] | None = None, subparts: tuple[str, ...] = SUBPARTS) -> None:
     """All of the TP part into `res` (gpu_bench.py part 4 calls this); `save` writes `res`."""
     os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off (the runner sets it for its ranks too)
     b = Bench(res, dev_type, budget_s, smoke, save)
@@ -360,7 +363,7 @@ def run_tp(res: dict, *, dev_type: str = "cuda", budget_s: float = 480.0, smoke:
 
         res["copy_bandwidth_GBps"] = copy_bandwidth(torch.device("cuda:0")) / 1e9
         log(f"device-to-device copy: {res['copy_bandwidth_GBps']:.0f} GB/s (read + write)")
-    for part in (b.shape_8b, b.shape_70b, b.sigterm_tier, b.confident, b.all_reduce_paths):
+    for part in (getattr(b, name) for name in subparts):
         try:
             part()
         except Exception as e:  # noqa: BLE001 - recorded; the other sub-parts still run
@@ -373,6 +376,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop starting sub-parts after this")
     ap.add_argument("--smoke", action="store_true", help="CPU (gloo) and tiny shapes: checks the code paths")
+    ap.add_argument("--subparts", default=",".join(SUBPARTS), help=f"which of {', '.join(SUBPARTS)}")
     a = ap.parse_args()
     dev_type = "cpu" if a.smoke else "cuda"
     res: dict = {"benchmark": "gpu_tp_bench", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -388,7 +392,10 @@ def main() -> int:
         name.write_text(json.dumps(res, indent=2, default=str))
 
     try:
-        run_tp(res, dev_type=dev_type, budget_s=a.budget_s, smoke=a.smoke, save=save)
+        subparts = tuple(p for p in a.subparts.split(",") if p)
+        if unknown := set(subparts) - set(SUBPARTS):
+            ap.error(f"unknown --subparts {sorted(unknown)}; choose from {', '.join(SUBPARTS)}")
+        run_tp(res, dev_type=dev_type, budget_s=a.budget_s, smoke=a.smoke, save=save, subparts=subparts)
     finally:
         save()
         print(json.dumps({k: v for k, v in res.items() if k != "tp_tier_sigterm"}, indent=2, default=str))
