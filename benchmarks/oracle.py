@@ -217,9 +217,10 @@ class OracleDrafter(DraftModelDrafter):
         plan = self._steer[0][:, step] if rows is None else self._steer[0][rows, step]  # [m]
         return torch.where(plan >= 0, plan, logits.argmax(-1)), None  # the draft's own pick: its real cost
 
-    def _candidates(self, logits: torch.Tensor, q: Any, chosen: torch.Tensor, rows: torch.Tensor | None,
-                    step: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, probs, chosen_p = super()._candidates(logits, q, chosen, rows, step, m)  # the model's own
+    def _ranked(self, ids: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor, rows: torch.Tensor | None,
+                step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        chosen_p = probs[:, 0]  # the model's own top-m, then the oracle's ranks where it knows them
+        m = ids.shape[1]
         top2 = self._steer[1][:, step] if rows is None else self._steer[1][rows, step]  # [m]
         known = top2 >= 0
         ids, probs = ids.clone(), probs.clone()

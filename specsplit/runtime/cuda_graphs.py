@@ -117,21 +117,24 @@ class CudaGraphs:
         self.replays += 1
         return out
 
-    def run_chain(self, batches: list[StepBatch], first_ids: Tensor, plan: Tensor | None = None) -> Tensor | None:
+    def run_chain(self, batches: list[StepBatch], first_ids: Tensor, plan: Tensor | None = None,
+                  top: int = 0) -> Tensor | tuple[Tensor, Tensor, Tensor] | None:
         """`len(batches)` greedy one-token steps in one replay; None if the graph budget is used up.
 
         Step j feeds the argmax of step j - 1 (step 0: `first_ids` # [m], the rest of the batch
         bucket is padding), or where `plan` # [m, n] is >= 0, that token instead (a benchmark's
         oracle: the model still runs every step); every step's inputs were built on the host beforehand, so the block
         costs one copy and one launch instead of one host round of work per token.
-        Returns the argmax ids # [n, B] (a buffer reused by the next replay of the same key).
+        Returns the argmax ids # [n, B] (a buffer reused by the next replay of the same key); with
+        `top` > 0 also each step's `top` likeliest tokens and their probabilities # [n, B, top]
+        (what the tree of guesses branches on).
         """
-        key = (len(batches), *batches[0].key)
+        key = (len(batches), top, *batches[0].key)
         entry = self.chains.get(key)
         if entry is None:
             if len(self.graphs) + len(self.chains) >= self.max_graphs:
                 return None
-            entry = self._capture_chain(batches)
+            entry = self._capture_chain(batches, top)
             self.chains[key] = entry
         graph, static, first, forced, out = entry
         packed_to_device(np.concatenate([b.packed for b in batches]), self.device, out=static)
@@ -144,22 +147,28 @@ class CudaGraphs:
         self.replays += 1
         return out
 
-    def _capture_chain(self, batches: list[StepBatch]) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor, Tensor]:
+    def _capture_chain(self, batches: list[StepBatch], top: int) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, Tensor, Any]:
         sizes = [b.packed.shape[0] for b in batches]
         static = torch.from_numpy(np.concatenate([b.packed for b in batches])).to(self.device)
         views = torch.split(static, sizes)
         first = torch.zeros(batches[0].num_seqs, dtype=torch.int64, device=self.device)  # [B]
         forced = torch.full((batches[0].num_seqs, len(batches)), -1, dtype=torch.int64, device=self.device)  # [B, n]
 
-        def chain() -> Tensor:
-            prev, outs = first, []
+        def chain() -> Any:
+            prev, outs, cand_ids, cand_p = first, [], [], []
             for j, (b, buf) in enumerate(zip(batches, views, strict=True)):
                 ids, pos, meta = b.unpack(buf)
                 ids.copy_(prev)  # one token per sequence: the previous step's choice
-                own = self.model.compute_logits(self.forward(ids, pos, self.kv_layers, meta, self.backend)).argmax(-1)
-                prev = torch.where(forced[:, j] >= 0, forced[:, j], own)
+                logits = self.model.compute_logits(self.forward(ids, pos, self.kv_layers, meta, self.backend))
+                prev = torch.where(forced[:, j] >= 0, forced[:, j], logits.argmax(-1))
                 outs.append(prev)
-            return torch.stack(outs)  # [n, B]
+                if top:
+                    vals, top_ids = logits.topk(top, dim=-1)  # [B, top]
+                    cand_ids.append(top_ids)
+                    cand_p.append((vals - logits.logsumexp(-1, keepdim=True)).exp())
+            if not top:
+                return torch.stack(outs)  # [n, B]
+            return torch.stack(outs), torch.stack(cand_ids), torch.stack(cand_p)  # [n, B], [n, B, top] x 2
 
         graph, out = capture(chain, self.device, self.pool)  # the warm-up's cache writes land where the replay's will
         log.info("captured CUDA graph chain of %d steps for batch %d, context %d", len(batches), *batches[0].key[:1],

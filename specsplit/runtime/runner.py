@@ -252,12 +252,14 @@ class ModelRunner:
         return self._step(inputs, (), device_ids)[0]
 
     @torch.inference_mode()
-    def forward_chain(self, seq_ids: list[int], first_ids: Tensor, n: int, plan: Tensor | None = None) -> Tensor | None:
+    def forward_chain(self, seq_ids: list[int], first_ids: Tensor, n: int, plan: Tensor | None = None,
+                      top: int = 0) -> Tensor | tuple[Tensor, Tensor, Tensor] | None:
         """`n` greedy one-token steps of each sequence in one CUDA graph replay (a draft block).
 
         Step 0 feeds `first_ids` # [m] (on the device), each later step the argmax of the one
         before (or `plan` # [m, n] where >= 0, see `CudaGraphs.run_chain`); every step's inputs are built here beforehand, so the host does one round of work
-        per block, not per token. Returns the argmax ids # [m, n], or None when this runner
+        per block, not per token. Returns the argmax ids # [m, n] (with `top` > 0 also each step's
+        `top` likeliest tokens and their probabilities # [m, n, top]), or None when this runner
         has no graphs or the shapes do not fit them (the caller then steps one token at a time).
         Raises OutOfKVMemory (nothing changed) when the pool cannot hold the new tokens.
         """
@@ -278,11 +280,14 @@ class ModelRunner:
                                 cache.block_size, pad, dense=self.dense, write_lens=[1] * m + [0] * (b - m),
                                 scratch_slot=self.scratch_slot)
         batches = [first, *(first.advanced(j, m) for j in range(1, n))]
-        out = self.graphs.run_chain(batches, first_ids, plan)
+        out = self.graphs.run_chain(batches, first_ids, plan, top)
         if out is None:
             return None
         for s in seqs:
             s.length += n
+        if isinstance(out, tuple):
+            toks, ids, probs = out
+            return toks[:, :m].T.clone(), ids[:, :m].transpose(0, 1).clone(), probs[:, :m].transpose(0, 1).clone()
         return out[:, :m].T.clone()  # [m, n]
 
     def forward_hidden(self, inputs: list[StepInput], layers: tuple[int, ...]) -> tuple[Tensor, Tensor]:

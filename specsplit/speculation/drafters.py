@@ -280,7 +280,7 @@ class DraftModelDrafter(Drafter):
     `prefill_chunk` tokens still to cache gets a chunk of them and an empty proposal (which the
     caller verifies as a plain round), so no step is unbounded.
 
-    Subclasses change which token is chosen at each step (`_choose`, `_candidates`) without
+    Subclasses change which token is chosen at each step (`_choose`, `_ranked`) without
     copying the loop: the benchmarks' oracle proposes known answers through the same passes.
     """
 
@@ -345,9 +345,16 @@ class DraftModelDrafter(Drafter):
         if q is None:
             vals, ids = logits.float().topk(m, dim=-1)  # [rows, m]
             probs = (vals - logits.float().logsumexp(-1, keepdim=True)).exp()
-            return ids, probs, probs[:, 0]
+            return self._ranked(ids, probs, chosen, rows, step)
         ids, p = q
         return ids[:, :m], p[:, :m], (p * (ids == chosen[:, None])).sum(-1)
+
+    def _ranked(self, ids: Tensor, probs: Tensor, chosen: Tensor, rows: Tensor | None,
+                step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """A greedy step's candidates as the tree sees them, from the model's top-m (ids, probs
+        # [rows, m]); also applied to the top-m a chained block returns. Drafters that steer
+        their choice (the benchmarks' oracle) override it."""
+        return ids, probs, probs[:, 0]
 
     def _draft(self, reqs: list[DraftRequest]) -> list[Proposal]:
         uncached = [len(self._session(r.seq_id).tokens) - self.runner.length(r.seq_id) for r in reqs]
@@ -400,14 +407,20 @@ class DraftModelDrafter(Drafter):
             if not live:
                 break
             fed = step if len(keep) == len(step) else step[torch.tensor(keep, device=self.device)]
-            if j == 0 and len(live) == n and not m and batch.all_greedy and batch.bias_rows is None \
+            if j == 0 and len(live) == n and batch.all_greedy and batch.bias_rows is None \
                     and all(r.k == kmax for r in reqs) \
                     and (plan is not None or type(self)._choose is DraftModelDrafter._choose):
-                # the rest of the block in one CUDA graph replay (None: no graphs here, step on)
+                # the rest of the block in one CUDA graph replay, with each step's top-m for the
+                # tree of guesses (None: no graphs here, step on)
                 rest = self.runner.forward_chain([r.seq_id for r in reqs], fed, kmax - 1,
-                                                 None if plan is None else plan[:, 1:]) \
+                                                 None if plan is None else plan[:, 1:], top=m) \
                     if hasattr(self.runner, "forward_chain") else None
                 if rest is not None:
+                    if m:
+                        rest, ids_rest, p_rest = rest
+                        for i in range(1, kmax):
+                            cand_ids[:, i], cand_p[:, i], chosen_p[:, i] = self._ranked(
+                                ids_rest[:, i - 1], p_rest[:, i - 1], rest[:, i - 1], None, i)
                     toks[:, 1:] = rest
                     break
             for i in live:

@@ -19,17 +19,21 @@ SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_
 PROMPTS = [[(7 * i + 3) % 500 + 1 for i in range(n)] for n in (5, 17, 31)]  # across block boundaries
 
 
-def _drafter(chain: bool) -> DraftModelDrafter:
+def _drafter(chain: bool, alternatives: int = 0) -> DraftModelDrafter:
     dev = torch.device("cuda")
     cfg, model = random_model(SHAPE, dev, torch.float32, seed=3, std=0.2)
     runner = ModelRunner.from_model(cfg, model, device=dev, max_model_len=512, kv_cache_bytes=8 << 20)
     if not chain:
         runner.forward_chain = lambda *a, **k: None  # type: ignore[method-assign]
-    return DraftModelDrafter(runner)
+    d = DraftModelDrafter(runner)
+    d.alternatives = alternatives  # > 0: each position's runner-up candidates, for the tree of guesses
+    return d
 
 
-def _blocks(d: DraftModelDrafter, prompts: list[list[int]], rounds: int = 3, k: int = 5) -> list[list[list[int]]]:
-    """Draft `rounds` blocks per session, each after committing the block's first two tokens."""
+def _blocks(d: DraftModelDrafter, prompts: list[list[int]], rounds: int = 3, k: int = 5,
+            alts: list | None = None) -> list[list[list[int]]]:
+    """Draft `rounds` blocks per session, each after committing the block's first two tokens
+    (and collect each proposal's candidates into `alts`)."""
     greedy = SamplingParams(temperature=0.0)
     for i, p in enumerate(prompts):
         d.open(i, p, greedy)
@@ -40,6 +44,8 @@ def _blocks(d: DraftModelDrafter, prompts: list[list[int]], rounds: int = 3, k: 
         props = d.propose([DraftRequest(i, lengths[i], new[i], k) for i in range(len(prompts))])
         for i, prop in enumerate(props):
             out[i].append(prop.token_ids)
+            if alts is not None:
+                alts.append(prop.alts)
             lengths[i] += len(new[i])
             new[i] = prop.token_ids[:2]  # two accepted, the rest rolled back
     return out
@@ -52,6 +58,19 @@ def test_chained_draft_blocks_equal_one_step_at_a_time(batch: int) -> None:
     assert got == _blocks(stepped, PROMPTS[:batch])
     assert chained.runner.graphs.chains, "the chain was used"  # type: ignore[union-attr]
     assert not stepped.runner.graphs.chains  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_chained_block_gives_the_tree_the_same_candidates_as_stepping(batch: int) -> None:
+    chained, stepped = _drafter(True, alternatives=2), _drafter(False, alternatives=2)
+    got_alts: list = []
+    ref_alts: list = []
+    assert _blocks(chained, PROMPTS[:batch], alts=got_alts) == _blocks(stepped, PROMPTS[:batch], alts=ref_alts)
+    assert chained.runner.graphs.chains, "the chain was used with candidates on"  # type: ignore[union-attr]
+    for a, b in zip(got_alts, ref_alts, strict=True):
+        assert a.cand_ids == b.cand_ids and len(a.cand_ids[0]) == 3  # top-3: the drafted token and 2 runners-up
+        torch.testing.assert_close(torch.tensor(a.cand_p), torch.tensor(b.cand_p), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.tensor(a.chosen_p), torch.tensor(b.chosen_p), rtol=1e-4, atol=1e-5)
 
 
 def test_a_plan_replaces_the_models_choice_where_set() -> None:
