@@ -24,31 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from specsplit.runtime import triton_kernels as tk  # noqa: E402
+from specsplit.runtime.cuda_graphs import time_in_graph  # noqa: E402
 
 CASES = [(1, 200), (1, 1000), (1, 4000), (6, 200), (64, 500), (384, 500)]  # (tokens, context)
-
-
-def time_graph(fn, reps: int = 50) -> float:
-    """µs per call, replaying a graph of `reps` calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(5):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / (5 * reps) * 1000
 
 
 def main() -> int:
@@ -77,11 +55,12 @@ def main() -> int:
         ref = (old or tk).paged_attention(*args).float()
         row: dict = {"q_heads": hq, "kv_heads": hkv, "tokens": t, "context": ctx}
         if old is not None:
-            row["old_us"] = time_graph(lambda args=args: old.paged_attention(*args))
+            row["old_us"] = time_in_graph(lambda args=args: old.paged_attention(*args), dev, calls=50)
         for bn, parts, warps in itertools.product((32, 64), (4, 8), (4, 8)):
             tk.ATTENTION_BLOCK_N, tk.ATTENTION_PARTS, tk.ATTENTION_WARPS = bn, parts, warps
             err = (tk.paged_attention(*args).float() - ref).abs().max().item()
-            row[f"block{bn}_parts{parts}_warps{warps}"] = {"us": time_graph(lambda args=args: tk.paged_attention(*args)),
+            us = time_in_graph(lambda args=args: tk.paged_attention(*args), dev, calls=50)
+            row[f"block{bn}_parts{parts}_warps{warps}"] = {"us": us,
                                                           "max_abs_diff": err}
         res["rows"].append(row)
         print(json.dumps(row), flush=True)

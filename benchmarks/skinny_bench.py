@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from specsplit.runtime.cuda_graphs import time_in_graph  # noqa: E402
 from specsplit.runtime.triton_kernels import skinny_linear  # noqa: E402
 
 
@@ -40,26 +41,9 @@ CONFIGS = [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
 
 
 def time_graph(fn, reps: int = 40) -> float:
-    """ms per call, replaying a graph of `reps` calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(3):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(reps):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(5):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / (5 * reps)
+    """ms per call of fn(i), i = 0, 1, ... in turn (each call may pick another weight copy)."""
+    calls = itertools.count()
+    return time_in_graph(lambda: fn(next(calls)), torch.device("cuda"), calls=reps) / 1000
 
 
 def main() -> int:

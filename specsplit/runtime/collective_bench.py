@@ -18,34 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from specsplit.runtime.cuda_graphs import time_in_graph
 from specsplit.runtime.parallel import ParallelContext
 
 ALL_REDUCE_METHODS = ("nccl", "symm_mem_one_shot")
-
-
-def _graph_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    """ms per call of fn: warmed up eagerly on a side stream, `iters` calls captured in one graph."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize(device)
-    ms = start.elapsed_time(end) / (10 * iters)
-    graph.reset()
-    return ms
 
 
 def _one_shot(numel: int, device: torch.device) -> Callable[[], Tensor]:
@@ -75,9 +51,9 @@ def all_reduce_ms(ctx: ParallelContext, device: torch.device, numel: int, iters:
         return (time.perf_counter() - t) / iters * 1000
     if method == "nccl":
         x = torch.ones(numel, dtype=torch.bfloat16, device=device)
-        return _graph_ms(lambda: ctx.all_reduce(x), device, iters)
+        return time_in_graph(lambda: ctx.all_reduce(x), device, iters, replays=10) / 1000
     if method == "symm_mem_one_shot":
-        return _graph_ms(_one_shot(numel, device), device, iters)
+        return time_in_graph(_one_shot(numel, device), device, iters, replays=10) / 1000
     raise ValueError(f"unknown all-reduce method {method!r}; one of {ALL_REDUCE_METHODS}")
 
 

@@ -19,33 +19,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from specsplit.runtime.cuda_graphs import time_in_graph
 from specsplit.runtime.parallel import _Linear
 
 log = logging.getLogger(__name__)
 
 Kernel = Callable[[Tensor, Tensor, Tensor | None], Tensor] | None  # None: cuBLAS (F.linear)
-
-
-def _graph_us(fn: Callable[[], object], device: torch.device, replays: int = 5) -> float:
-    """GPU microseconds of one call of fn, replayed in a CUDA graph."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        fn()  # compiles, allocates
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize(device)
-    us = start.elapsed_time(end) * 1000 / replays
-    graph.reset()
-    return us
 
 
 def _candidates(n: int, k: int, device: torch.device) -> dict[str, Kernel]:
@@ -74,8 +53,8 @@ def choose_linear_kernels(model: nn.Module, device: torch.device, rows: int = 1)
         for name, kern in _candidates(n, k, device).items():
             f = kern or nn.functional.linear
             try:
-                times[name] = _graph_us(lambda f=f, x=x, mods=mods: [f(x, m.weight, getattr(m, "bias", None))
-                                                                     for m in mods], device) / len(mods)
+                times[name] = time_in_graph(lambda f=f, x=x, mods=mods: [f(x, m.weight, getattr(m, "bias", None))
+                                                                         for m in mods], device) / len(mods)
             except Exception as e:  # noqa: BLE001 - e.g. a tile Triton cannot fit on this GPU: not a candidate
                 log.warning("projection %dx%d: %s not usable (%s)", n, k, name, type(e).__name__)
         best = min(times, key=times.__getitem__)
