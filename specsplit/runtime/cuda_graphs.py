@@ -47,7 +47,7 @@ def capture(fn: Callable[[], Any], device: torch.device, pool: Any = None,
             fn()
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool):  # its capture stream on `device`
         out = fn()
     return graph, out
 
@@ -56,13 +56,14 @@ def time_in_graph(fn: Callable[[], Any], device: torch.device, calls: int = 1, r
     """GPU microseconds per call of `fn`: `calls` calls captured in one graph (after a warm-up
     call), the graph replayed `replays` times with nothing from the host in between."""
     graph, _ = capture(lambda: [fn() for _ in range(calls)], device)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
+    with torch.cuda.device(device):  # the events and replays on `device`'s stream, whatever is current
         graph.replay()
-    end.record()
-    torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize(device)
     us = start.elapsed_time(end) * 1000 / (replays * calls)
     graph.reset()
     return us
