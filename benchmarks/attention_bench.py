@@ -23,6 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_file import write_result  # noqa: E402
+
 from specsplit.runtime import triton_kernels as tk  # noqa: E402
 from specsplit.runtime.cuda_graphs import time_in_graph  # noqa: E402
 
@@ -65,9 +68,7 @@ def main() -> int:
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
     if a.out:
-        out = Path(a.out) / f"attention_bench_{res['date'].replace(':', '').replace('+0000', 'Z')}.json"
-        out.write_text(json.dumps(res, indent=1))
-        print(f"wrote {out}", file=sys.stderr)
+        write_result(res, a.out, "attention_bench")
     return 0
 
 

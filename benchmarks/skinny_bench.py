@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_file import write_result  # noqa: E402
+
 from specsplit.runtime.cuda_graphs import time_in_graph  # noqa: E402
 from specsplit.runtime.triton_kernels import skinny_linear  # noqa: E402
 
@@ -103,9 +106,7 @@ def main() -> int:
                   f"({gb / cub:.0f} GB/s), Triton {step[best]:.3f} ms with {best}, best per shape {mixed:.3f} ms",
                   file=sys.stderr, flush=True)
     if a.out:
-        out = Path(a.out) / f"skinny_bench_{res['date'].replace(':', '').replace('+0000', 'Z')}.json"
-        out.write_text(json.dumps(res, indent=1))
-        print(f"wrote {out}", file=sys.stderr)
+        write_result(res, a.out, "skinny_bench")
     return 0
 
 

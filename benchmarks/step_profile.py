@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_bench import copy_bandwidth  # noqa: E402
 from gpu_tp_bench import NoComm  # noqa: E402
+from result_file import write_result  # noqa: E402
 
 from specsplit.runtime.collective_bench import replay_ms  # noqa: E402
 from specsplit.runtime.random_weights import LLAMA_31_8B, LLAMA_32_1B, random_model  # noqa: E402
@@ -131,10 +131,7 @@ def main() -> int:
         for linear in a.linear.split(","):
             res["rows"].append(measure(name, linear, bw, a.steps))
     if a.out:
-        out = Path(a.out) / f"step_profile_{res['date'].replace(':', '').replace('+0000', 'Z')}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1))
-        log(f"wrote {out}")
+        write_result(res, a.out, "step_profile")
     return 0
 
 
