@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from specsplit.runtime.attention import StepBatch, packed_to_device
-from specsplit.runtime.model import Transformer
+from specsplit.runtime.model import Transformer, top_candidates
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +180,9 @@ class CudaGraphs:
                 prev = torch.where(forced[:, j] >= 0, forced[:, j], logits.argmax(-1))
                 outs.append(prev)
                 if top:
-                    vals, top_ids = logits.topk(top, dim=-1)  # [B, top]
+                    top_ids, top_p = top_candidates(logits, top)  # [B, top]
                     cand_ids.append(top_ids)
-                    cand_p.append((vals - logits.logsumexp(-1, keepdim=True)).exp())
+                    cand_p.append(top_p)
             if not top:
                 return torch.stack(outs)  # [n, B]
             return torch.stack(outs), torch.stack(cand_ids), torch.stack(cand_p)  # [n, B], [n, B, top] x 2

@@ -50,7 +50,8 @@ def choose_linear_kernels(model: nn.Module, device: torch.device, rows: int = 1)
     for (n, k, _bias), mods in groups.items():
         x = torch.randn(rows, k, device=device, dtype=mods[0].weight.dtype)
         times: dict[str, float] = {}
-        for name, kern in _candidates(n, k, device).items():
+        candidates = _candidates(n, k, device)
+        for name, kern in candidates.items():
             f = kern or nn.functional.linear
             try:
                 times[name] = time_in_graph(lambda f=f, x=x, mods=mods: [f(x, m.weight, getattr(m, "bias", None))
@@ -58,7 +59,7 @@ def choose_linear_kernels(model: nn.Module, device: torch.device, rows: int = 1)
             except Exception as e:  # noqa: BLE001 - e.g. a tile Triton cannot fit on this GPU: not a candidate
                 log.warning("projection %dx%d: %s not usable (%s)", n, k, name, type(e).__name__)
         best = min(times, key=times.__getitem__)
-        kern = _candidates(n, k, device)[best]
+        kern = candidates[best]
         for m in mods:
             m.skinny, m.skinny_rows = (kern, tk.SKINNY_MAX_ROWS) if kern is not None else (None, 0)
         choices[f"{n}x{k}"] = {"kernel": best, "us": times, "layers": len(mods)}

@@ -136,6 +136,15 @@ class DecoderLayer(nn.Module):
         return mlp.down_proj(tk.silu_and_mul(mlp.gate_up_proj(normed))), residual
 
 
+def top_candidates(logits: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The m likeliest tokens of each row and their probabilities under the full softmax
+    (ids, probs # [rows, m]): what the tree of guesses branches on, in a chained draft block's
+    graph and in a stepped one alike."""
+    logits = logits.float()
+    vals, ids = logits.topk(m, dim=-1)
+    return ids, (vals - logits.logsumexp(-1, keepdim=True)).exp()
+
+
 class Transformer(nn.Module):
     """The decoder stack plus embedding and LM head."""
 

@@ -183,7 +183,6 @@ class CompletionLoop:
         self._bad_drafts: set[str] = set()
         self._draft_pauses = 0  # draft KV refusals in a row
         self._draft_retry_at = 0.0  # monotonic time before which no draft session is re-opened
-        self._lazy_draft = False  # the draft session opens only once drafting is allowed (see run)
         self._draft_failure = ""  # reported with the next delta
         self._adopt: int | None = None  # the draft branch the last verdict matched, told with the next propose
 
@@ -306,9 +305,9 @@ class CompletionLoop:
         # a draft session is opened when drafting may happen: while the governor holds this load to
         # plain rounds it is opened later, beside a verify, if ever (an EAGLE head opens at once: it
         # reads every position's target states from the first verify on)
-        self._lazy_draft = governed and not self.opts.hidden_layers and self.opts.pipeline
+        lazy_draft = governed and not self.opts.hidden_layers and self.opts.pipeline
         await self.target.open()
-        if self.drafts is not None and (not self._lazy_draft or self.costs.governor.allows_drafting()):
+        if self.drafts is not None and (not lazy_draft or self.costs.governor.allows_drafting()):
             await self._open_draft()
         block: list[int] = []
         q: Q = (None, None)
@@ -337,7 +336,7 @@ class CompletionLoop:
                         spec = asyncio.ensure_future(self._propose(before + len(block), [], k_next, block_len=len(block)))
                         spec_k = k_next
                 elif spec is None and self.opts.pipeline and self.book.adaptive.enabled and (
-                        self.draft is not None or (self._lazy_draft and self.drafts is not None)):
+                        self.draft is not None or lazy_draft):
                     # no block (adaptive k chose 0): the next k is chosen now, and a probe (or drafting
                     # that pays again) is drafted beside this verify, catching the draft up and guessing
                     # its token, not after it on the round's path: at load, a probe that the others'

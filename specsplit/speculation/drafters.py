@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from specsplit.runtime.model import top_candidates
 from specsplit.runtime.runner import ModelRunner, StepInput
 from specsplit.sampling.history import output_counts, seen_mask
 from specsplit.sampling.logits import (
@@ -343,9 +344,7 @@ class DraftModelDrafter(Drafter):
         """The m most likely tokens of each live row (ids, probs # [rows, m]) and the chosen token's
         probability # [rows]: what the tree of guesses ranks and guesses from."""
         if q is None:
-            vals, ids = logits.float().topk(m, dim=-1)  # [rows, m]
-            probs = (vals - logits.float().logsumexp(-1, keepdim=True)).exp()
-            return self._ranked(ids, probs, chosen, rows, step)
+            return self._ranked(*top_candidates(logits, m), chosen, rows, step)  # [rows, m] each
         ids, p = q
         return ids[:, :m], p[:, :m], (p * (ids == chosen[:, None])).sum(-1)
 
