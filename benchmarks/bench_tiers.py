@@ -88,6 +88,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+IDLE_S = 0.007  # about a verify: how long each tier idles between its steps in a sequential round
+
+
+def after_idle_ms(fn: Any, device: torch.device, reps: int, idle_s: float = IDLE_S) -> float:
+    """Mean ms of `fn()` (which ends on a host sync) when the process idled `idle_s` before each
+    call, as a tier does between the steps of a served round. Against the same call back to back,
+    it shows what idling costs: slower wake-ups, lower clocks."""
+    total = 0.0
+    for _ in range(reps):
+        _sync(device)
+        time.sleep(idle_s)
+        t = time.perf_counter()
+        fn()
+        total += time.perf_counter() - t
+    return total / reps * 1000
+
+
 def time_target(verifier: Any, ctx: int, k: int, reps: int) -> dict[str, float]:
     """Server-side ms of a 1-token step and a (k+1)-token verify at batch 1, context ~ctx."""
     from specsplit.speculation.target import VerifyItem
@@ -105,6 +122,9 @@ def time_target(verifier: Any, ctx: int, k: int, reps: int) -> dict[str, float]:
             for _ in range(reps):
                 verifier.step([VerifyItem(sid, list(drafts))])
             dt = (time.perf_counter() - t) / reps * 1000
+            if sid == -102:
+                out[name.replace("_ms", "_after_idle_ms")] = after_idle_ms(
+                    lambda d=drafts, s=sid: verifier.step([VerifyItem(s, list(d))]), verifier.runner.device, reps)
             verifier.close(sid)
         out[name] = dt
     # the same runner's bare step (forward + argmax to the host), as gpu_bench times the engine
@@ -165,8 +185,9 @@ def time_draft(drafter: Any, ctx: int, k: int, reps: int) -> dict[str, float]:
     for _ in range(reps):
         drafter.propose(req)
     dt = (time.perf_counter() - t) / reps * 1000
+    idle = after_idle_ms(lambda: drafter.propose(req), drafter.device, reps)
     drafter.close(-101)
-    return {f"draft{k}_ms": dt, "draft_token_ms": dt / k}
+    return {f"draft{k}_ms": dt, "draft_token_ms": dt / k, f"draft{k}_after_idle_ms": idle}
 
 
 def tier_stats(handle: Any, runner: Any, since: dict[str, float] | None = None) -> dict[str, float]:
@@ -295,6 +316,9 @@ async def run_draft(a: argparse.Namespace, ch: Channel) -> None:
         if "refs" in cmd:
             await handle.batcher.call(drafter.set_references, cmd["refs"])
             ch.send({"ok": True, "refs": len(drafter.refs)})
+        elif "inline" in cmd:  # a lone session's step on the loop's thread (StepBatcher.inline_alone), for A/B runs
+            handle.batcher.inline_alone = bool(cmd["inline"])
+            ch.send({"ok": True, "inline": handle.batcher.inline_alone})
         elif "alpha" in cmd:
             await handle.batcher.call(drafter.set_alpha, float(cmd["alpha"]))
             ch.send({"ok": True, "alpha": drafter.alpha})

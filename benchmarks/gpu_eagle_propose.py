@@ -84,7 +84,7 @@ def main() -> int:
            "propose_ms": propose_ms, "propose_per_token_ms": propose_ms / k}
     chain = drafter.runner.chain
     if chain is not None and chain.graphs:  # the replay alone, for the same block shape
-        graph = next(iter(chain.graphs.values()))[0]
+        graph = next(iter(chain.graphs.values())).graph  # the first step's graph
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()

@@ -51,6 +51,7 @@ import gpu_services_report  # noqa: E402
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import oracle_eagle  # noqa: E402
+import trace_report  # noqa: E402
 
 from specsplit.proto.v1 import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from specsplit.sampling.params import SamplingParams  # noqa: E402
@@ -381,7 +382,9 @@ async def part6(a: argparse.Namespace, ports: dict[str, int], draft: Tier, targe
             a.gws.call(timeline=mode)
             target.call(stats=True)
             draft.call(stats=True)
+            t_start = time.perf_counter_ns()  # the tiers' trace events (SPECSPLIT_TRACE) share this clock
             r = await single_session(stub, prompts[:n], refs, a.max_tokens, 0, a.repeats)
+            r["trace_window_ns"] = [t_start, time.perf_counter_ns()]
         t = target.call(stats=True)
         d = draft.call(stats=True)
         # graphs captured during the timed passes: a capture (tens of ms) lands on a round's path
@@ -587,6 +590,9 @@ def parse() -> argparse.Namespace:
                     help="the oracle's beta: P(its top-2 is the target's token | its top-1 is wrong), which the tree "
                          "of guesses branches on; a list: every part runs at the last, part 6 also runs "
                          "direct-pipelined at alpha 0.8 for the others (e.g. 0,0.6: beta 0 and the Qwen pair's)")
+    ap.add_argument("--draft-inline", choices=["on", "off"], default="on",
+                    help="a lone session's draft step on the draft tier's loop thread (on, the default) or its "
+                         "worker thread (off: the hand-off the tier made before), for A/B runs")
     ap.add_argument("--max-branches", type=int, default=0, help="the gateways' --max-branches: at most this many "
                     "outcomes of a verify drafted ahead for (1 = only the all-accepted guess), 1..64; 0 = every one "
                     "the draft guesses")
@@ -685,6 +691,19 @@ def start_tiers(a: argparse.Namespace, folder: Path, res: dict) -> tuple[Tier, T
     return target, draft, gws, timing
 
 
+def add_traces(res: dict) -> None:
+    """With SPECSPLIT_TRACE set: each part 6 row gets the segments of its rounds, from the tiers' events."""
+    folder = os.environ.get("SPECSPLIT_TRACE")
+    if not folder or "part6" not in res:
+        return
+    events = trace_report.load(Path(folder))
+    for r in res["part6"]["rows"]:
+        if "trace_window_ns" in r:
+            r["trace_segments"] = trace_report.segments(events, *r["trace_window_ns"], top=24)
+            log(f"trace of part 6 {r['mode']} alpha {r['alpha']}:")
+            trace_report.print_rows(r["trace_segments"])
+
+
 def main() -> int:
     a = parse()
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -708,7 +727,8 @@ def main() -> int:
             asyncio.run(run_parts(a, parts, gws.ports, target, draft, prompts, timing, res))
     finally:
         for t in reversed(a.tiers):
-            t.stop()
+            t.stop()  # the tiers write their trace events as they exit
+        add_traces(res)
         res["files"]["plots"] = gpu_services_report.plot(res, out, stamp, log)
         save(res)
         if res["goals"]:
@@ -726,6 +746,7 @@ async def run_parts(a: argparse.Namespace, parts: set[str], ports: dict[str, int
     refs = [r.ids for r in runs]
     draft.call(refs=[[p, r] for p, r in zip(prompts, refs, strict=True)])
     draft.call(beta=a.beta[-1])
+    draft.call(inline=a.draft_inline == "on")
     if "3" in parts:
         await part3(a, ports, draft, target, prompts, refs, timing, res)
     if "6" in parts:

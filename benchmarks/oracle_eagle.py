@@ -160,6 +160,9 @@ def time_head(drafter: EagleDrafter, ctx: int, k: int, reps: int) -> dict[str, f
     for _ in range(reps):
         drafter.propose(req)
     ms = (time.perf_counter() - t) / reps * 1000
+    from bench_tiers import after_idle_ms
+
+    idle = after_idle_ms(lambda: drafter.propose(req), dev, reps)
     drafter.close(-101)
-    return {f"draft{k}_ms": ms, "draft_token_ms": ms / k}
+    return {f"draft{k}_ms": ms, "draft_token_ms": ms / k, f"draft{k}_after_idle_ms": idle}
 

@@ -28,6 +28,9 @@ class DraftServicer(SessionServicer[DraftRequest, Proposal], draft_pb2_grpc.Draf
     step_kind = "propose"
     add_to_server = staticmethod(draft_pb2_grpc.add_DraftServiceServicer_to_server)
     service_name = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
+    # its steps are short and its stream carries nothing else while one runs; the target tier
+    # keeps the worker thread (its loop streams the last round's tokens while a verify runs)
+    inline_alone = True
 
     def check_open(self, token_ids: list[int], params: SamplingParams) -> None:
         if len(token_ids) >= self.max_model_len:

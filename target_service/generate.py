@@ -17,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from specsplit import trace
 from specsplit.proto.v1 import draft_pb2_grpc, target_pb2
 from specsplit.sampling.params import SamplingParams
 from specsplit.serving.batcher import StepBatcher
@@ -54,7 +55,9 @@ class LocalTarget(TargetLink):
 
     async def verify(self, block: list[int], q: Q) -> Verdict:
         item = VerifyItem(self.seq_id, list(block), *q, stop_states=self._take_stop_states())
+        trace.mark("verify.submit", self.seq_id)
         res, queue_ns = await self.batcher.submit(item, self.seq_id)
+        trace.mark("verify.resumed", self.seq_id)
         chunked = res.pending
         while res.prefill is not None:  # a chunk of a long prompt went in: report it, step again
             if self.on_progress is not None:

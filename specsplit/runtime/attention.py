@@ -13,8 +13,10 @@ norms, rotary and cache writes); PyTorch SDPA otherwise, which gathers each sequ
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -92,38 +94,28 @@ class StepBatch:
               block_tables: list[list[int]], block_size: int, pad_context_to: int | None = None,
               dense: bool = True, write_lens: list[int] | None = None, scratch_slot: int = 0) -> StepBatch:
         """`write_lens[i]`: how many of sequence i's new tokens are real; the rest are padding
-        (uniform shapes for CUDA graphs) whose keys/values go to `scratch_slot`, read by no one."""
+        (uniform shapes for CUDA graphs) whose keys/values go to `scratch_slot`, read by no one.
+
+        Built in plain Python for the few tokens of a decode, verify or draft step (on the
+        round's path: tens of µs instead of ~100 for the array operations), with numpy for more."""
         b = len(query_lens)
-        q = np.asarray(query_lens, dtype=np.int64)
-        s = np.asarray(seq_lens, dtype=np.int64)
-        qmax = int(q.max())
-        lmax = max(int(s.max()), pad_context_to or 0)
+        qmax = max(query_lens)
+        lmax = max(max(seq_lens), pad_context_to or 0)
         nb = max(max(len(t) for t in block_tables), -(-lmax // block_size))
-        bt = np.zeros((b, nb), dtype=np.int64)
-        for i, t in enumerate(block_tables):
-            bt[i, : len(t)] = t
-        starts = s - q
-        cu = np.zeros(b + 1, dtype=np.int64)
-        np.cumsum(q, out=cu[1:])
-        t = int(cu[-1])
-        token_seq = np.repeat(np.arange(b), q)
-        token_pos = np.arange(t) - cu[:-1][token_seq]
-        abs_pos = starts[token_seq] + token_pos
-        slots = bt[token_seq, abs_pos // block_size] * block_size + abs_pos % block_size
-        if write_lens is not None:
-            slots = np.where(token_pos < np.asarray(write_lens, dtype=np.int64)[token_seq], slots, scratch_slot)
-        j = np.arange(qmax)
-        query_index = np.where(j[None, :] < q[:, None], cu[:-1, None] + j[None, :], 0)
-        shift = qmax - q
-        jr = j[None, :] - shift[:, None]
-        query_index_right = np.where(jr >= 0, cu[:-1, None] + jr, 0)
-        fields_ = [("input_ids", np.asarray(token_ids, dtype=np.int64)), ("positions", abs_pos),
-                   ("slot_mapping", slots), ("query_lens", q), ("seq_lens", s), ("block_tables", bt),
-                   ("query_index", query_index), ("token_seq", token_seq), ("token_pos_in_seq", token_pos),
-                   ("query_index_right", query_index_right), ("token_pos_right", token_pos + shift[token_seq])]
-        packed = np.concatenate([a.reshape(-1) for _, a in fields_])
-        shapes = tuple((n, a.shape) for n, a in fields_)
+        small = b <= SMALL_STEP_SEQS and sum(query_lens) <= SMALL_STEP_TOKENS
+        build = _build_small if small else _build_arrays
+        packed = build(list(token_ids), list(query_lens), list(seq_lens), block_tables, block_size, nb, qmax,
+                       write_lens, scratch_slot)
+        t = sum(query_lens)
+        shapes = (("input_ids", (t,)), ("positions", (t,)), ("slot_mapping", (t,)), ("query_lens", (b,)),
+                  ("seq_lens", (b,)), ("block_tables", (b, nb)), ("query_index", (b, qmax)), ("token_seq", (t,)),
+                  ("token_pos_in_seq", (t,)), ("query_index_right", (b, qmax)), ("token_pos_right", (t,)))
         return cls(packed, shapes, t, b, qmax, lmax, block_size, dense)
+
+    def field(self, name: str) -> np.ndarray:
+        """A view of one packed field (writes go into `packed`)."""
+        start, n, shape = _offsets(self.shapes)[name]
+        return self.packed[start : start + n].reshape(shape)
 
     def advanced(self, d: int, rows: int) -> StepBatch:
         """This one-token-per-sequence step, `d` tokens later for its first `rows` sequences
@@ -132,24 +124,15 @@ class StepBatch:
         a few array operations each instead of a whole `build`."""
         if self.max_query_len != 1:
             raise ValueError("only a step of one token per sequence can be advanced")
-        at, offset = {}, 0
-        for name, shape in self.shapes:
-            at[name] = (offset, shape)
-            offset += int(np.prod(shape))
-        packed = self.packed.copy()
-
-        def field(name: str) -> np.ndarray:
-            start, shape = at[name]
-            return packed[start : start + int(np.prod(shape))].reshape(shape)
-
-        field("positions")[:rows] += d
-        seq_lens = field("seq_lens")
+        out = dataclasses.replace(self, packed=self.packed.copy())
+        out.field("positions")[:rows] += d
+        seq_lens = out.field("seq_lens")
         seq_lens[:rows] += d
         pos = seq_lens[:rows] - 1  # cache position of each sequence's one new token
-        tables = field("block_tables")
-        field("slot_mapping")[:rows] = tables[np.arange(rows), pos // self.block_size] * self.block_size \
+        tables = out.field("block_tables")
+        out.field("slot_mapping")[:rows] = tables[np.arange(rows), pos // self.block_size] * self.block_size \
             + pos % self.block_size
-        return dataclasses.replace(self, packed=packed)
+        return out
 
     def to_device(self, device: torch.device, out: Tensor | None = None) -> Tensor:
         """Copy to `device` (into `out` if given) through a reused pinned staging buffer."""
@@ -158,12 +141,7 @@ class StepBatch:
 
     def unpack(self, buf: Tensor) -> tuple[Tensor, Tensor, AttentionMetadata]:
         """Views into the device buffer plus the derived tensors: (input_ids, positions, metadata)."""
-        parts: dict[str, Tensor] = {}
-        offset = 0
-        for name, shape in self.shapes:
-            n = int(np.prod(shape))
-            parts[name] = buf[offset : offset + n].view(shape)
-            offset += n
+        parts = {name: buf[start : start + n].view(shape) for name, (start, n, shape) in _offsets(self.shapes).items()}
         dev = buf.device
         b, qmax, lmax, bs = self.num_seqs, self.max_query_len, self.context_len, self.block_size
         q, s, bt = parts["query_lens"], parts["seq_lens"], parts["block_tables"]
@@ -189,6 +167,84 @@ class StepBatch:
             max_query_len=qmax,
         )
         return parts["input_ids"], parts["positions"], meta
+
+
+# steps this small are built without numpy (faster below these sizes, measured on a CPU)
+SMALL_STEP_SEQS = 8
+SMALL_STEP_TOKENS = 48
+
+
+@functools.lru_cache(maxsize=1024)
+def _offsets(shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+    """Each packed field's (start, size, shape): the same few layouts come back step after step."""
+    out, start = {}, 0
+    for name, shape in shapes:
+        n = math.prod(shape)
+        out[name] = (start, n, shape)
+        start += n
+    return out
+
+
+def _build_small(token_ids: list[int], q: list[int], s: list[int], tables: list[list[int]], bs: int, nb: int,
+                 qmax: int, write_lens: list[int] | None, scratch_slot: int) -> np.ndarray:
+    """`StepBatch.build`'s packed array, in plain Python (few tokens)."""
+    positions: list[int] = []
+    slots: list[int] = []
+    token_seq: list[int] = []
+    token_pos: list[int] = []
+    pos_right: list[int] = []
+    qi: list[int] = []
+    qi_right: list[int] = []
+    flat_tables: list[int] = []
+    cu = 0
+    for i, (qi_len, s_len, table) in enumerate(zip(q, s, tables, strict=True)):
+        start, shift = s_len - qi_len, qmax - qi_len
+        real = qi_len if write_lens is None else write_lens[i]
+        n_table = len(table)
+        for j in range(qi_len):
+            p = start + j
+            blk = p // bs
+            positions.append(p)
+            slots.append(((table[blk] if blk < n_table else 0) * bs + p % bs) if j < real else scratch_slot)
+        token_seq += [i] * qi_len
+        token_pos += range(qi_len)
+        pos_right += range(shift, shift + qi_len)
+        qi += [cu + j if j < qi_len else 0 for j in range(qmax)]
+        qi_right += [cu + j - shift if j >= shift else 0 for j in range(qmax)]
+        flat_tables += table
+        flat_tables += [0] * (nb - n_table)
+        cu += qi_len
+    return np.array(token_ids + positions + slots + q + s + flat_tables + qi + token_seq + token_pos + qi_right
+                    + pos_right, dtype=np.int64)
+
+
+def _build_arrays(token_ids: list[int], query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+                  block_size: int, nb: int, qmax: int, write_lens: list[int] | None, scratch_slot: int) -> np.ndarray:
+    """`StepBatch.build`'s packed array, with numpy (many tokens: prefill chunks, large batches)."""
+    b = len(query_lens)
+    q = np.asarray(query_lens, dtype=np.int64)
+    s = np.asarray(seq_lens, dtype=np.int64)
+    bt = np.zeros((b, nb), dtype=np.int64)
+    for i, t in enumerate(block_tables):
+        bt[i, : len(t)] = t
+    starts = s - q
+    cu = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(q, out=cu[1:])
+    t = int(cu[-1])
+    token_seq = np.repeat(np.arange(b), q)
+    token_pos = np.arange(t) - cu[:-1][token_seq]
+    abs_pos = starts[token_seq] + token_pos
+    slots = bt[token_seq, abs_pos // block_size] * block_size + abs_pos % block_size
+    if write_lens is not None:
+        slots = np.where(token_pos < np.asarray(write_lens, dtype=np.int64)[token_seq], slots, scratch_slot)
+    j = np.arange(qmax)
+    query_index = np.where(j[None, :] < q[:, None], cu[:-1, None] + j[None, :], 0)
+    shift = qmax - q
+    jr = j[None, :] - shift[:, None]
+    query_index_right = np.where(jr >= 0, cu[:-1, None] + jr, 0)
+    fields_ = [np.asarray(token_ids, dtype=np.int64), abs_pos, slots, q, s, bt, query_index, token_seq, token_pos,
+               query_index_right, token_pos + shift[token_seq]]
+    return np.concatenate([a.reshape(-1) for a in fields_])
 
 
 _STAGING: list[Tensor] = []

@@ -332,7 +332,9 @@ class ModelRunner:
             cache.seqs[inp.seq_id].length += len(inp.token_ids)
         if not layers:
             return logits, None
-        hrows = torch.tensor(_hidden_rows(inputs, shape[1] if shape else None), dtype=torch.int64, device=self.device)
+        # from pageable memory without blocking: staged at once, no wait for the step just launched
+        hrows = torch.tensor(_hidden_rows(inputs, shape[1] if shape else None), dtype=torch.int64).to(
+            self.device, non_blocking=True)
         if states is not None:  # from a graph: every token row's states, already in `layers` order
             return logits, states[hrows]  # [sum(num_hidden), len(layers)*H]
         by_layer = dict(zip(sorted(set(layers)), aux, strict=True))

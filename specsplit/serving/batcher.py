@@ -9,6 +9,12 @@ before the next step starts (`gather`): a session spends a little time between i
 (streaming its tokens, the next round's bookkeeping), and a step launched the moment the first
 of them returns leaves the rest to wait a whole step. Left alone, N sessions split into two
 halves that take turns, each at batch N/2, for half the throughput the device could give.
+
+A lone session's step may run on the asyncio loop's own thread (`inline_alone`): with no other
+session to batch with, the hand-off to the worker thread and back only adds two thread wake-ups
+to the session's latency (each 0.1-0.2 ms when the threads idled through the other tier's step;
+`benchmarks/idle_probe.py`). The draft tier does this; the worker thread is idle while it runs,
+so every touch of the model is still one at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from specsplit import trace
 from specsplit.speculation.adaptive import Ema
 
 log = logging.getLogger(__name__)
@@ -59,7 +66,7 @@ class _Returner:
 
 class StepBatcher(Generic[Req, Res]):
     def __init__(self, step: Callable[[list[Req]], list[Res]], *, max_batch: int = 64, name: str = "step",
-                 gather: float = 0.25) -> None:
+                 gather: float = 0.25, inline_alone: bool = False) -> None:
         self._step = step
         self.max_batch = max_batch
         self.name = name
@@ -81,6 +88,9 @@ class StepBatcher(Generic[Req, Res]):
         self.steps = 0
         self.last_batch_size = 0
         self.failed: BaseException | None = None  # set when the device broke (INTERNAL)
+        self.inline_alone = inline_alone  # a lone session steps on the loop's thread (module docstring)
+        self.inline_steps = 0
+        self._busy = 0  # jobs on the worker thread (steps, opens, closes), queued or running
 
     @property
     def queue_depth(self) -> int:
@@ -102,7 +112,38 @@ class StepBatcher(Generic[Req, Res]):
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a state change (open/close) on the worker thread, ordered with the steps."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._on_worker(fn, *args)
+
+    async def _on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self._busy += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._busy -= 1
+
+    def _alone(self, key: Hashable | None) -> bool:
+        """Nothing else to batch with or to wait for: no queued item, nothing on the worker thread,
+        and no other session seen stepping (a second one makes every step go through the worker)."""
+        return (self.inline_alone and key is not None and not self._pending and not self._busy
+                and self._returners.keys() <= {key})
+
+    def _step_inline(self, item: Req, key: Hashable) -> tuple[Res, int]:
+        """A lone session's step, run here on the loop's thread (blocking it: no one else waits)."""
+        trace.mark(f"{self.name}.inline", 1)
+        start = time.perf_counter_ns()
+        (result,) = self._traced_run([item])
+        done = time.perf_counter_ns()
+        self.steps += 1
+        self.inline_steps += 1
+        self.last_batch_size = 1
+        self._note_step(done - start)
+        if (back := self._returners.get(key)) is None:
+            self._returners[key] = _Returner(done)
+        else:
+            back.delivered_ns = done
+        if isinstance(result, BaseException):
+            raise result
+        return result, 0
 
     async def submit(self, item: Req, key: Hashable | None = None) -> tuple[Res, int]:
         """Queue one item for the next batched step; returns (result, queue_ns). `key` names the
@@ -110,11 +151,13 @@ class StepBatcher(Generic[Req, Res]):
         holds the next step briefly for it (`release(key)` when the session ends)."""
         if self.failed is not None:
             raise RuntimeError(f"{self.name} is broken: {self.failed}")
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
         now = time.perf_counter_ns()
         self._arrived_ns = now
         if key is not None and (r := self._returners.get(key)) is not None and r.delivered_ns:
             r.back(now)
+        if self._alone(key):
+            return self._step_inline(item, key)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(item, fut, now, key))
         self._wake.set()
         return await fut
@@ -171,7 +214,6 @@ class StepBatcher(Generic[Req, Res]):
                 self.gather_wait_ns += time.perf_counter_ns() - started
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -183,8 +225,9 @@ class StepBatcher(Generic[Req, Res]):
                     continue
                 start = time.perf_counter_ns()
                 items = [p.item for p in batch]
+                trace.mark(f"{self.name}.batch", len(items))
                 try:
-                    results = await loop.run_in_executor(self._executor, self._run, items)
+                    results = await self._on_worker(self._traced_run, items)
                 except Exception as exc:  # noqa: BLE001 - delivered to each waiter
                     for p in batch:
                         if not p.future.done():
@@ -201,12 +244,20 @@ class StepBatcher(Generic[Req, Res]):
                         self._returners[p.key] = _Returner(done)
                     else:
                         back.delivered_ns = done
+                trace.mark(f"{self.name}.resolve", len(batch))
                 for p, r in zip(batch, results, strict=True):
                     if not p.future.done():
                         if isinstance(r, BaseException):
                             p.future.set_exception(r)
                         else:
                             p.future.set_result((r, start - p.enqueued_ns))
+
+    def _traced_run(self, items: list[Req]) -> list[Res | BaseException]:
+        trace.mark(f"{self.name}.step_start", len(items))
+        try:
+            return self._run(items)
+        finally:
+            trace.mark(f"{self.name}.step_end", len(items))
 
     def _run(self, items: list[Req]) -> list[Res | BaseException]:
         """One batched step; if it fails on bad input, isolate the culprit by stepping singly."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass, fields
 
 import grpc
 
+from specsplit import trace
 from specsplit.outputs import SpecMetrics
 from specsplit.proto.v1 import common_pb2, draft_pb2
 from specsplit.serving.convert import (
@@ -271,7 +272,9 @@ class CompletionLoop:
             if block_len is not None:
                 msg.branches.block_len, msg.branches.max_branches = block_len, self.opts.max_branches or MAX_BRANCHES
             try:
+                trace.mark("loop.draft_send", self._round)
                 resp = await self.draft.request(draft_pb2.DraftClientMessage(propose=msg), self.opts.round_timeout_s)
+                trace.mark("loop.draft_answer", self._round)
                 prop = check_proposal(resp.proposal, k, self.opts.vocab_size, self.draft.address)
                 if block_len is not None:
                     prop.branches = check_branches(resp.proposal, block_len, k, self.opts.vocab_size, self.draft.address)
@@ -352,7 +355,9 @@ class CompletionLoop:
                 if pending is not None:  # streaming the last round overlaps this round's verify
                     yield pending
                     pending = None
+                trace.mark("loop.verify_await", self._round)
                 res = await verify
+                trace.mark("loop.verdict", self._round)
                 t_verify = time.perf_counter_ns() - t0
                 timing.verify_wait_ns, timing.verify_ns, timing.verify_queue_ns = t_verify, res.verify_ns, res.queue_ns
                 self.stats.verify_ns += t_verify
@@ -415,6 +420,7 @@ class CompletionLoop:
                 self.stats.overhead_ns += max(0, (t_end - t_round) - t_verify - (t_end - t1))
                 # sent once the next verify is under way: the caller's streaming is off the round's path
                 pending = self._delta(kept, text, lps, len(drafted_block), a, pipelined, timing, ahead)
+                trace.mark("loop.round_end", self._round)
                 pipelined, ahead, timing = hit, ahead_next, RoundTiming()
         finally:
             if governed:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import grpc
 
+from specsplit import trace
 from specsplit.runtime.kv_cache import PagedKVCache
 from specsplit.sampling.params import SamplingParams
 from specsplit.serving.batcher import StepBatcher
@@ -55,6 +56,8 @@ class SessionServicer(ABC, Generic[Req, Res]):
     step_kind: ClassVar[str]  # the oneof name of the messages that follow `open`
     add_to_server: ClassVar[Callable[[Any, grpc.aio.Server], None]]  # the generated add_*_to_server (a staticmethod)
     service_name: ClassVar[str]  # full name, for health and reflection
+    # a lone session steps on the loop's thread, without the worker's two hand-offs (batcher.py)
+    inline_alone: ClassVar[bool] = False
 
     def __init__(self, engine: SessionEngine, step: Callable[[list[Req]], list[Res]], *, max_batch: int,
                  cache: PagedKVCache | None, max_model_len: int, step_gather: float = 0.25) -> None:
@@ -65,7 +68,7 @@ class SessionServicer(ABC, Generic[Req, Res]):
         self.metrics = TierMetrics(self.tier)
         self.batcher: StepBatcher[Req, Res] = StepBatcher(
             preempting(self._timed(step), lambda r: r.seq_id),  # KV full: the newest sessions give way
-            max_batch=max_batch, name=self.tier, gather=step_gather)
+            max_batch=max_batch, name=self.tier, gather=step_gather, inline_alone=self.inline_alone)
         self.metrics.bind(lambda: self.batcher.queue_depth, lambda: cache.usage if cache is not None else 0.0,
                           lambda: len(engine.sessions))
         self._ids = itertools.count(1)
@@ -122,13 +125,18 @@ class SessionServicer(ABC, Generic[Req, Res]):
                 if msg.WhichOneof("kind") != self.step_kind:
                     raise SessionError(f"after 'open', a {self.tier} session only takes '{self.step_kind}' messages")
                 received = time.perf_counter_ns()
+                trace.mark(f"{self.tier}.received", seq_id)
                 step = getattr(msg, self.step_kind)
                 req = self.request(seq_id, step)
+                trace.mark(f"{self.tier}.submit", seq_id)
                 result, queue_ns = await self.batcher.submit(req, seq_id)
+                trace.mark(f"{self.tier}.resumed", seq_id)
                 while (note := self.progress(step, result)) is not None:  # slow, not hung: step again
                     yield note
                     result, queue_ns = await self.batcher.submit(req, seq_id)
-                yield self.reply(step, result, queue_ns, received)
+                out = self.reply(step, result, queue_ns, received)
+                trace.mark(f"{self.tier}.reply", seq_id)
+                yield out
         except Exception as exc:
             self.metrics.errors.labels(status_for(exc)[0].name).inc()
             raise

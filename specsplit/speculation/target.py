@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from specsplit import trace
 from specsplit.runtime.runner import ModelRunner, StepInput
 from specsplit.sampling.history import (
     extend_counts_with_drafts,
@@ -196,10 +197,12 @@ class TargetVerifier:
                 row, hrow = row + rows, hrow + nh
         logits = hidden = None
         layers = tuple(dict.fromkeys(i for s in sessions for i in s.hidden_layers))  # every layer asked for
+        trace.mark("verify.forward", len(inputs))
         if inputs and layers:
             logits, hidden = self.runner.forward_hidden(inputs, layers)  # [rows, V], [hidden rows, len(layers) * H]
         elif inputs:
             logits = self.runner.forward(inputs)  # [rows, V]
+        trace.mark("verify.launched", len(inputs))  # the host's part is done; the device's may not be
         whole = [i for i, n in enumerate(chunks) if n is None]
         results: list[VerifyResult | None] = [None] * len(items)
         if whole:
@@ -210,6 +213,7 @@ class TargetVerifier:
                             strict=True):
                 results[i] = r
         dt = time.perf_counter_ns() - t0
+        trace.mark("verify.accepted", len(items))
         out: list[VerifyResult] = []
         for it, s, r, n, (r0, e, _, h0, nh) in zip(items, sessions, results, chunks, spans, strict=True):
             fed = (s.unfed if n is None else s.unfed[: n + 1])[: e + 1]  # the prompt rows predict fed[1:]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from specsplit import trace
 from specsplit.runtime.attention import StepBatch, select_backend
 from specsplit.runtime.cpu_kernels import packing_enabled
 from specsplit.runtime.kv_cache import PagedKVCache
@@ -99,12 +100,12 @@ class HeadRunner:
                                 [cache.seqs[s].blocks for s in seq_ids], cache.block_size,
                                 dense=self.backend == "sdpa")
         ids, positions, meta = batch.unpack(batch.to_device(self.device))
-        positions = positions + torch.tensor(bases, device=self.device)[meta.token_seq]
+        positions = positions + torch.tensor(bases).to(self.device, non_blocking=True)[meta.token_seq]
         embeds = nn.functional.embedding(ids, self.embed).to(states.dtype)
         out = self.head(embeds, states, positions, cache.layers[0], meta, self.backend)  # [T, H]
         for s, n in needs.items():
             cache.seqs[s].length = n
-        last = torch.tensor(qlens, device=self.device).cumsum(0) - 1
+        last = torch.tensor(qlens).to(self.device, non_blocking=True).cumsum(0) - 1
         return out[last]
 
     def logits(self, out: Tensor) -> Tensor:
@@ -214,14 +215,18 @@ class EagleDrafter(Drafter):
         seq_ids = [r.seq_id for r in reqs]
         if any(len(f[1]) > MAX_FEED for f in feed):
             self._feed_all_but_last(feed)  # a prompt's states: eagerly into the cache, then the block in a graph
+        trace.mark("head.chain", len(seq_ids))
         got = chain.run(seq_ids, [f[1] for f in feed], torch.cat([f[2] for f in feed]),
                         [self.state[s].base for s in seq_ids], k, plan)
         if got is None:
             return None
+        trace.mark("head.launched", len(seq_ids))
         ids, tails = got
         for i, s in enumerate(seq_ids):
             self.state[s].tail = tails[i]
-        return {s: Proposal(block) for s, block in zip(seq_ids, ids.tolist(), strict=True)}
+        blocks = ids.tolist()
+        trace.mark("head.synced", len(seq_ids))
+        return {s: Proposal(block) for s, block in zip(seq_ids, blocks, strict=True)}
 
     def _feed_all_but_last(self, feed: list[tuple[int, list[int], Tensor, int]]) -> None:
         """Append every new entry but the last of each sequence to the head's cache in one eager

@@ -138,10 +138,12 @@ class HeadChain:
         packed = packed_to_device(np.concatenate([x.packed for x in batches]), r.device)
         inputs = torch.split(packed, [x.packed.shape[0] for x in batches])
         g0.static.copy_(inputs[0])
-        rows = torch.tensor([i * q + j for i, n in enumerate(qs) for j in range(n)], device=r.device)
+        # small index lists from pageable memory without blocking (staged at once, no device sync)
+        rows = torch.tensor([i * q + j for i, n in enumerate(qs) for j in range(n)]).to(r.device, non_blocking=True)
         g0.st_in.zero_()
         g0.st_in[rows] = states.to(g0.st_in.dtype)
-        g0.last.copy_(torch.tensor([i * q + n - 1 for i, n in enumerate(qs)] + [i * q for i in range(m, b)]))
+        g0.last.copy_(torch.tensor([i * q + n - 1 for i, n in enumerate(qs)] + [i * q for i in range(m, b)]),
+                      non_blocking=True)
         g0.forced.fill_(-1)
         if plan is not None:
             g0.forced[:m].copy_(plan[:, 0])
