@@ -12,6 +12,7 @@ norms, rotary and cache writes); PyTorch SDPA otherwise, which gathers each sequ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -298,11 +299,24 @@ def sdpa_attention(
         else:
             kp = kp.repeat_interleave(hq // hkv, dim=2)
             vp = vp.repeat_interleave(hq // hkv, dim=2)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=meta.mask, scale=scale, **gqa
-    )  # [B, Hq, Qmax, D]
+    with _sdpa_backends(qp.device):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=meta.mask, scale=scale, **gqa
+        )  # [B, Hq, Qmax, D]
     out = out.transpose(1, 2)  # [B, Qmax, Hq, D]
     return out[meta.token_seq, meta.token_pos_in_seq]  # [T, Hq, D]
+
+
+def _sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Every SDPA backend but cuDNN's on CUDA. cuDNN's builds a plan for each new shape the first
+    time it meets it: measured on an H100, an EAGLE head's eager steps (whose contexts grow a few
+    tokens a round) spent 50-100 ms in most calls (benchmarks/results/gpu_services_bench_20261127T215812Z.json,
+    py-spy). The others run any shape at once."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def flash_attention(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from specsplit import trace
 from specsplit.runtime.model import top_candidates
 from specsplit.runtime.runner import ModelRunner, StepInput
 from specsplit.sampling.history import output_counts, seen_mask
@@ -179,6 +180,7 @@ class Drafter(ABC):
         forks = self.tree.plan(self, [r for r in reqs if r.branch is not None and r.k > 0], free,
                                None if self.max_rows is None else self.max_rows - len(own))
         active = own + forks  # one batched pass for sessions and branches alike
+        trace.mark("draft.planned", len(active))
         made = dict(zip([r.seq_id for r in active], self._draft(active), strict=True)) if active else {}
         dt = time.perf_counter_ns() - t0
         for r in active:

@@ -37,7 +37,7 @@ from specsplit.sampling.logits import (
 )
 from specsplit.speculation.drafters import Drafter, DraftRequest, Proposal, penalty_inputs
 from specsplit.speculation.eagle.head import EagleHead
-from specsplit.speculation.eagle.head_graphs import MAX_FEED, HeadChain
+from specsplit.speculation.eagle.head_graphs import MAX_FEED, HeadChain, context_bucket
 from specsplit.speculation.target import SessionError
 
 log = logging.getLogger(__name__)
@@ -96,9 +96,12 @@ class HeadRunner:
                 raise SessionError(f"draft session {s} would pass max_model_len {self.max_model_len}")
             cache.reserve(s, n)
         qlens = [len(t) for t in tokens]
+        dense = self.backend == "sdpa"
+        # on a GPU, a dense context padded as the graphs pad it: the eager steps meet few shapes, not
+        # one per length (kernels that prepare per shape prepare a few times only)
+        pad = context_bucket(max(needs.values())) if dense and self.device.type == "cuda" else None
         batch = StepBatch.build([x for t in tokens for x in t], qlens, list(needs.values()),
-                                [cache.seqs[s].blocks for s in seq_ids], cache.block_size,
-                                dense=self.backend == "sdpa")
+                                [cache.seqs[s].blocks for s in seq_ids], cache.block_size, pad, dense=dense)
         ids, positions, meta = batch.unpack(batch.to_device(self.device))
         positions = positions + torch.tensor(bases).to(self.device, non_blocking=True)[meta.token_seq]
         embeds = nn.functional.embedding(ids, self.embed).to(states.dtype)
@@ -170,6 +173,7 @@ class EagleDrafter(Drafter):
             if r.branch is not None and st.tail is not None and st.tail_len == length:
                 feed.append((r.seq_id, s.tokens[-1:], st.tail[None], length - 2))  # go on after the block
         if rewrites:
+            trace.mark("head.rewrite", sum(len(w[1]) for w in rewrites))  # entries rebuilt
             self._rewrite(rewrites)
         if not feed:
             return [Proposal([]) for _ in reqs]
@@ -214,6 +218,7 @@ class EagleDrafter(Drafter):
             return None  # picks made on the host, step by step
         seq_ids = [r.seq_id for r in reqs]
         if any(len(f[1]) > MAX_FEED for f in feed):
+            trace.mark("head.feed_eager", max(len(f[1]) for f in feed))
             self._feed_all_but_last(feed)  # a prompt's states: eagerly into the cache, then the block in a graph
         trace.mark("head.chain", len(seq_ids))
         got = chain.run(seq_ids, [f[1] for f in feed], torch.cat([f[2] for f in feed]),
@@ -254,6 +259,7 @@ class EagleDrafter(Drafter):
         chained = self._chained(reqs, feed)
         if chained is not None:  # every block in one graph replay
             return chained
+        trace.mark("head.eager", len(reqs))
         sessions = [self.sessions[r.seq_id] for r in reqs]
         batch = SamplingBatch.from_params([s.params for s in sessions], self.device, [s.generator for s in sessions])
         blocks: list[list[int]] = [[] for _ in reqs]

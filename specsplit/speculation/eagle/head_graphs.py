@@ -44,6 +44,11 @@ CONTEXT_BUCKET = 256  # the head's attention (SDPA or flash) reads a context pad
 MAX_FEED = 16  # the most new tokens per sequence a block's first step takes in a graph (more: eager)
 
 
+def context_bucket(length: int) -> int:
+    """The padded context of a head step reading `length` entries: CONTEXT_BUCKET times a power of two."""
+    return max(CONTEXT_BUCKET, 1 << (length - 1).bit_length())
+
+
 @dataclass
 class _Graph:
     """One captured step and its static tensors: inputs written before each replay, outputs read after."""
@@ -111,7 +116,7 @@ class HeadChain:
         starts = [s.length for s in seqs]
         for seq_id, new_len in needs.items():
             cache.reserve(seq_id, new_len)
-        pad = max(CONTEXT_BUCKET, 1 << (max(max(needs.values()), max(starts) + q) - 1).bit_length())
+        pad = context_bucket(max(max(needs.values()), max(starts) + q))
         tables = [s.blocks for s in seqs] + [[] for _ in range(b - m)]
         dense, write = r.backend == "sdpa", [1] * m + [0] * (b - m)
         ids = [t for f in feeds for t in [*f, *[0] * (q - len(f))]] + [0] * ((b - m) * q)
