@@ -52,10 +52,16 @@ def test_gpu_services_bench_part6_runs_on_cpu_and_stays_lossless(tmp_path: Path,
     assert row["drafted_ahead_rounds"] > 0 and 0.0 <= row["branch_hit_rate"] <= 1.0
     log = next(line for line in p.stderr.splitlines() if "part 6 direct-pipelined" in line)
     assert f"drafted ahead {row['drafted_ahead_rounds']} rounds, branch hits" in log
-    # the round's segments across the three processes, from the trace events of its window
-    segs = {(s["from"], s["to"]) for s in row["trace_segments"]}
-    assert ("loop.draft_send", "draft.received") in segs and ("target.step_start", "verify.forward") in segs
+    # the round's segments across the three processes, from the trace events of its window (the
+    # row keeps the largest; all of them from the events themselves)
+    assert row["trace_segments"] and row["trace_segments"][0]["share"] >= row["trace_segments"][-1]["share"]
     assert len(list((tmp_path / "trace").glob("trace-*.jsonl"))) >= 3  # target, draft and gateways
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import trace_report
+
+    events = trace_report.load(tmp_path / "trace")
+    segs = {(s["from"], s["to"]) for s in trace_report.segments(events, *row["trace_window_ns"], top=1000)}
+    assert ("loop.draft_send", "draft.received") in segs and ("target.step_start", "verify.forward") in segs
     if method == "draft_model":
         rows = res["part5"]["rows"]
         # plain, then speculation with the governor held off, then as it decides
