@@ -121,13 +121,15 @@ def _start_and_serve(a: argparse.Namespace, model: str, spec: str, names: list[s
     tport, dport = free_port(host), free_port(host)
     target, draft, gateway = tier_commands(a, model, spec, names, tport, dport)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
+    # all three at once: the gateway dials a tier only when the first request comes (after both
+    # tiers report SERVING below), so its start-up overlaps theirs
     procs.append(subprocess.Popen(target, env=env))
     procs.append(subprocess.Popen(draft, env=env))
-    print(f"starting target on {host}:{tport} and draft ({json.loads(spec)['method']}) on {host}:{dport} ...",
-          file=sys.stderr)
+    procs.append(subprocess.Popen(gateway, env=env))
+    print(f"starting target on {host}:{tport}, draft ({json.loads(spec)['method']}) on {host}:{dport} and the "
+          f"gateway ...", file=sys.stderr)
     wait_serving(f"{host}:{tport}", procs)
     wait_serving(f"{host}:{dport}", procs)
-    procs.append(subprocess.Popen(gateway, env=env))
     wait_serving(f"{host}:{a.grpc_port}", procs)
     print(f"specsplit is up:\n  OpenAI HTTP  http://{host}:{a.port}/v1  (model {', '.join(map(repr, names))})\n"
           f"  gRPC         {host}:{a.grpc_port}   (specsplit generate --address {host}:{a.grpc_port} 'prompt')\n"
