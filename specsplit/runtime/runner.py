@@ -75,6 +75,9 @@ class ModelRunner:
         log.info("attention backend: %s", self.backend)
         self.linear_choice: dict[str, dict] = {}  # per projection shape: cuBLAS or ours, as timed here
         skinny = os.environ.get("SPECSPLIT_SKINNY_LINEAR", "auto")  # 1: ours everywhere, 0: cuBLAS everywhere
+        if skinny not in ("auto", "0", "1"):
+            raise ValueError(f"SPECSPLIT_SKINNY_LINEAR={skinny!r}: use 1 (our projection kernel everywhere), "
+                             "0 (cuBLAS everywhere) or auto (the faster per shape, the default)")
         if self.backend == "triton" and skinny == "1":
             use_skinny_linear(model)
         elif self.backend == "triton" and skinny == "auto" and device.type == "cuda":
