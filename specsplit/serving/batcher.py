@@ -132,15 +132,8 @@ class StepBatcher(Generic[Req, Res]):
         trace.mark(f"{self.name}.inline", 1)
         start = time.perf_counter_ns()
         (result,) = self._traced_run([item])
-        done = time.perf_counter_ns()
-        self.steps += 1
         self.inline_steps += 1
-        self.last_batch_size = 1
-        self._note_step(done - start)
-        if (back := self._returners.get(key)) is None:
-            self._returners[key] = _Returner(done)
-        else:
-            back.delivered_ns = done
+        self._stepped(1, start, [key])
         if isinstance(result, BaseException):
             raise result
         return result, 0
@@ -233,17 +226,8 @@ class StepBatcher(Generic[Req, Res]):
                         if not p.future.done():
                             p.future.set_exception(exc)
                     continue
-                self.steps += 1
-                self.last_batch_size = len(batch)
-                done = time.perf_counter_ns()
-                self._note_step(done - start)
-                for p in batch:
-                    if p.key is None or p.future.cancelled():  # a cancelled session does not come back
-                        continue
-                    if (back := self._returners.get(p.key)) is None:
-                        self._returners[p.key] = _Returner(done)
-                    else:
-                        back.delivered_ns = done
+                # a cancelled session does not come back
+                self._stepped(len(batch), start, [p.key for p in batch if p.key is not None and not p.future.cancelled()])
                 trace.mark(f"{self.name}.resolve", len(batch))
                 for p, r in zip(batch, results, strict=True):
                     if not p.future.done():
@@ -251,6 +235,19 @@ class StepBatcher(Generic[Req, Res]):
                             p.future.set_exception(r)
                         else:
                             p.future.set_result((r, start - p.enqueued_ns))
+
+    def _stepped(self, size: int, start: int, keys: list[Hashable]) -> None:
+        """A step of `size` items that began at `start` is done: count it, learn its time, and
+        note that each of `keys`' sessions got its result now (it is out until it submits again)."""
+        done = time.perf_counter_ns()
+        self.steps += 1
+        self.last_batch_size = size
+        self._note_step(done - start)
+        for key in keys:
+            if (back := self._returners.get(key)) is None:
+                self._returners[key] = _Returner(done)
+            else:
+                back.delivered_ns = done
 
     def _traced_run(self, items: list[Req]) -> list[Res | BaseException]:
         trace.mark(f"{self.name}.step_start", len(items))
