@@ -34,9 +34,9 @@ def dump(folder: str | os.PathLike[str] | None = None) -> Path | None:
     folder = folder or FOLDER
     if not folder or not _events:
         return None
-    path = Path(folder) / f"trace-{os.getpid()}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
     pid = os.getpid()
+    path = Path(folder) / f"trace-{pid}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for t, thread, event, key in list(_events):
             f.write(json.dumps({"t": t, "pid": pid, "thread": thread, "event": event, "key": key}) + "\n")

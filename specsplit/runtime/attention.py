@@ -103,11 +103,10 @@ class StepBatch:
         qmax = max(query_lens)
         lmax = max(max(seq_lens), pad_context_to or 0)
         nb = max(max(len(t) for t in block_tables), -(-lmax // block_size))
-        small = b <= SMALL_STEP_SEQS and sum(query_lens) <= SMALL_STEP_TOKENS
-        build = _build_small if small else _build_arrays
+        t = sum(query_lens)
+        build = _build_small if b <= SMALL_STEP_SEQS and t <= SMALL_STEP_TOKENS else _build_arrays
         packed = build(list(token_ids), list(query_lens), list(seq_lens), block_tables, block_size, nb, qmax,
                        write_lens, scratch_slot)
-        t = sum(query_lens)
         shapes = (("input_ids", (t,)), ("positions", (t,)), ("slot_mapping", (t,)), ("query_lens", (b,)),
                   ("seq_lens", (b,)), ("block_tables", (b, nb)), ("query_index", (b, qmax)), ("token_seq", (t,)),
                   ("token_pos_in_seq", (t,)), ("query_index_right", (b, qmax)), ("token_pos_right", (t,)))
@@ -310,8 +309,9 @@ def sdpa_attention(
 def _sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """Every SDPA backend but cuDNN's on CUDA. cuDNN's builds a plan for each new shape the first
     time it meets it: measured on an H100, an EAGLE head's eager steps (whose contexts grow a few
-    tokens a round) spent 50-100 ms in most calls (benchmarks/results/gpu_services_bench_20261127T215812Z.json,
-    py-spy). The others run any shape at once."""
+    tokens a round) spent 50-100 ms in a third of their calls, nearly all of it in SDPA
+    (benchmarks/results/gpu_services_bench_20261127T215812Z.json and its py-spy profile). The
+    others run any shape at once."""
     if device.type != "cuda":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
